@@ -1,0 +1,67 @@
+"""The `mixq` command line: one subcommand per pipeline step.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and
+`cli(args) -> int | None`. Heavy imports (torch, transformers, mlx) happen inside those modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import MixqError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("mixq.embedded", "list the embedded default models (size, source, licence, cached?)"),
+    "import": ("mixq.gguf_import", "import a GGUF file or embedded model into a Hugging Face folder"),
+    "recipes": ("mixq.recipe", "list the built-in recipes"),
+    "plan-show": ("mixq.plan_show", "print the per-tensor table a recipe gives for a source"),
+    "convert": ("mixq.convert", "convert a checkpoint to an MLX model folder under a recipe"),
+    "eval": ("mixq.evaluate", "evaluate a model: the seven tasks, perplexity, KL divergence"),
+    "compare": ("mixq.compare", "compare eval runs with paired significance tests"),
+    "card": ("mixq.card", "write the model card README.md of a converted folder"),
+    "demo": ("mixq.demo", "convert, evaluate and compare the standard variants of a model"),
+    "measure": ("mixq.measure", "measure each tensor's quantization sensitivity"),
+    "plan": ("mixq.plan", "allocate bits per tensor to hit a target size"),
+    "generate": ("mixq.generate", "generate text from a model"),
+    "chat": ("mixq.chat", "chat with a model in the terminal"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixq", description="Mixed-precision MLX quantization toolkit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # command not built yet
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except MixqError as e:
+        print(f"mixq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixq {args.command}: interrupted (partial output removed; re-run to resume where supported)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
