@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != module_name:
                 raise
             continue  # command not built yet
+        if not hasattr(module, "add_arguments"):
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.cli)
