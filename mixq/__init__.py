@@ -1,17 +1,15 @@
-"""mixq: make, measure and ship mixed-precision quantized language models in the MLX format."""
+"""mixq: make, measure and ship mixed-precision quantized language models in the MLX format.
+
+Python API (mirrors the CLI; shaped like mlx-lm's):
+    from mixq import load, generate, convert, evaluate
+These modules import only the standard library at the top, so `import mixq` stays light.
+"""
 
 __version__ = "0.1.0"
 
+# Bound after the submodule imports, so `mixq.generate` is the function (as in mlx-lm).
+from .convert import convert  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .generate import generate, load, stream_generate  # noqa: E402
 
-def __getattr__(name):
-    # The Python API (mlx-lm shaped), imported lazily so `import mixq` stays light.
-    if name in ("load", "generate"):
-        from . import generate as _g
-        return getattr(_g, name)
-    if name == "convert":
-        from .convert import convert
-        return convert
-    if name == "evaluate":
-        from .evaluate import evaluate
-        return evaluate
-    raise AttributeError(name)
+__all__ = ["convert", "evaluate", "generate", "load", "stream_generate", "__version__"]
