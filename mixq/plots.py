@@ -39,6 +39,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _error_bars(centre, lo, hi):
+    """Asymmetric error-bar lengths; an interval that excludes its point estimate (e.g. a bootstrap
+    interval at an accuracy of 0 or 1) is clipped at the point rather than drawn inverted."""
+    return [[max(0.0, c - l) for c, l in zip(centre, lo)], [max(0.0, h - c) for c, h in zip(centre, hi)]]
+
+
 def _scatter_front(ax, xs, ys, labels, *, maximize_y, yerr=None):
     """Points with labels and error bars; Pareto front joined and ringed."""
     ax.errorbar(xs, ys, yerr=yerr, fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3, zorder=2)
@@ -69,7 +75,7 @@ def plot_accuracy_vs_bpw(comp, path: Path) -> Path | None:
         pts = [(v, row.cells[v.label]) for v in variants if row.cells.get(v.label)]
         xs = [v.bits_per_weight for v, _ in pts]
         ys = [c.acc for _, c in pts]
-        yerr = [[c.acc - c.lo for _, c in pts], [c.hi - c.acc for _, c in pts]]
+        yerr = _error_bars(ys, [c.lo for _, c in pts], [c.hi for _, c in pts])
         _scatter_front(ax, xs, ys, [v.label for v, _ in pts], maximize_y=True, yerr=yerr)
         ax.set_title(row.task, fontsize=10)
         ax.set_ylabel(comp.metric)
@@ -111,16 +117,15 @@ def plot_task_bars(comp, path: Path) -> Path | None:
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(rows) * len(labels) + 2)), 4.5))
     for j, lab in enumerate(labels):
-        xs, ys, lo, hi = [], [], [], []
+        xs, cells = [], []
         for i, row in enumerate(rows):
             c = row.cells.get(lab)
             if c is None:
                 continue
             xs.append(i + (j - (len(labels) - 1) / 2) * width)
-            ys.append(c.acc)
-            lo.append(c.acc - c.lo)
-            hi.append(c.hi - c.acc)
-        ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=lab + (" (ref)" if lab == comp.ref else ""),
+            cells.append(c)
+        ys = [c.acc for c in cells]
+        ax.bar(xs, ys, width=width, yerr=_error_bars(ys, [c.lo for c in cells], [c.hi for c in cells]), capsize=2, label=lab + (" (ref)" if lab == comp.ref else ""),
                error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r.task for r in rows], rotation=20, ha="right")

@@ -1,0 +1,124 @@
+"""engine.load_model: HF folders, recipes on the fly, MLX folders (mixq's and mlx_lm's), errors."""
+
+import json
+
+import pytest
+import torch
+
+from mixq.engine import load_model, mlx_quant_specs, read_mlx_dequantized
+from mixq.errors import MixqError
+from tiny_models import make_tiny_hf
+
+torch.set_num_threads(2)
+
+
+def _logits(lm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, lm.model.config.vocab_size, (2, 19), generator=g)
+    with torch.no_grad():
+        return lm.model(x).logits
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_hf("llama", tmp_path_factory.mktemp("e") / "llama", num_hidden_layers=5)
+
+
+def test_hf_folder_equals_transformers(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    lm = load_model(str(tiny_llama), progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    x = torch.arange(30)[None] % 300
+    with torch.no_grad():
+        assert torch.equal(lm.model(x).logits, ref(x).logits)
+    i = lm.info
+    assert (i.kind, i.recipe, i.dtype) == ("hf", None, "float32")
+    assert i.n_params == sum(p.numel() for p in ref.parameters())  # tied: counted once
+    assert i.bits_per_weight == 16.0 and i.bits_per_weight_quantized is None  # bfloat16 checkpoint
+    assert lm.tokenizer("Paris")["input_ids"]
+
+
+@pytest.mark.parametrize("arch,recipe", [("llama", "qx86-hi"), ("qwen3_moe", "q4-hi"), ("gemma3_text", "mixed_3_6"),
+                                         ("gpt_oss", "q6-hi")])
+def test_recipe_on_the_fly_equals_converted_folder(tmp_path, arch, recipe):
+    from mixq.convert import convert
+
+    src = make_tiny_hf(arch, tmp_path / arch, **({"num_hidden_layers": 5} if arch == "llama" else {}))
+    out = convert(str(src), tmp_path / f"{arch}-{recipe}", recipe=recipe, progress=False)
+    folder = load_model(str(out), progress=False)
+    fly = load_model(f"{src}@{recipe}", progress=False)
+    assert folder.info.kind == "mlx" and fly.info.kind == "hf" and fly.info.recipe == recipe
+    a, b = folder.model.state_dict(), fly.model.state_dict()
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_logits(folder), _logits(fly))                      # bit-exact
+    for k in ("size_bytes", "n_params"):
+        assert getattr(folder.info, k) == getattr(fly.info, k)
+    assert folder.info.bits_per_weight == pytest.approx(fly.info.bits_per_weight)
+    assert 2 < folder.info.bits_per_weight_quantized < 9
+    # the quantization changed something, but not much
+    lp, lf = _logits(load_model(str(src), progress=False)), _logits(fly)
+    assert 0 < (lp - lf).norm() < lp.norm()
+
+
+def test_recipe_option_and_suffix(tiny_llama):
+    a = load_model(str(tiny_llama), recipe="q8", progress=False)
+    b = load_model(f"{tiny_llama}@q8", progress=False)
+    assert torch.equal(_logits(a), _logits(b))
+    with pytest.raises(MixqError, match="two recipes"):
+        load_model(f"{tiny_llama}@q8", recipe="q4", progress=False)
+
+
+def test_mlx_lm_folder_dequantizes_like_mlx(tmp_path, tiny_llama):
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm import convert as mlx_convert
+
+    out = tmp_path / "mlxq"
+    mlx_convert(str(tiny_llama), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate="mixed_3_6")
+    config = json.loads((out / "config.json").read_text())
+    default, overrides = mlx_quant_specs(config)
+    assert default == {"bits": 4, "group_size": 32} and {v["bits"] for v in overrides.values()} == {3, 6}
+    raw = mx.load(str(out / "model.safetensors"))
+    ours = dict(read_mlx_dequantized(out, config))
+    n_quant = 0
+    for name, t in ours.items():
+        module = name.rsplit(".", 1)[0]
+        if module + ".scales" in raw:
+            spec = overrides.get(module, default)
+            want = mx.dequantize(raw[name], raw[module + ".scales"], raw[module + ".biases"],
+                                 group_size=spec["group_size"], bits=spec["bits"])
+            n_quant += 1
+        else:
+            want = raw[name]
+        want = torch.from_numpy(__import__("numpy").array(want.astype(mx.float32)))
+        assert t.dtype == torch.bfloat16 and torch.equal(t.float(), want), name
+    assert n_quant == 5 * 7 + 1
+
+    lm = load_model(str(out), progress=False)
+    assert lm.info.bits_per_weight == pytest.approx(4.340, abs=1e-3)  # what mlx_lm.convert printed
+    # same next-token distribution as mlx_lm's own model
+    from mlx_lm import load as mlx_load
+
+    mmodel, _ = mlx_load(str(out))
+    x = [[5, 17, 42, 99, 3, 250, 7, 8]]
+    want = torch.from_numpy(__import__("numpy").array(mmodel(mx.array(x)).astype(mx.float32)))
+    with torch.no_grad():
+        got = lm.model(torch.tensor(x)).logits
+    # mlx runs this folder in bfloat16 (its stored dtype): agreement to bfloat16 precision
+    assert (got - want).norm() < 0.05 * want.norm()
+    kl = torch.nn.functional.kl_div(want.log_softmax(-1), got.log_softmax(-1), log_target=True, reduction="none")
+    assert kl.sum(-1).max() < 1e-3
+
+
+def test_bfloat16_compute(tiny_llama):
+    lm = load_model(str(tiny_llama), dtype="bfloat16", progress=False)
+    assert lm.model.dtype == torch.bfloat16 and lm.info.dtype == "bfloat16"
+    with pytest.raises(MixqError, match="dtype"):
+        load_model(str(tiny_llama), dtype="int8", progress=False)
+
+
+def test_unknown_path_is_one_line_error(tmp_path):
+    with pytest.raises(MixqError) as e:
+        load_model(str(tmp_path / "no-such-model"), progress=False)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,214 @@
+"""mixq eval: run folder, schema, resume without re-scoring, on-the-fly recipe = converted folder."""
+
+import json
+
+import pytest
+import torch
+
+import mixq.scoring
+from mixq.errors import MixqError
+from mixq.evaluate import evaluate, parse_tasks, read_samples
+from tiny_models import _TEXT, make_tiny_hf
+
+torch.set_num_threads(2)
+
+ARC = [{"question": q, "choices": {"text": c, "label": ["A", "B", "C", "D"][:len(c)]}, "answerKey": k}
+       for q, c, k in [("Which is the capital of France?", ["Berlin", "Paris", "Rome"], "B"),
+                       ("What do plants need to grow?", ["light", "darkness", "noise", "plastic"], "A"),
+                       ("Which number is the largest?", ["10", "1000", "100"], "B"),
+                       ("What does a fox jump over?", ["the dog", "the moon"], "A"),
+                       ("Quantization maps weights to?", ["a few bits", "colours", "words"], "A"),
+                       ("What is 2 plus 3?", ["5", "6", "23"], "A")]]
+BOOLQ = [{"passage": p, "question": q, "label": l}
+         for p, q, l in [("Paris is the capital of France.", "is paris the capital of france", 1),
+                         ("Berlin is in Germany.", "is berlin in italy", 0),
+                         ("The dog is lazy.", "is the dog lazy", 1),
+                         ("Rome is the capital of Italy.", "is rome in spain", 0),
+                         ("Numbers go up to 1000.", "do numbers stop at 10", 0)]]
+WINO = [{"sentence": s, "option1": a, "option2": b, "answer": ans}
+        for s, a, b, ans in [("The fox jumped over the dog because _ was quick.", "the fox", "the dog", "1"),
+                             ("Paris is bigger than Rome, so _ has more people.", "Paris", "Rome", "1"),
+                             ("The model reads the prompt before _ computes logits.", "the model", "the prompt", "1")]]
+TASKS = "arc_easy,boolq,winogrande"
+N_DOCS = len(ARC) + len(BOOLQ) + len(WINO)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    model = make_tiny_hf("llama", root / "llama", num_hidden_layers=5)
+    data = root / "data"
+    data.mkdir()
+    for name, rows in (("arc_easy", ARC), ("boolq", BOOLQ), ("winogrande", WINO)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = root / "text.txt"
+    text.write_text(_TEXT * 4)
+    return model, data, text
+
+
+def _run(model, out, setup, **kw):
+    _, data, text = setup
+    kw.setdefault("tasks", TASKS)
+    return evaluate(str(model), kw.pop("tasks"), out, data_dir=data, ppl_file=text, ctx=16, windows=3,
+                    progress=False, **kw)
+
+
+def test_parse_tasks():
+    assert parse_tasks("all,ppl") == ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
+                                      "winogrande", "ppl"]
+    with pytest.raises(MixqError, match="unknown task"):
+        parse_tasks("arc_easy,mmlu")
+
+
+def test_run_folder_schema_and_self_kld(tmp_path, setup):
+    from mixq.engine import load_model
+    from mixq.perplexity import make_windows, perplexity
+
+    model = setup[0]
+    out = tmp_path / "run"
+    r = _run(model, out, setup, tasks=TASKS + ",ppl,kld", base=str(model))
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(r))
+    for k in ("mixq_version", "model", "recipe", "kind", "provenance", "dtype", "size_bytes", "n_params",
+              "bits_per_weight", "bits_per_weight_quantized", "memory_bytes_estimate", "tasks", "ppl", "kld",
+              "versions", "seconds"):
+        assert k in r, k
+    assert r["complete"] and r["dtype"] == "float32" and r["bits_per_weight"] == 16.0
+    for task, n in (("arc_easy", len(ARC)), ("boolq", len(BOOLQ)), ("winogrande", len(WINO))):
+        m = r["tasks"][task]
+        assert m["n"] == n and 0 <= m["acc"] <= 1 and m["acc_stderr"] >= 0 and m["split"] == "validation"
+        assert m["source"].startswith("data-dir:")
+    samples = read_samples(out / "samples.jsonl")
+    assert len(samples) == N_DOCS
+    for s in samples:
+        assert {"task", "doc_id", "lls", "pred", "pred_norm", "gold", "correct", "correct_norm"} <= set(s)
+        assert s["correct"] in (0, 1)
+    k = r["kld"]
+    assert k["kld_mean"] == 0.0 and k["kld_max"] == 0.0 and k["top1_agreement"] == 1.0
+    assert k["dp_rms"] == 0.0 and k["ln_ppl_ratio"] == 0.0 and k["ppl_base"] == k["ppl_quant"]
+    lm = load_model(str(model), progress=False)
+    want = perplexity(lm.model, make_windows(lm.tokenizer, setup[2], ctx=16, max_windows=3), progress=False)
+    assert r["ppl"]["ppl"] == pytest.approx(want["ppl"], rel=1e-12)
+    assert r["ppl"]["n_tokens"] == 3 * 15 == k["n_tokens"]
+    assert k["ppl_quant"] == pytest.approx(want["ppl"], rel=1e-12)
+
+
+def test_kld_needs_base_and_existing_dir_is_refused(tmp_path, setup):
+    with pytest.raises(MixqError, match="--base"):
+        _run(setup[0], tmp_path / "r0", setup, tasks="kld")
+    out = tmp_path / "r1"
+    _run(setup[0], out, setup, tasks="boolq")
+    with pytest.raises(MixqError, match="--resume"):
+        _run(setup[0], out, setup, tasks="boolq")
+    r = _run(setup[0], out, setup, tasks="boolq", force=True)
+    assert r["tasks"]["boolq"]["n"] == len(BOOLQ)
+    with pytest.raises(MixqError, match="different options"):
+        _run(setup[0], out, setup, tasks="boolq", resume=True, limit=2)
+
+
+def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
+    model = setup[0]
+    full = _run(model, tmp_path / "full", setup)
+
+    real = mixq.scoring.score_docs
+    scored = []
+
+    def interrupted(model, tok, task, docs, **kw):
+        for rec in real(model, tok, task, docs, **kw):
+            if len(scored) == len(ARC) + 2:  # all of arc_easy, then 2 boolq documents
+                raise KeyboardInterrupt
+            scored.append((task, rec["doc_id"]))
+            yield rec
+
+    monkeypatch.setattr(mixq.scoring, "score_docs", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, out, setup)
+    part = json.loads((out / "results.json").read_text())
+    assert list(part["tasks"]) == ["arc_easy"] and not part["complete"]
+    assert len(read_samples(out / "samples.jsonl")) == len(ARC) + 2
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"task": "boolq", "doc_')  # a line cut by the interruption
+
+    again = []
+
+    def counting(model, tok, task, docs, **kw):
+        again.extend((task, i) for i, _ in docs)
+        yield from real(model, tok, task, docs, **kw)
+
+    monkeypatch.setattr(mixq.scoring, "score_docs", counting)
+    r = _run(model, out, setup, resume=True)
+    assert len(again) == N_DOCS - len(ARC) - 2 and not set(again) & set(scored)
+    assert r["complete"]
+    for task in full["tasks"]:
+        a = {k: v for k, v in full["tasks"][task].items() if k not in ("seconds", "n_scored_now")}
+        b = {k: v for k, v in r["tasks"][task].items() if k not in ("seconds", "n_scored_now")}
+        assert a == b, task
+    key = lambda s: (s["task"], s["doc_id"])  # noqa: E731
+    got = sorted(read_samples(out / "samples.jsonl"), key=key)
+    want = sorted(read_samples(tmp_path / "full" / "samples.jsonl"), key=key)
+    assert [key(s) for s in got] == [key(s) for s in want]
+    for g, w in zip(got, want):
+        # batches are composed differently after a resume: log-likelihoods agree to float32 rounding
+        assert g["lls"] == pytest.approx(w["lls"], rel=1e-5)
+        assert {k: v for k, v in g.items() if k != "lls"} == {k: v for k, v in w.items() if k != "lls"}
+
+
+def test_recipe_on_the_fly_equals_converted_folder(tmp_path, setup):
+    from mixq.convert import convert
+
+    model = setup[0]
+    folder = convert(str(model), tmp_path / "qx86", recipe="qx86-hi", progress=False)
+    a = _run(folder, tmp_path / "a", setup, tasks=TASKS + ",ppl,kld", base=str(model))
+    b = _run(f"{model}@qx86-hi", tmp_path / "b", setup, tasks=TASKS + ",ppl,kld", base=str(model))
+    assert a["recipe"] is None and b["recipe"] == "qx86-hi" and a["kind"] == "mlx"
+    for k in ("size_bytes", "n_params", "bits_per_weight", "bits_per_weight_quantized"):
+        assert a[k] == b[k], k
+    assert a["kld"]["kld_mean"] > 0 and a["kld"]["top1_agreement"] < 1 or a["kld"]["kld_mean"] > 0
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "base")}  # noqa: E731
+    assert strip(a["kld"]) == strip(b["kld"]) and strip(a["ppl"]) == strip(b["ppl"])
+    for task in a["tasks"]:
+        assert strip(a["tasks"][task]) == strip(b["tasks"][task])
+    sa, sb = read_samples(tmp_path / "a" / "samples.jsonl"), read_samples(tmp_path / "b" / "samples.jsonl")
+    key = lambda s: (s["task"], s["doc_id"])  # noqa: E731
+    assert sorted(sa, key=key) == sorted(sb, key=key)  # identical log-likelihoods, document by document
+
+
+def test_base_distributions_are_cached(tmp_path, setup, monkeypatch):
+    import mixq.engine
+
+    model = setup[0]
+    loads = []
+    real = mixq.engine.load_model
+
+    def counting(ref, **kw):
+        loads.append(ref)
+        return real(ref, **kw)
+
+    monkeypatch.setattr(mixq.engine, "load_model", counting)
+    a = _run(f"{model}@q4", tmp_path / "a", setup, tasks="kld", base=str(model))
+    assert loads == [str(model), f"{model}@q4"]
+    b = _run(f"{model}@q4", tmp_path / "b", setup, tasks="kld", base=str(model))
+    assert loads[2:] == [f"{model}@q4"]  # the base is not loaded again
+    assert a["kld"]["kld_mean"] == b["kld"]["kld_mean"] > 0
+
+
+def test_cli_prints_table(tmp_path, setup, capsys):
+    import argparse
+
+    from mixq.evaluate import add_arguments, cli
+
+    model, data, text = setup
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(model), "--tasks", "boolq,ppl", "--data-dir", str(data), "--ppl-file", str(text),
+                              "--ctx", "16", "--windows", "2", "-o", str(tmp_path / "run")])
+    rc = cli(args)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "boolq" in out and "ppl" in out and "results.json" in out
