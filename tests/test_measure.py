@@ -1,0 +1,143 @@
+"""Tests for mixq.measure on a tiny random model: sane damages, both methods, resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mixq.errors import MixqError
+from mixq.measure import load_measurement, measure
+from tiny_models import make_tiny_hf
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("measure")
+    src = make_tiny_hf("llama", d / "src", num_hidden_layers=2)
+    calib = d / "calib.txt"
+    calib.write_text(("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+                      "Quantization maps each group of weights to a few bits. 0 1 2 3 4 5 6 7 8 9.\n") * 40)
+    return src, calib, d
+
+
+def _mean_damage(doc, bits, gs=32):
+    vals = [r["damage"][f"{bits}:{gs}"] for r in doc["tensors"].values() if f"{bits}:{gs}" in r["damage"]]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.parametrize("method", ["fisher", "direct"])
+def test_measure_tiny_model_gives_monotone_damages(tiny, method):
+    src, calib, d = tiny
+    out = d / f"m_{method}.json"
+    groups = (32, 64) if method == "fisher" else (32,)  # direct: one forward per tensor x candidate
+    doc = measure(str(src), levels=(3, 4, 8), group_sizes=groups, calib=str(calib), tokens=128, ctx=64,
+                  out=out, method=method, direct="all", draws=4, progress=False)
+    doc = load_measurement(out)
+    assert doc["complete"]
+    # every quantizable 2-D weight: embed + 7 per layer (tied head: no lm_head)
+    assert len(doc["tensors"]) == 1 + 7 * 2
+    assert doc["calib"]["n_windows"] == 2 and doc["calib"]["ctx"] == 64
+    for r in doc["tensors"].values():
+        assert set(r["damage"]) == {f"{b}:{g}" for b in (3, 4, 8) for g in groups}
+        assert all(math.isfinite(v) and v >= 0 for v in r["damage"].values())
+    # fewer bits -> more damage, on average and for most tensors
+    assert _mean_damage(doc, 3) > _mean_damage(doc, 4) > _mean_damage(doc, 8) > 0
+    ordered = sum(r["damage"]["3:32"] > r["damage"]["4:32"] > r["damage"]["8:32"] for r in doc["tensors"].values())
+    assert ordered >= 0.8 * len(doc["tensors"])
+
+
+def test_fisher_estimate_tracks_direct_measurement(tiny):
+    src, calib, d = tiny
+    f = load_measurement(d / "m_fisher.json") if (d / "m_fisher.json").exists() else None
+    g = load_measurement(d / "m_direct.json") if (d / "m_direct.json").exists() else None
+    if f is None or g is None:
+        pytest.skip("needs the two measurements of the test above")
+    from scipy.stats import spearmanr
+
+    keys = [(n, k) for n in g["tensors"] for k in g["tensors"][n]["damage"]]
+    a = [f["tensors"][n]["damage"][k] for n, k in keys]
+    b = [g["tensors"][n]["damage"][k] for n, k in keys]
+    assert spearmanr(a, b).statistic > 0.9
+
+
+def test_measure_refuses_existing_file_and_resumes(tiny):
+    src, calib, d = tiny
+    out = d / "resume.json"
+    only = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    measure(str(src), levels=(4,), group_sizes=(32,), calib=str(calib), tokens=64, ctx=64, out=out,
+            method="direct", direct="all", progress=False, only=only[:1])
+    with pytest.raises(MixqError, match="--resume"):
+        measure(str(src), levels=(4,), group_sizes=(32,), calib=str(calib), tokens=64, ctx=64, out=out,
+                method="direct", direct="all", progress=False, only=only)
+    first = json.loads(out.read_text())["tensors"][only[0]]
+    doc = measure(str(src), levels=(4,), group_sizes=(32,), calib=str(calib), tokens=64, ctx=64, out=out,
+                  method="direct", direct="all", progress=False, only=only, resume=True)
+    assert set(doc["tensors"]) == set(only)
+    assert doc["tensors"][only[0]] == first  # kept, not re-measured
+    with pytest.raises(MixqError, match="another"):
+        measure(str(src), levels=(3,), group_sizes=(32,), calib=str(calib), tokens=64, ctx=64, out=out,
+                method="direct", direct="all", progress=False, only=only, resume=True)
+
+
+def test_fisher_resume_continues_from_saved_windows(tiny, monkeypatch):
+    import mixq.measure as M
+
+    src, calib, d = tiny
+    kw = dict(levels=(4,), group_sizes=(32,), calib=str(calib), tokens=128, ctx=64, method="fisher", draws=2,
+              progress=False)
+    full = measure(str(src), out=d / "f_full.json", **kw)
+    assert full["fisher_state"]["windows_done"] == 2
+    real_write = M._atomic_write_json
+
+    def write_then_stop(path, obj):  # interrupted right after the first window was saved
+        real_write(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M, "_atomic_write_json", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        measure(str(src), out=d / "f_part.json", **kw)
+    monkeypatch.setattr(M, "_atomic_write_json", real_write)
+    part = load_measurement(d / "f_part.json")
+    assert part["windows_done"] == 1 and not part["complete"]
+    resumed = measure(str(src), out=d / "f_part.json", resume=True, **kw)
+    assert resumed["complete"]
+    for n, r in full["tensors"].items():
+        assert resumed["tensors"][n]["damage"]["4:32"] == pytest.approx(r["damage"]["4:32"], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_partial_forward_from_cached_layer_equals_full_forward(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    from mixq.measure import Measurer
+
+    src = make_tiny_hf(arch, tmp_path / arch, num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    m = Measurer(model, ids)
+    assert m.kld(m.forward_from(3)) == 0.0  # stubs below layer 3 reproduce the base exactly
+    p = dict(model.named_parameters())["model.layers.2.mlp.up_proj.weight"]
+    with torch.no_grad():
+        p.add_(torch.randn_like(p) * 0.05)
+        full = model(input_ids=ids).logits[:, :-1].reshape(-1, model.config.vocab_size)
+        part, _ = m.forward_from(2)
+    assert torch.allclose(part, full, atol=1e-5)
+    assert m.kld((part, torch.logsumexp(part.double(), -1))) > 0
+
+
+def test_smoothed_damages_follow_the_step_law_and_pool_noise():
+    from mixq.measure import smoothed_damages
+
+    law = {f"{b}:{g}": (3.0 if g == 64 else 2.0) / (2 ** b - 1) ** 2 for b in (3, 4, 5, 6, 8) for g in (32, 64)}
+    noisy = dict(law)
+    noisy["6:32"] *= 6.0       # one noisy sample: 6-bit g32 looks worse than 6-bit g64
+    out = smoothed_damages({"tensors": {"t": {"damage": law}, "n": {"damage": noisy}}})
+    assert out["t"] == pytest.approx(law)
+    d = out["n"]
+    for g in (32, 64):
+        assert d[f"3:{g}"] > d[f"4:{g}"] > d[f"5:{g}"] > d[f"6:{g}"] > d[f"8:{g}"]
+    for b in (3, 4, 5, 6, 8):
+        assert d[f"{b}:32"] <= d[f"{b}:64"]
