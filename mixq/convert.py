@@ -338,7 +338,11 @@ def convert(source, out, recipe="q6-hi", dtype=None, force=False, *, shard_bytes
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with torch.no_grad():
+        from .quantize import torch_threads
+
+        # Casting and quantizing run as many small torch ops per chunk; one thread is fastest
+        # (and stays fast when the machine is busy).
+        with torch.no_grad(), torch_threads(1):
             _write(prep, tmp, shard_bytes, progress, out.name)
         if out.exists():  # --force: swap, then delete the old folder
             old = out.parent / f".{out.name}.mixq-old-{os.getpid()}"

@@ -24,6 +24,7 @@ Packed weights are `torch.uint32`; safetensors >= 0.4.3 saves and loads them (dt
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -32,7 +33,14 @@ from .errors import MixqError
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHUNK = 1 << 22  # elements per processing chunk: bounds the float32/int64 temporaries
+# Elements per processing chunk: 1 MB of float32, so the chain of element-wise passes stays in cache.
+_CHUNK = 1 << 18
+# Torch threads used inside quantize/dequantize. The chunks are small, so each op is one short parallel
+# region; on a busy machine every region waits for a descheduled worker thread (measured: 20-100x slower
+# with 2 threads than with 1 under load average 4 on 2 cores). One thread is ~400-600 M elements/s.
+_THREADS = 1
+# Masks for squeezing 8 one-byte codes in an int64 into one 8*bits-bit stream (and back).
+_B8, _B16, _B32 = 0x00FF00FF00FF00FF, 0x0000FFFF0000FFFF, 0xFFFFFFFF
 
 
 def _label(name):
@@ -52,33 +60,50 @@ def _row_chunks(rows, cols):
         yield start, min(rows, start + step)
 
 
-def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes [r, n] (n % 32 == 0) -> uint32 words [r, n * bits / 32] (little-endian bit stream)."""
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with at most `n` torch intra-op threads, then restore the number (see `_THREADS`)."""
+    old = torch.get_num_threads()
+    if old <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _pack_into(out: torch.Tensor, q: torch.Tensor, bits: int) -> None:
+    """uint8 codes [r, n] (n % 8 == 0) -> `out`, uint32 words [r, n * bits / 32] (little-endian bit stream)."""
     r, n = q.shape
+    dst = out.view(torch.uint8)
     if bits == 8:
-        by = q.to(torch.uint8)
-    else:
-        # 8 codes make `bits` whole bytes; build them in an int64, then split into bytes
-        q = q.to(torch.int64).view(r, n // 8, 8)
-        shifts = torch.arange(8, dtype=torch.int64) * bits
-        val = (q << shifts).sum(-1, keepdim=True)
-        byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-        by = ((val >> byte_shifts) & 0xFF).to(torch.uint8).view(r, n // 8 * bits)
-    return by.contiguous().view(torch.uint32)
+        dst.copy_(q)
+        return
+    # 8 codes -> one int64 (code k in byte k) -> squeeze pairs of fields: 8 x 8 bits -> 4 x 16 -> 2 x 32 -> 1 x 64,
+    # leaving the 8 * bits stream bits in the low `bits` bytes of the word
+    x = q.view(torch.int64)
+    x = (x & _B8) | (((x >> 8) & _B8) << bits)
+    x = (x & _B16) | (((x >> 16) & _B16) << (2 * bits))
+    x = (x & _B32) | ((x >> 32) << (4 * bits))
+    dst.view(r, n // 8, bits).copy_(x.view(torch.uint8).view(r, n // 8, 8)[..., :bits])
 
 
 def _unpack(wq: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint32 words [r, w] -> integer codes [r, w * 32 / bits] (int64)."""
+    """uint32 words [r, w] -> uint8 codes [r, w * 32 / bits] (the inverse of `_pack_into`)."""
     r = wq.shape[0]
     by = wq.contiguous().view(torch.uint8)
     if bits == 8:
-        return by.to(torch.int64)
+        return by
     n = by.shape[1] * 8 // bits
-    by = by.to(torch.int64).view(r, n // 8, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    val = (by << byte_shifts).sum(-1, keepdim=True)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    return ((val >> shifts) & ((1 << bits) - 1)).view(r, n)
+    x = torch.zeros(r, n // 8, dtype=torch.int64)
+    x.view(torch.uint8).view(r, n // 8, 8)[..., :bits].copy_(by.view(r, n // 8, bits))
+    m1, m2 = (1 << bits) - 1, (1 << (2 * bits)) - 1
+    x = (x & ((1 << (4 * bits)) - 1)) | ((x >> (4 * bits)) << 32)
+    x = (x & (m2 * 0x0000000100000001)) | (((x >> (2 * bits)) & (m2 * 0x0000000100000001)) << 16)
+    x = (x & (m1 * 0x0001000100010001)) | (((x >> bits) & (m1 * 0x0001000100010001)) << 8)
+    return x.view(torch.uint8).view(r, n)
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = None):
@@ -94,9 +119,6 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = 
         dim = w.shape[-1]
         raise MixqError(f"{_label(name)}: last dimension {dim} (shape {tuple(w.shape)}) is not divisible by "
                         f"group size {group_size}; keep it unquantized or use a smaller group")
-    if not bool(torch.isfinite(w).all()):
-        raise MixqError(f"{_label(name)}: holds NaN or Inf values; fix the checkpoint or keep this tensor unquantized")
-
     lead, cols = tuple(w.shape[:-1]), w.shape[-1]
     rows = math.prod(lead)
     ng = cols // group_size
@@ -105,22 +127,28 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = 
     scales = torch.empty(rows, ng, dtype=w.dtype)
     biases = torch.empty(rows, ng, dtype=w.dtype)
     n_bins = float((1 << bits) - 1)
-    for a, b in _row_chunks(rows, cols):
-        g = w2[a:b].to(torch.float32).view(b - a, ng, group_size)
-        w_max = g.amax(-1, keepdim=True)
-        w_min = g.amin(-1, keepdim=True)
-        mask = w_min.abs() > w_max.abs()
-        scale = torch.clamp((w_max - w_min) / n_bins, min=1e-7)
-        scale = torch.where(mask, scale, -scale)
-        edge = torch.where(mask, w_min, w_max)
-        q0 = torch.round(edge / scale)
-        nz = q0 != 0
-        scale = torch.where(nz, edge / torch.where(nz, q0, 1.0), scale)
-        bias = torch.where(nz, edge, 0.0)
-        q = torch.round((g - bias) / scale).clamp_(0.0, n_bins)
-        packed[a:b] = _pack(q.view(b - a, cols), bits)
-        scales[a:b] = scale.view(b - a, ng).to(w.dtype)
-        biases[a:b] = bias.view(b - a, ng).to(w.dtype)
+    with torch_threads(_THREADS):
+        for a, b in _row_chunks(rows, cols):
+            g = w2[a:b].to(torch.float32, copy=True).view(b - a, ng, group_size)
+            w_max = g.amax(-1, keepdim=True)
+            w_min = g.amin(-1, keepdim=True)
+            # a NaN in a group makes its max and min NaN, an Inf makes one of them infinite
+            if not (bool(torch.isfinite(w_max).all()) and bool(torch.isfinite(w_min).all())):
+                raise MixqError(f"{_label(name)}: holds NaN or Inf values; "
+                                f"fix the checkpoint or keep this tensor unquantized")
+            mask = w_min.abs() > w_max.abs()
+            scale = ((w_max - w_min) / n_bins).clamp_(min=1e-7)
+            scale = torch.where(mask, scale, -scale)
+            edge = torch.where(mask, w_min, w_max)
+            q0 = torch.round(edge / scale)
+            nz = q0 != 0
+            scale = torch.where(nz, edge / torch.where(nz, q0, 1.0), scale)
+            bias = torch.where(nz, edge, 0.0)
+            # clamping before rounding equals rounding before clamping: the bounds are integers
+            q = g.sub_(bias).div_(scale).clamp_(0.0, n_bins).round_().to(torch.uint8)
+            _pack_into(packed[a:b], q.view(b - a, cols), bits)
+            scales[a:b] = scale.view(b - a, ng)
+            biases[a:b] = bias.view(b - a, ng)
     return (packed.view(*lead, cols * bits // 32), scales.view(*lead, ng), biases.view(*lead, ng))
 
 
@@ -145,9 +173,12 @@ def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bit
     s2 = scales.reshape(rows, ng, 1)
     b2 = biases.reshape(rows, ng, 1)
     out = torch.empty(rows, cols, dtype=dt)
-    for a, b in _row_chunks(rows, cols):
-        q = _unpack(wq2[a:b], bits).to(dt).view(b - a, ng, group_size)
-        out[a:b] = (q * s2[a:b] + b2[a:b]).view(b - a, cols)  # two roundings, as mlx (no fma)
+    with torch_threads(_THREADS):
+        for a, b in _row_chunks(rows, cols):
+            q = _unpack(wq2[a:b], bits).to(dt).view(b - a, ng, group_size)
+            o = out[a:b].view(b - a, ng, group_size)
+            torch.mul(q, s2[a:b], out=o)
+            o.add_(b2[a:b])  # two roundings, as mlx (no fma)
     return out.view(*lead, cols)
 
 

@@ -175,3 +175,27 @@ def test_errors_name_the_tensor():
     wq, s, b = quantize(torch.randn(4, 64), 4, 64)
     with pytest.raises(MixqError, match="does not match"):
         dequantize(wq, s, b, 4, 32)
+
+
+def test_nan_inf_found_in_any_chunk(monkeypatch):
+    """Finiteness is checked per group (max/min) in every chunk, not only the first."""
+    monkeypatch.setattr(Q, "_CHUNK", 128)  # one row per chunk
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in DTYPES:
+            w = torch.randn(6, 128).to(dtype)
+            w[5, 77] = bad
+            with pytest.raises(MixqError, match="layer.w.*NaN or Inf"):
+                quantize(w, 4, 32, name="layer.w")
+
+
+def test_input_untouched_and_threads_restored():
+    w = torch.randn(9, 256)  # float32: the working copy must not alias the input
+    ref = w.clone()
+    before = torch.get_num_threads()
+    out = quantize(w, 3, 32)
+    dequantize(*out, 3, 32)
+    assert torch.equal(w, ref)
+    assert torch.get_num_threads() == before
+    with Q.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
