@@ -611,12 +611,14 @@ def print_rich(comp: Comparison, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # Never squeeze the table into ellipses: let it be as wide as its cells need (a narrow
+    # terminal then wraps lines instead of hiding numbers; a pipe gets the full table).
+    console = console or Console(width=max(Console().width, 40 + 22 * len(comp.variants) * 2))
     headers, rows = main_table(comp)
     table = Table(title=f"mixq compare — {comp.metric}, Δ vs {comp.ref}"
                   + ("" if comp.paired else " [UNPAIRED]"), show_lines=False)
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     n_acc = len(comp.tasks) + (1 if comp.average else 0)
     for i, r in enumerate(rows):
         table.add_row(*r, end_section=i == n_acc - 1)
