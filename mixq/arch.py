@@ -168,6 +168,14 @@ def _sliding_pattern(layer_types: list[str]) -> int | None:
     return None
 
 
+def _set_rope(c: dict, params: dict) -> None:
+    """mlx-lm's `rope_theta` / `rope_scaling` keys from one of transformers 5's `rope_parameters`."""
+    if "rope_theta" in params:
+        c.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default":
+        c.setdefault("rope_scaling", {**params, "type": params["rope_type"]})
+
+
 def mlx_config(config: dict, *, tied: bool) -> dict:
     """The source config plus what mlx-lm 0.32 needs for this architecture; source quantization dropped."""
     mt = check_supported(config)
@@ -180,12 +188,9 @@ def mlx_config(config: dict, *, tied: bool) -> dict:
     if mt == "gemma3_text":
         full = rp.get("full_attention", rp if "rope_theta" in rp else {})
         local = rp.get("sliding_attention", {})
-        if "rope_theta" in full:
-            c.setdefault("rope_theta", full["rope_theta"])
+        _set_rope(c, full)
         if "rope_theta" in local:
             c.setdefault("rope_local_base_freq", local["rope_theta"])
-        if full.get("rope_type", "default") != "default":
-            c.setdefault("rope_scaling", {**full, "type": full["rope_type"]})
         if c.get("layer_types"):
             p = _sliding_pattern(c["layer_types"])
             if p is None:
@@ -195,9 +200,7 @@ def mlx_config(config: dict, *, tied: bool) -> dict:
         elif "_sliding_window_pattern" in c:
             c.setdefault("sliding_window_pattern", c["_sliding_window_pattern"])
     elif "rope_theta" in rp:
-        c.setdefault("rope_theta", rp["rope_theta"])
-        if rp.get("rope_type", "default") != "default":
-            c.setdefault("rope_scaling", {**rp, "type": rp["rope_type"]})
+        _set_rope(c, rp)
     if mt == "qwen3_moe" and "num_experts" not in c and "num_local_experts" in c:
         c["num_experts"] = c["num_local_experts"]
     if mt == "gpt_oss" and c.get("layer_types") and c.get("sliding_window") is None:
