@@ -10,14 +10,13 @@ provenance) still gets a card.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MixqError
+from .fileio import write_atomic
 
 # --------------------------------------------------------------------------- reading the folder
 
@@ -424,14 +423,7 @@ def write_card(model_dir, runs=None, *, base_model: str | None = None) -> Path:
     info = read_folder(model_dir)
     text = render_card(info, runs, base_model=base_model)
     out = info.path / "README.md"
-    fd, tmp = tempfile.mkstemp(dir=info.path, prefix=".README.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, text)
     return out
 
 

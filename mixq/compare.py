@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stats
 from .errors import MixqError
+from .fileio import write_atomic
 
 METRICS = {"acc": "correct", "acc_norm": "correct_norm"}
 MEMORY_OVERHEAD = 0.10   # estimated memory to load = size on disk x (1 + this), when the run has none
@@ -630,18 +629,6 @@ def print_rich(comp: Comparison, console=None) -> None:
         console.print(f"• {s}", highlight=False)
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(comp: Comparison, out_dir, *, plots: bool = True) -> Path:
     """Write comparison.md, comparison.json and (matplotlib permitting) PNG plots into out_dir."""
     out = Path(out_dir)
@@ -656,8 +643,8 @@ def write_report(comp: Comparison, out_dir, *, plots: bool = True) -> Path:
             md += f"\n_Plots skipped: {e}. `pip install matplotlib` to get them._\n"
     if images:
         md += "\n### Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
-    _write_atomic(out / "comparison.md", md)
-    _write_atomic(out / "comparison.json", json.dumps(to_json(comp), indent=2, default=float) + "\n")
+    write_atomic(out / "comparison.md", md)
+    write_atomic(out / "comparison.json", json.dumps(to_json(comp), indent=2, default=float) + "\n")
     return out
 
 

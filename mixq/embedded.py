@@ -22,12 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MixqError
+from .fileio import write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -260,9 +260,7 @@ def _add_provenance(folder: Path, extra: dict) -> None:
     p = folder / "mixq_provenance.json"
     prov = json.loads(p.read_text()) if p.is_file() else {}
     prov.update(extra)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(prov, indent=2))
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps(prov, indent=2))
 
 
 # ------------------------------------------------------------------------------------------ CLI

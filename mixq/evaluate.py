@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import MixqError
+from .fileio import write_atomic
 
 SEVEN = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 EXTRA = ("ppl", "kld")
@@ -52,9 +53,7 @@ def parse_tasks(spec) -> list[str]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o):

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MixqError
+from .fileio import write_atomic
 
 FORMAT = "mixq-measurement/1"
 VOCAB_FULL_MAX = 65536
@@ -295,10 +296,7 @@ def uniform_recipe(bits: int, group_size: int):
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def measure_model(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MixqError
+from .fileio import write_atomic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,10 +387,7 @@ def cli(args) -> int:
     alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes,
                      allow_keep=not args.no_keep, measurement_path=str(mpath))
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(alloc.text)
-    os.replace(tmp, out)
+    write_atomic(out, alloc.text)
     print(f"{out}: {alloc.total_bytes / 1e6:.2f} MB, {alloc.bits_per_weight:.4f} bpw, "
           f"predicted KLD {alloc.predicted_kld:.5g} (bound {alloc.lower_bound:.5g})")
     return 0
