@@ -33,8 +33,11 @@ from typing import Iterable, Iterator
 from .tasks import Task, get_task, mean_stderr, predictions
 
 DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most
-DEFAULT_MAX_TOKENS = 4096    # lines x padded length per forward pass at most
-DEFAULT_PACK_TOKENS = 512    # documents are packed into lines of this many tokens (or the longest document)
+# Measured on a 2-core CPU (SmolLM2-135M, 200 documents per task): batches of about 1k tokens keep the
+# activations in cache, and short lines waste less attention on other documents' (masked) tokens;
+# 256/1024 was 10-15% faster than 512/4096 on hellaswag, piqa, arc_easy and boolq.
+DEFAULT_MAX_TOKENS = 1024    # lines x padded length per forward pass at most
+DEFAULT_PACK_TOKENS = 256    # documents are packed into lines of this many tokens (or the longest document)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # scored positions x vocabulary per output-head call (128 MB of float32)
 
 
@@ -97,6 +100,11 @@ class Row:
     branch: list[int]                 # -1: shared prefix; j: choice j's remainder
     targets: list[list[tuple[int, int]]]   # per choice: (slot whose output predicts it, token id)
     choice: int | None = None         # plain rows: the one choice this row holds
+
+    @property
+    def causal(self) -> bool:
+        """No branches: every choice reads the same input (e.g. one-token answers), plain causal attention."""
+        return all(b == -1 for b in self.branch)
 
 
 def build_row(index: int, pairs: list[tuple[list[int], list[int]]]) -> Row:
@@ -172,52 +180,63 @@ def _head(model, hidden):
     return logits
 
 
+def _is_causal(lines: list[list[Row]]) -> bool:
+    """One branchless row per line: right-padded causal attention needs no mask."""
+    return all(len(line) == 1 and line[0].causal for line in lines)
+
+
 def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[float]]:
     """Forward one batch of lines (each: rows packed one after another); per row, in order, the summed
-    log-likelihood of each choice. Plain mode: one row per line, the unmodified model."""
+    log-likelihood of each choice. Plain mode: one row per line, the unmodified model. A batch of
+    branchless single-row lines runs without a mask: causal attention never reads the right padding
+    and skips the upper triangle."""
     import torch
 
-    length = max(sum(len(r.tokens) for r in line) for line in lines)
-    n = len(lines)
-    ids = torch.full((n, length), pad_id, dtype=torch.long)
-    pos = torch.zeros((n, length), dtype=torch.long)
-    br = torch.full((n, length), -2, dtype=torch.long)
-    doc = torch.full((n, length), -1, dtype=torch.long)
-    rows_idx, slots, toks, owner = [], [], [], []
-    n_rows = 0
-    for i, line in enumerate(lines):
-        at = 0
-        for k, r in enumerate(line):
-            m = len(r.tokens)
-            ids[i, at:at + m] = torch.tensor(r.tokens)
-            pos[i, at:at + m] = torch.tensor(r.positions)
-            br[i, at:at + m] = torch.tensor(r.branch)
-            doc[i, at:at + m] = k
-            for j, tg in enumerate(r.targets):
-                for slot, tok in tg:
-                    rows_idx.append(i)
-                    slots.append(at + slot)
-                    toks.append(tok)
-                    owner.append((n_rows, j))
-            at += m
-            n_rows += 1
-    if tree:
-        mask = _masks(pos, br, doc, model.get_input_embeddings().weight.dtype, _windows(model.config))
-        base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    else:
-        logits_all = model(input_ids=ids, attention_mask=(doc >= 0).long(), use_cache=False).logits
-    ri, si, ti = torch.tensor(rows_idx), torch.tensor(slots), torch.tensor(toks)
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
-    logp = []
-    for a in range(0, len(toks), chunk):  # bounded memory for large vocabularies
-        b = slice(a, a + chunk)
-        logits = _head(model, hidden[ri[b], si[b]]) if tree else logits_all[ri[b], si[b]]
-        logp += torch.log_softmax(logits.float(), dim=-1).gather(1, ti[b, None])[:, 0].tolist()
-    sums = [[0.0] * len(r.targets) for line in lines for r in line]
-    for (i, j), lp in zip(owner, logp):
-        sums[i][j] += lp
-    return sums
+    with torch.inference_mode():
+        length = max(sum(len(r.tokens) for r in line) for line in lines)
+        n = len(lines)
+        ids = torch.full((n, length), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, length), dtype=torch.long)
+        br = torch.full((n, length), -2, dtype=torch.long)
+        doc = torch.full((n, length), -1, dtype=torch.long)
+        rows_idx, slots, toks, owner = [], [], [], []
+        n_rows = 0
+        for i, line in enumerate(lines):
+            at = 0
+            for k, r in enumerate(line):
+                m = len(r.tokens)
+                ids[i, at:at + m] = torch.tensor(r.tokens)
+                pos[i, at:at + m] = torch.tensor(r.positions)
+                br[i, at:at + m] = torch.tensor(r.branch)
+                doc[i, at:at + m] = k
+                for j, tg in enumerate(r.targets):
+                    for slot, tok in tg:
+                        rows_idx.append(i)
+                        slots.append(at + slot)
+                        toks.append(tok)
+                        owner.append((n_rows, j))
+                at += m
+                n_rows += 1
+        if tree:
+            base = getattr(model, model.base_model_prefix)
+            if _is_causal(lines):
+                hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+            else:
+                mask = _masks(pos, br, doc, model.get_input_embeddings().weight.dtype, _windows(model.config))
+                hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        else:
+            logits_all = model(input_ids=ids, attention_mask=(doc >= 0).long(), use_cache=False).logits
+        ri, si, ti = torch.tensor(rows_idx), torch.tensor(slots), torch.tensor(toks)
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
+        logp = []
+        for a in range(0, len(toks), chunk):  # bounded memory for large vocabularies
+            b = slice(a, a + chunk)
+            logits = _head(model, hidden[ri[b], si[b]]) if tree else logits_all[ri[b], si[b]]
+            logp += torch.log_softmax(logits.float(), dim=-1).gather(1, ti[b, None])[:, 0].tolist()
+        sums = [[0.0] * len(r.targets) for line in lines for r in line]
+        for (i, j), lp in zip(owner, logp):
+            sums[i][j] += lp
+        return sums
 
 
 def _pack(rows: list[Row], capacity: int) -> list[list[Row]]:
@@ -242,12 +261,22 @@ def _pack(rows: list[Row], capacity: int) -> list[list[Row]]:
 
 def _batches(rows: list[Row], tree: bool, batch_size: int, max_tokens: int,
              pack_tokens: int) -> Iterator[list[list[Row]]]:
-    """Batches of lines: tree mode packs several documents per line, plain mode one row per line."""
+    """Batches of lines: tree mode packs several branched documents per line and gives each branchless
+    one its own line (batched apart, maskless); plain mode one row per line."""
+    def alone(rs):
+        return [[r] for r in sorted(rs, key=lambda r: -len(r.tokens))]
+
     if tree:
-        capacity = max(pack_tokens, max(len(r.tokens) for r in rows))
-        lines = _pack(rows, capacity)
+        branched = [r for r in rows if not r.causal]
+        yield from _batch_lines(alone([r for r in rows if r.causal]), batch_size, max_tokens)
+        if branched:
+            capacity = max(pack_tokens, max(len(r.tokens) for r in branched))
+            yield from _batch_lines(_pack(branched, capacity), batch_size, max_tokens)
     else:
-        lines = [[r] for r in sorted(rows, key=lambda r: -len(r.tokens))]
+        yield from _batch_lines(alone(rows), batch_size, max_tokens)
+
+
+def _batch_lines(lines: list[list[Row]], batch_size: int, max_tokens: int) -> Iterator[list[list[Row]]]:
     batch: list[list[Row]] = []
     docs = 0
     for line in lines:
@@ -279,6 +308,21 @@ def set_threads(threads: int | None = None) -> int:
     return n
 
 
+def _check_tree(model, batch, pairs, pad_id) -> tuple[str | None, list[list[float]] | None]:
+    """Run a masked batch and rescore its shortest document the plain way: (problem or None, the batch's sums)."""
+    try:
+        sums = _run(model, batch, True, pad_id)
+    except Exception as e:  # noqa: BLE001 - e.g. a model that rejects custom masks
+        return f"{type(e).__name__}: {e}", None
+    rows = [r for line in batch for r in line]
+    k = min(range(len(rows)), key=lambda i: len(rows[i].tokens))
+    fast, want = sums[k], _plain_lls(model, pairs[rows[k].index], pad_id)
+    atol, rtol = _tolerance(model.get_input_embeddings().weight.dtype)
+    if any(abs(a - b) > atol + rtol * abs(b) for a, b in zip(fast, want)):
+        return f"{fast} vs {want}", sums
+    return None, sums
+
+
 def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DEFAULT_BATCH_SIZE,
                max_tokens: int = DEFAULT_MAX_TOKENS, pack_tokens: int = DEFAULT_PACK_TOKENS,
                progress: bool = True, mode: str = "tree", check: bool = True,
@@ -302,7 +346,6 @@ def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DE
     docs = [d if isinstance(d, tuple) else (i, d) for i, d in enumerate(docs)]
     if not docs:
         return
-    set_threads(threads)
     enc = Encoder(tokenizer)
     reqs = [t.requests(doc) for _, doc in docs]
     texts = []
@@ -315,41 +358,30 @@ def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DE
     meta = [(t.gold(doc), t.choice_lengths(doc)) for _, doc in docs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tree = mode == "tree"
+    rows = [r for i in range(len(docs)) for r in ([build_row(i, pairs[i])] if tree else plain_rows(i, pairs[i]))]
+    batches = list(_batches(rows, tree, batch_size, max_tokens, pack_tokens))
 
-    def rows_for(i):
-        return [build_row(i, pairs[i])] if tree else plain_rows(i, pairs[i])
-
+    old_threads = torch.get_num_threads()
+    set_threads(threads)
     bar = tqdm(total=len(docs), desc=t.name, unit="doc", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, leave=False)
-    with torch.inference_mode():
-        first = True
-        all_rows = [r for i in range(len(docs)) for r in rows_for(i)]
+    try:
+        checked = None
+        masked = next((b for b in batches if not _is_causal(b)), None) if tree and check else None
+        if masked is not None:  # first, check one masked batch against plain scoring
+            problem, checked = _check_tree(model, masked, pairs, pad_id)
+            if problem:
+                print(f"mixq: warning: shared-prefix scoring disagrees with plain scoring on this model "
+                      f"({problem}); scoring every choice separately (slower)", file=sys.stderr)
+                bar.close()
+                yield from score_docs(model, tokenizer, t, docs, batch_size=batch_size, max_tokens=max_tokens,
+                                      progress=progress, mode="plain", threads=threads)
+                return
+            batches = [masked] + [b for b in batches if b is not masked]
+        results = (checked if checked and i == 0 else _run(model, b, tree, pad_id) for i, b in enumerate(batches))
         pending: dict[int, dict[int, float]] = {}
-        for batch in _batches(all_rows, tree, batch_size, max_tokens, pack_tokens):
-            rows = [r for line in batch for r in line]
-            if first and tree and check:  # check the batch's shortest document: cheap
-                first = False
-                problem = None
-                try:
-                    sums = _run(model, batch, tree, pad_id)
-                except Exception as e:  # noqa: BLE001 - e.g. a model that rejects custom masks
-                    problem = f"{type(e).__name__}: {e}"
-                else:
-                    k = min(range(len(rows)), key=lambda i: len(rows[i].tokens))
-                    fast, want = sums[k], _plain_lls(model, pairs[rows[k].index], pad_id)
-                    atol, rtol = _tolerance(model.get_input_embeddings().weight.dtype)
-                    if any(abs(a - b) > atol + rtol * abs(b) for a, b in zip(fast, want)):
-                        problem = f"{fast} vs {want}"
-                if problem:
-                    print(f"mixq: warning: shared-prefix scoring disagrees with plain scoring on this model "
-                          f"({problem}); scoring every choice separately (slower)", file=sys.stderr)
-                    yield from score_docs(model, tokenizer, t, docs, batch_size=batch_size, max_tokens=max_tokens,
-                                          progress=progress, mode="plain", threads=threads)
-                    bar.close()
-                    return
-            else:
-                sums = _run(model, batch, tree, pad_id)
-            for r, s in zip(rows, sums):
+        for batch, sums in zip(batches, results):
+            for r, s in zip((r for line in batch for r in line), sums):
                 got = pending.setdefault(r.index, {})
                 got.update(enumerate(s) if r.choice is None else [(r.choice, s[0])])
                 if len(got) < len(pairs[r.index]):
@@ -358,7 +390,9 @@ def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DE
                 lls = [got[j] for j in range(len(got))]
                 yield _record(t, docs[r.index][0], lls, *meta[r.index], [len(c) for _, c in pairs[r.index]])
                 bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
+        torch.set_num_threads(old_threads)
 
 
 def _record(t: Task, doc_id, lls, gold, lens, n_tokens) -> dict:

@@ -145,3 +145,31 @@ def test_packing_many_documents_per_line(tiny):
         assert packed[i] == pytest.approx(alone[i], abs=1e-4)
     lines = scoring._pack([build_row(i, [([1] * n, [2])]) for i, n in enumerate([5, 4, 3, 2, 2])], 8)
     assert [[len(r.tokens) for r in line] for line in lines] == [[5, 3], [4, 2, 2]]  # best fit, longest first
+
+
+ONE_TOKEN_ARC = {"id": "x", "question": "Which letter comes first?",
+                 "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+
+
+def test_branchless_documents_run_maskless_and_a_fallback_scores_each_document_once(tiny, monkeypatch, capsys):
+    """One-token answers make a branchless row (scored with plain causal attention, batched apart);
+    the self-check runs on the first masked batch, and its fallback scores every document once."""
+    model, tok = tiny
+    docs = list(enumerate([ONE_TOKEN_ARC, ARC_EASY_8, ONE_TOKEN_ARC]))
+    enc = Encoder(tok)
+    rows = [build_row(i, [enc.pair(c, k) for c, k in TASKS["arc_easy"].requests(d)]) for i, d in docs]
+    assert [r.causal for r in rows] == [True, False, True]
+    batches = list(scoring._batches(rows, True, 64, 4096, 512))
+    assert [scoring._is_causal(b) for b in batches] == [True, False]
+    want = {i: reference_lls(model, tok, "arc_easy", d) for i, d in docs}
+
+    def causal_only(pos, br, doc, dtype, windows):
+        n = pos.shape[1]
+        return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1).expand(pos.shape[0], 1, n, n).clone()
+
+    monkeypatch.setattr(scoring, "_masks", causal_only)
+    got = [r for r in score_docs(model, tok, "arc_easy", docs, progress=False)]
+    assert "scoring every choice separately" in capsys.readouterr().err
+    assert sorted(r["doc_id"] for r in got) == [0, 1, 2]
+    for r in got:
+        assert r["lls"] == pytest.approx(want[r["doc_id"]], abs=1e-4)
