@@ -15,9 +15,11 @@ The base runs once; what KL needs is cached on disk (`$MIXQ_CACHE/kld-base/`, ke
 identity, the windows' token ids and the form), so each quant then costs one forward pass:
 * "exact" (default): the hidden states entering the base's output head ([N, d], float32) plus the
   head itself (stored once per base), the log-sum-exp (float64), the true token's log-prob and the
-  argmax. The base's logits are recomputed from them with the same head call as the model's
-  forward, bit for bit (checked on the first window; `torch.equal`), so the KL is exact, at the
-  cost of one output-head matmul per window. 64 x 512 tokens of SmolLM2-135M: 75 MB (+113 MB head).
+  argmax. The head reproduces the model's forward logits bit for bit (checked once per model on a
+  32-token probe; `torch.equal`), so the KL is exact, at the cost of one more output-head matmul
+  per window. Both heads are walked together over slices of 2,048 vocabulary columns
+  (`walk_vocab`): no [N, V] block is ever held, so a 262k vocabulary (Gemma 3) costs its matmuls,
+  not gigabytes of fresh pages. 64 x 512 tokens of SmolLM2-135M: 75 MB (+113 MB head).
 * top-k (`--kld-topk K`, or the automatic fallback for a model whose logits are not its head's
   alone): the top-k logits and ids; KL over the top-k tokens plus one "tail" bucket holding the rest
       KL_k = sum_{i in top-k} p_i (log p_i - log q_i) + P_T (log P_T - log Q_T)
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +53,7 @@ DEFAULT_TOPK = 256
 DEFAULT_KLD = "exact"
 WIKITEXT_ENV = "MIXQ_WIKITEXT"
 _WIKITEXT_REL = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: lse, target and argmax from the vocabulary walk
 
 
 # ---------------------------------------------------------------- text windows
@@ -156,6 +159,91 @@ def _window_logits(model, ids):
 
 
 _ROWS = 64  # rows per float64 chunk
+_SLICE = 2048  # vocabulary columns per slice of the vocabulary walk (one 511-token window: 8 MB of float64)
+
+
+@dataclass
+class VocabWalk:
+    """Per row, what one walk over the vocabulary gives (float64 unless said)."""
+    lse: "torch.Tensor"           # noqa: F821  log-sum-exp of the logits
+    target: "torch.Tensor"        # noqa: F821  the true next token's logit
+    top1: "torch.Tensor"          # noqa: F821  int64 argmax (first of ties)
+    kl: "torch.Tensor | None"     # noqa: F821  KL(base || model), when a base was walked alongside
+
+
+def _head_inputs(model, ids):
+    """The output head's inputs [b*(ctx-1), d] at positions 0..ctx-2 of each window."""
+    inner = getattr(model, model.base_model_prefix)
+    return inner(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+
+
+def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=None, base_lse=None) -> VocabWalk:
+    """The output head over vocabulary slices, never holding a [rows, V] block: log-sum-exp (online),
+    the target's logit and the argmax; with a base (its head, head inputs and log-sum-exp) also
+        KL(base || model) = sum_v p_v (b_v - q_v) + (lse_q - lse_b) sum_v p_v,  p_v = exp(b_v - lse_b),
+    which is KL's definition with log p = b - lse_b, log q = q - lse_q, summed in float64. Memory and
+    time do not depend on the vocabulary held at once: a 262k vocabulary costs what its matmul costs.
+    The same slices and calls on the same inputs give bit-identical logits (a model against itself: 0).
+    """
+    import torch
+
+    n, vocab = h.shape[0], head["weight"].shape[0]
+    width = _SLICE  # fixed, whatever the rows: the base's logits are recomputed exactly as first computed
+    f64 = torch.float64
+    m = torch.full((n,), -math.inf, dtype=f64)
+    s = torch.zeros(n, dtype=f64)
+    best = torch.full((n,), -math.inf)
+    top1 = torch.zeros(n, dtype=torch.long)
+    target = torch.zeros(n, dtype=f64)
+    kl_sum = torch.zeros(n, dtype=f64)
+    p_sum = torch.zeros(n, dtype=f64)
+    rows = torch.arange(n)
+    for a in range(0, vocab, width):
+        b = min(vocab, a + width)
+        q = _head_logits(head, h, a, b).float()
+        i = q.argmax(-1)
+        v = q[rows, i]
+        better = v > best
+        best = torch.where(better, v, best)
+        top1 = torch.where(better, i + a, top1)
+        qd = q.double()
+        m_new = torch.maximum(m, v.double())
+        s = s * torch.exp(m - m_new) + torch.exp(qd - m_new[:, None]).sum(-1)
+        m = m_new
+        inside = (targets >= a) & (targets < b)
+        target[inside] = qd[inside, targets[inside] - a]
+        if base_head is not None:
+            bd = _head_logits(base_head, base_h, a, b).float().double()
+            p = torch.exp(bd - base_lse[:, None])
+            kl_sum += (p * (bd - qd)).sum(-1)
+            p_sum += p.sum(-1)
+    lse = m + torch.log(s)
+    kl = kl_sum + (lse - base_lse) * p_sum if base_head is not None else None
+    return VocabWalk(lse, target, top1, kl)
+
+
+_WALKABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _walkable(model, ids) -> dict | None:
+    """The model's output head when its logits are the head's alone (checked once per model, bit for bit
+    against its forward on the first 32 tokens of a window: cheap even for a large vocabulary); None otherwise."""
+    import torch
+
+    if model not in _WALKABLE:
+        head = _head_of(model)
+        ok = False
+        if head is not None:
+            try:
+                with torch.inference_mode():
+                    probe = ids[:1, :32]
+                    h = _head_inputs(model, probe)
+                    full, _ = _window_logits(model, probe)
+                    ok = torch.equal(_head_logits(head, h).float(), full)
+            except Exception:  # noqa: BLE001 - a model without the usual decoder layout: walk its full logits
+                ok = False
+        _WALKABLE[model] = head if ok else None
+    return _WALKABLE[model]
 
 
 def _batches(windows: Windows, batch_size: int, progress: bool, desc: str):
@@ -203,8 +291,13 @@ def token_nll(model, windows: Windows, *, batch_size: int = 1, progress: bool = 
     import torch
 
     out = []
+    head = _walkable(model, windows.ids)
     with torch.inference_mode():
         for ids in _batches(windows, batch_size, progress, "ppl"):
+            if head is not None:
+                w = walk_vocab(head, _head_inputs(model, ids), ids[:, 1:].reshape(-1))
+                out.append(w.lse - w.target)
+                continue
             logits, lse = _window_logits(model, ids)
             out.append(lse - logits.gather(-1, ids[:, 1:].reshape(-1, 1))[:, 0].double())
     return torch.cat(out).numpy()
@@ -253,12 +346,14 @@ class BaseDists:
         return _head_logits(self.head, h.view(n_windows, -1, h.shape[-1])).float().flatten(0, 1)
 
 
-def _head_logits(head: dict, h):
-    """The output head on hidden states, as the model's forward computes it (bit-exact)."""
+def _head_logits(head: dict, h, a: int = 0, b: int | None = None):
+    """The output head on hidden states, as the model's forward computes it (bit-exact); vocabulary
+    columns a..b only when given."""
     import torch
     import torch.nn.functional as F
 
-    x = F.linear(h, head["weight"], head.get("bias"))
+    bias = head.get("bias")
+    x = F.linear(h, head["weight"][a:b], None if bias is None else bias[a:b])
     c = head.get("softcap")
     if c:
         x = x / c
@@ -288,41 +383,32 @@ def base_dists(model, windows: Windows, *, k: int | str | None = DEFAULT_KLD, ba
     import torch
 
     exact = k == "exact"
-    head = _head_of(model) if exact else None
-    captured: list = []
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda m, i, o: captured.append(i[0])) if head is not None else None
-    exact = head is not None
-    if k == "exact" and not exact:
-        k = DEFAULT_TOPK
+    head = _walkable(model, windows.ids) if exact else None
+    if exact and head is None:
+        print("mixq: warning: this model's logits are not its output head's alone; "
+              f"caching the base's top-{DEFAULT_TOPK} logits instead (KL is then a lower bound)", file=sys.stderr)
+        exact, k = False, DEFAULT_TOPK
     logits_out, ids_out, hidden, lses, tgt, top1 = [], [], [], [], [], []
-    try:
-        with torch.inference_mode():
-            for w in _batches(windows, batch_size, progress, "kld base"):
-                captured.clear()
-                logits, lse = _window_logits(model, w)
-                lses.append(lse)
-                tgt.append(logits.gather(-1, w[:, 1:].reshape(-1, 1))[:, 0].double() - lse)
-                top1.append(logits.argmax(-1))
-                if exact and not hidden:  # first batch: the head must reproduce the logits exactly
-                    h = captured[-1] if captured else None
-                    if h is None or h.shape[:2] != (w.shape[0], w.shape[1] - 1) or \
-                            not torch.equal(_head_logits(head, h).float().flatten(0, 1), logits):
-                        print("mixq: warning: this model's logits are not its output head's alone; "
-                              f"caching the base's top-{DEFAULT_TOPK} logits instead (KL is then a lower bound)",
-                              file=sys.stderr)
-                        exact, k = False, DEFAULT_TOPK
-                if exact:
-                    hidden.append(captured[-1].flatten(0, 1).clone())
-                elif k is None or k >= logits.shape[-1]:
-                    logits_out.append(logits)
-                else:
-                    v, i = logits.topk(k, dim=-1, sorted=True)
-                    logits_out.append(v)
-                    ids_out.append(i.to(torch.int32))
-    finally:
-        if hook is not None:
-            hook.remove()
+    with torch.inference_mode():
+        for w in _batches(windows, batch_size, progress, "kld base"):
+            if exact:
+                h = _head_inputs(model, w)
+                walk = walk_vocab(head, h, w[:, 1:].reshape(-1))
+                hidden.append(h.clone())
+                lses.append(walk.lse)
+                tgt.append(walk.target - walk.lse)
+                top1.append(walk.top1)
+                continue
+            logits, lse = _window_logits(model, w)
+            lses.append(lse)
+            tgt.append(logits.gather(-1, w[:, 1:].reshape(-1, 1))[:, 0].double() - lse)
+            top1.append(logits.argmax(-1))
+            if k is None or k >= logits.shape[-1]:
+                logits_out.append(logits)
+            else:
+                v, i = logits.topk(k, dim=-1, sorted=True)
+                logits_out.append(v)
+                ids_out.append(i.to(torch.int32))
     return BaseDists(torch.cat(logits_out) if logits_out else None, torch.cat(ids_out) if ids_out else None,
                      torch.cat(lses), torch.cat(tgt), torch.cat(top1), windows.digest,
                      "exact" if exact else (k if ids_out else None),
@@ -441,8 +527,21 @@ def token_stats(model, windows: Windows, base: BaseDists, *, batch_size: int = 1
         raise MixqError("the cached base distributions belong to other text windows: recompute them for these")
     kls, agree, dp, nllq, tails = [], [], [], [], []
     row = 0
+    head = _walkable(model, windows.ids) if base.hidden is not None else None
     with torch.inference_mode():
         for w in _batches(windows, batch_size, progress, "kld"):
+            if head is not None:  # exact base: walk both heads over the vocabulary together
+                h = _head_inputs(model, w)
+                sl = slice(row, row + h.shape[0])
+                walk = walk_vocab(head, h, w[:, 1:].reshape(-1), base.head, base.hidden[sl], base.lse[sl])
+                tq = walk.target - walk.lse
+                kls.append(walk.kl)
+                tails.append(torch.zeros(h.shape[0], dtype=torch.float64))
+                agree.append(walk.top1 == base.top1[sl])
+                dp.append(tq.exp() - base.target_logp[sl].exp())
+                nllq.append(-tq)
+                row += h.shape[0]
+                continue
             logits, lse = _window_logits(model, w)
             sl = slice(row, row + logits.shape[0])
             kl, tail = _kld_rows(logits, lse, base.window_logits(sl, w.shape[0]), base.lse[sl],
