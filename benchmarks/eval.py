@@ -10,6 +10,9 @@ Prints wall time per task and overall (model loading excluded, reported apart), 
 and per-document agreement of correctness (acc and, where the harness reports it, acc_norm) with
 the largest log-likelihood difference. Not a test.
 
+With --kld RECIPE it also times the KL divergence of MODEL@RECIPE against MODEL over 64 windows
+of 512 WikiText-2 tokens: the base pass (run once, then cached) and the quant pass apart.
+
 Set up the harness once (never in mixq's .venv):
     python3 -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval
 Run:
@@ -128,6 +131,32 @@ def run_mixq(args, lm, task: str) -> dict:
             "docs": sorted(recs, key=lambda r: r["doc_id"])}
 
 
+def run_kld(args) -> str:
+    """Time KLD of MODEL@RECIPE vs MODEL: the base pass (forced: cache entry removed) and the quant pass."""
+    import resource
+
+    from mixq.engine import _tokenizer, model_fingerprint
+    from mixq.evaluate import evaluate
+    from mixq.perplexity import DEFAULT_KLD, base_cache_path, cached_base_dists, make_windows
+
+    win = make_windows(_tokenizer(args.model_path), ctx=512, max_windows=args.kld_windows)
+    path, _ = base_cache_path(model_fingerprint(args.model), win, DEFAULT_KLD)
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    cached_base_dists(args.model, win, progress=False)
+    base_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = evaluate(f"{args.model}@{args.kld}", ["kld"], args.out / "kld-run", base=args.model, windows=args.kld_windows,
+                 force=True, progress=False)
+    run_s = time.perf_counter() - t0
+    k = r["kld"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return (f"KLD {args.model}@{args.kld} vs {args.model}, {k['n_windows']} x {k['ctx']} tokens ({k['n_tokens']} scored): "
+            f"base pass {base_s:.1f}s (then cached), quant pass {k['seconds']:.1f}s ({run_s:.1f}s with loading); "
+            f"kld_mean {k['kld_mean']:.4f} +- {k['kld_mean_stderr']:.4f}, top-1 agreement {k['top1_agreement']:.3f}, "
+            f"ppl {k['ppl_quant']:.2f} vs {k['ppl_base']:.2f}; peak RSS of this process {peak:.2f} GB")
+
+
 # --- comparison -----------------------------------------------------------------------------------------
 
 def compare(mixq: dict, harness: dict, tasks) -> tuple[str, list[dict]]:
@@ -180,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lmeval-python", default="/tmp/lmeval-venv/bin/python")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--harness-batch-size", default="1")
+    ap.add_argument("--kld", metavar="RECIPE", help="also time KLD of MODEL@RECIPE vs MODEL (e.g. q6-hi)")
+    ap.add_argument("--kld-windows", type=int, default=64)
     ap.add_argument("--harness-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -195,6 +226,9 @@ def main(argv=None) -> int:
     args.model_path = resolve(args.model).path
     print(f"model {args.model} -> {args.model_path}; {args.limit} docs per task; {args.threads} threads",
           file=sys.stderr)
+    if not args.tasks:  # KLD timing only
+        print(run_kld(args) if args.kld else "nothing to do: pass --tasks and/or --kld")
+        return 0
     write_harness_tasks(args.out, args.tasks, args.limit, args.lmeval_python)
     # interleaved task by task, so that both see the same load on a shared machine
     lm, load_s = load_mixq(args)
@@ -210,6 +244,8 @@ def main(argv=None) -> int:
         if n < len(args.tasks):  # a partial report after every task
             (args.out / "report.txt").write_text(compare(mixq, harness, args.tasks[:n])[0] + "\n")
     table, dis = compare(mixq, harness, args.tasks)
+    if args.kld:
+        table += "\n" + run_kld(args)
     print(table)
     for d in dis:
         print("DISAGREE", json.dumps(d))
