@@ -11,7 +11,7 @@ and per-document agreement of correctness (acc and, where the harness reports it
 the largest log-likelihood difference. Not a test.
 
 With --kld RECIPE it also times the KL divergence of MODEL@RECIPE against MODEL over 64 windows
-of 512 WikiText-2 tokens: the base pass (run once, then cached) and the quant pass apart.
+of 512 WikiText-2 tokens (mixq eval's default context): the base pass (run once, then cached) and the quant pass apart.
 
 Set up the harness once (never in mixq's .venv):
     python3 -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval
@@ -137,9 +137,9 @@ def run_kld(args) -> str:
 
     from mixq.engine import _tokenizer, model_fingerprint
     from mixq.evaluate import evaluate
-    from mixq.perplexity import DEFAULT_KLD, base_cache_path, cached_base_dists, make_windows
+    from mixq.perplexity import DEFAULT_CTX, DEFAULT_KLD, base_cache_path, cached_base_dists, make_windows
 
-    win = make_windows(_tokenizer(args.model_path), ctx=512, max_windows=args.kld_windows)
+    win = make_windows(_tokenizer(args.model_path), ctx=DEFAULT_CTX, max_windows=args.kld_windows)
     path, _ = base_cache_path(model_fingerprint(args.model), win, DEFAULT_KLD)
     path.unlink(missing_ok=True)
     t0 = time.perf_counter()

@@ -188,26 +188,23 @@ def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=Non
     import torch
 
     n, vocab = h.shape[0], head["weight"].shape[0]
-    width = _SLICE  # fixed, whatever the rows: the base's logits are recomputed exactly as first computed
     f64 = torch.float64
-    m = torch.full((n,), -math.inf, dtype=f64)
+    m = torch.full((n,), -math.inf, dtype=f64)  # running max (its index: top1)
     s = torch.zeros(n, dtype=f64)
-    best = torch.full((n,), -math.inf)
     top1 = torch.zeros(n, dtype=torch.long)
     target = torch.zeros(n, dtype=f64)
     kl_sum = torch.zeros(n, dtype=f64)
     p_sum = torch.zeros(n, dtype=f64)
     rows = torch.arange(n)
-    for a in range(0, vocab, width):
-        b = min(vocab, a + width)
+    # fixed slices, whatever the rows: the base's logits are recomputed exactly as first computed
+    for a in range(0, vocab, _SLICE):
+        b = min(vocab, a + _SLICE)
         q = _head_logits(head, h, a, b).float()
         i = q.argmax(-1)
-        v = q[rows, i]
-        better = v > best
-        best = torch.where(better, v, best)
-        top1 = torch.where(better, i + a, top1)
+        v = q[rows, i].double()
+        top1 = torch.where(v > m, i + a, top1)
         qd = q.double()
-        m_new = torch.maximum(m, v.double())
+        m_new = torch.maximum(m, v)
         s = s * torch.exp(m - m_new) + torch.exp(qd - m_new[:, None]).sum(-1)
         m = m_new
         inside = (targets >= a) & (targets < b)
@@ -222,6 +219,11 @@ def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=Non
     return VocabWalk(lse, target, top1, kl)
 
 
+def _logits_walk(logits, lse, targets) -> VocabWalk:
+    """What `walk_vocab` gives, from a whole [rows, V] block of logits (a model whose head cannot be walked)."""
+    return VocabWalk(lse, logits.gather(-1, targets[:, None])[:, 0].double(), logits.argmax(-1), None)
+
+
 _WALKABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -230,8 +232,8 @@ def _walkable(model, ids) -> dict | None:
     against its forward on the first 32 tokens of a window: cheap even for a large vocabulary); None otherwise."""
     import torch
 
+    head = _head_of(model)
     if model not in _WALKABLE:
-        head = _head_of(model)
         ok = False
         if head is not None:
             try:
@@ -242,8 +244,8 @@ def _walkable(model, ids) -> dict | None:
                     ok = torch.equal(_head_logits(head, h).float(), full)
             except Exception:  # noqa: BLE001 - a model without the usual decoder layout: walk its full logits
                 ok = False
-        _WALKABLE[model] = head if ok else None
-    return _WALKABLE[model]
+        _WALKABLE[model] = ok
+    return head if _WALKABLE[model] else None
 
 
 def _batches(windows: Windows, batch_size: int, progress: bool, desc: str):
@@ -294,12 +296,10 @@ def token_nll(model, windows: Windows, *, batch_size: int = 1, progress: bool = 
     head = _walkable(model, windows.ids)
     with torch.inference_mode():
         for ids in _batches(windows, batch_size, progress, "ppl"):
-            if head is not None:
-                w = walk_vocab(head, _head_inputs(model, ids), ids[:, 1:].reshape(-1))
-                out.append(w.lse - w.target)
-                continue
-            logits, lse = _window_logits(model, ids)
-            out.append(lse - logits.gather(-1, ids[:, 1:].reshape(-1, 1))[:, 0].double())
+            targets = ids[:, 1:].reshape(-1)
+            w = (walk_vocab(head, _head_inputs(model, ids), targets) if head is not None
+                 else _logits_walk(*_window_logits(model, ids), targets))
+            out.append(w.lse - w.target)
     return torch.cat(out).numpy()
 
 
@@ -391,24 +391,23 @@ def base_dists(model, windows: Windows, *, k: int | str | None = DEFAULT_KLD, ba
     logits_out, ids_out, hidden, lses, tgt, top1 = [], [], [], [], [], []
     with torch.inference_mode():
         for w in _batches(windows, batch_size, progress, "kld base"):
+            targets = w[:, 1:].reshape(-1)
             if exact:
                 h = _head_inputs(model, w)
-                walk = walk_vocab(head, h, w[:, 1:].reshape(-1))
+                walk = walk_vocab(head, h, targets)
                 hidden.append(h.clone())
-                lses.append(walk.lse)
-                tgt.append(walk.target - walk.lse)
-                top1.append(walk.top1)
-                continue
-            logits, lse = _window_logits(model, w)
-            lses.append(lse)
-            tgt.append(logits.gather(-1, w[:, 1:].reshape(-1, 1))[:, 0].double() - lse)
-            top1.append(logits.argmax(-1))
-            if k is None or k >= logits.shape[-1]:
-                logits_out.append(logits)
             else:
-                v, i = logits.topk(k, dim=-1, sorted=True)
-                logits_out.append(v)
-                ids_out.append(i.to(torch.int32))
+                logits, lse = _window_logits(model, w)
+                walk = _logits_walk(logits, lse, targets)
+                if k is None or k >= logits.shape[-1]:
+                    logits_out.append(logits)
+                else:
+                    v, i = logits.topk(k, dim=-1, sorted=True)
+                    logits_out.append(v)
+                    ids_out.append(i.to(torch.int32))
+            lses.append(walk.lse)
+            tgt.append(walk.target - walk.lse)
+            top1.append(walk.top1)
     return BaseDists(torch.cat(logits_out) if logits_out else None, torch.cat(ids_out) if ids_out else None,
                      torch.cat(lses), torch.cat(tgt), torch.cat(top1), windows.digest,
                      "exact" if exact else (k if ids_out else None),
@@ -530,29 +529,23 @@ def token_stats(model, windows: Windows, base: BaseDists, *, batch_size: int = 1
     head = _walkable(model, windows.ids) if base.hidden is not None else None
     with torch.inference_mode():
         for w in _batches(windows, batch_size, progress, "kld"):
+            targets = w[:, 1:].reshape(-1)
+            sl = slice(row, row + targets.numel())
             if head is not None:  # exact base: walk both heads over the vocabulary together
-                h = _head_inputs(model, w)
-                sl = slice(row, row + h.shape[0])
-                walk = walk_vocab(head, h, w[:, 1:].reshape(-1), base.head, base.hidden[sl], base.lse[sl])
-                tq = walk.target - walk.lse
-                kls.append(walk.kl)
-                tails.append(torch.zeros(h.shape[0], dtype=torch.float64))
-                agree.append(walk.top1 == base.top1[sl])
-                dp.append(tq.exp() - base.target_logp[sl].exp())
-                nllq.append(-tq)
-                row += h.shape[0]
-                continue
-            logits, lse = _window_logits(model, w)
-            sl = slice(row, row + logits.shape[0])
-            kl, tail = _kld_rows(logits, lse, base.window_logits(sl, w.shape[0]), base.lse[sl],
-                                 None if base.ids is None else base.ids[sl])
-            tq = logits.gather(-1, w[:, 1:].reshape(-1, 1))[:, 0].double() - lse
+                walk = walk_vocab(head, _head_inputs(model, w), targets, base.head, base.hidden[sl], base.lse[sl])
+                kl, tail = walk.kl, torch.zeros(targets.numel(), dtype=torch.float64)
+            else:
+                logits, lse = _window_logits(model, w)
+                walk = _logits_walk(logits, lse, targets)
+                kl, tail = _kld_rows(logits, lse, base.window_logits(sl, w.shape[0]), base.lse[sl],
+                                     None if base.ids is None else base.ids[sl])
+            tq = walk.target - walk.lse
             kls.append(kl)
             tails.append(tail)
-            agree.append(logits.argmax(-1) == base.top1[sl])
+            agree.append(walk.top1 == base.top1[sl])
             dp.append(tq.exp() - base.target_logp[sl].exp())
             nllq.append(-tq)
-            row += logits.shape[0]
+            row += targets.numel()
     return TokenStats(torch.cat(kls).numpy(), torch.cat(agree).numpy(), torch.cat(dp).numpy(),
                       torch.cat(nllq).numpy(), -base.target_logp.numpy(), torch.cat(tails).numpy())
 

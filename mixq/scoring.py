@@ -378,9 +378,9 @@ def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DE
                                       progress=progress, mode="plain", threads=threads)
                 return
             batches = [masked] + [b for b in batches if b is not masked]
-        results = (checked if checked and i == 0 else _run(model, b, tree, pad_id) for i, b in enumerate(batches))
         pending: dict[int, dict[int, float]] = {}
-        for batch, sums in zip(batches, results):
+        for i, batch in enumerate(batches):
+            sums = checked if checked and i == 0 else _run(model, batch, tree, pad_id)
             for r, s in zip((r for line in batch for r in line), sums):
                 got = pending.setdefault(r.index, {})
                 got.update(enumerate(s) if r.choice is None else [(r.choice, s[0])])

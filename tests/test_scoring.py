@@ -77,15 +77,17 @@ def test_batching_does_not_change_results(tiny):
         assert one[i] == pytest.approx(many[i], abs=1e-4)
 
 
+def causal_only(pos, br, doc, dtype, windows):
+    """What a model that ignores custom masks would compute: plain causal attention over the whole line."""
+    n = pos.shape[1]
+    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return m.expand(pos.shape[0], 1, n, n).clone()
+
+
 def test_a_model_ignoring_the_tree_mask_falls_back_to_plain(tiny, monkeypatch, capsys):
     model, tok = tiny
     docs = list(enumerate(DOCS["arc_easy"]))
     want = {i: reference_lls(model, tok, "arc_easy", d) for i, d in docs}
-
-    def causal_only(pos, br, doc, dtype, windows):  # what a model that ignores custom masks would compute
-        n = pos.shape[1]
-        m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
-        return m.expand(pos.shape[0], 1, n, n).clone()
 
     monkeypatch.setattr(scoring, "_masks", causal_only)
     got = {r["doc_id"]: r["lls"] for r in score_docs(model, tok, "arc_easy", docs, progress=False)}
@@ -162,10 +164,6 @@ def test_branchless_documents_run_maskless_and_a_fallback_scores_each_document_o
     batches = list(scoring._batches(rows, True, 64, 4096, 512))
     assert [scoring._is_causal(b) for b in batches] == [True, False]
     want = {i: reference_lls(model, tok, "arc_easy", d) for i, d in docs}
-
-    def causal_only(pos, br, doc, dtype, windows):
-        n = pos.shape[1]
-        return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1).expand(pos.shape[0], 1, n, n).clone()
 
     monkeypatch.setattr(scoring, "_masks", causal_only)
     got = [r for r in score_docs(model, tok, "arc_easy", docs, progress=False)]
