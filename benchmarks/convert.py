@@ -35,7 +35,7 @@ PY = sys.executable
 TIME = shutil.which("time") or "/usr/bin/time"  # GNU time
 MLX_ARGS = {"q6-hi": ["--q-bits", "6", "--q-group-size", "32"],
             "mixed_3_6": ["--quant-predicate", "mixed_3_6", "--q-group-size", "64"]}
-MIXQ = ("import sys; from mixq.convert import convert; "
+MIXQ = ("import sys; from mixq.quant.convert import convert; "
         "convert(sys.argv[1], sys.argv[2], recipe=sys.argv[3], dtype='bfloat16', progress=False)")
 
 
@@ -101,9 +101,9 @@ def make_synthetic(path: Path, layers: int = 16, hidden: int = 2048, inter: int 
                    shards: int = 3, seed: int = 0) -> Path:
     """A random bf16 llama checkpoint (sharded safetensors + index, config, tiny tokenizer), streamed to disk."""
     import torch
-
-    from mixq.checkpoint import SafetensorsWriter
     from tiny_models import write_tokenizer
+
+    from mixq.io.safetensors import SafetensorsWriter
 
     path.mkdir(parents=True, exist_ok=True)
     heads, kv, hd = hidden // 64, max(1, hidden // 256), 64
@@ -189,7 +189,7 @@ def main(argv=None):
     rows = []
     try:
         if not args.skip_real:
-            from mixq.sources import resolve
+            from mixq.sources.resolve import resolve
 
             src = resolve(args.real).path
             rows += bench_case(args.real, src, work, recipes)

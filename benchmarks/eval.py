@@ -41,8 +41,8 @@ PREFIX = "mixqbench_"
 # --- harness side (runs inside the lm-eval virtual environment) ---------------------------------------
 
 def harness_worker(args) -> None:
-    import torch
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -73,7 +73,7 @@ def harness_worker(args) -> None:
 def write_harness_tasks(out: Path, tasks, limit: int, lmeval_python: str) -> None:
     """Export the documents mixq reads as JSONL and a task yaml per task including the harness's own."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from mixq.data import load_docs
+    from mixq.eval.data import load_docs
 
     tasks_dir = Path(subprocess.check_output(
         [lmeval_python, "-c", "import lm_eval.tasks, os; print(os.path.dirname(lm_eval.tasks.__file__))"],
@@ -110,7 +110,8 @@ def run_harness(args, task: str) -> dict:
 
 def load_mixq(args):
     import torch
-    from mixq.engine import load_model
+
+    from mixq.eval.engine import load_model
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -119,8 +120,8 @@ def load_mixq(args):
 
 
 def run_mixq(args, lm, task: str) -> dict:
-    from mixq.data import load_docs
-    from mixq.scoring import score_docs, task_metrics
+    from mixq.eval.data import load_docs
+    from mixq.eval.scoring import score_docs, task_metrics
 
     docs, meta = load_docs(task, limit=args.limit, progress=False)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -135,9 +136,9 @@ def run_kld(args) -> str:
     """Time KLD of MODEL@RECIPE vs MODEL: the base pass (forced: cache entry removed) and the quant pass."""
     import resource
 
-    from mixq.engine import _tokenizer, model_fingerprint
-    from mixq.evaluate import evaluate
-    from mixq.perplexity import DEFAULT_CTX, DEFAULT_KLD, base_cache_path, cached_base_dists, make_windows
+    from mixq.eval.engine import _tokenizer, model_fingerprint
+    from mixq.eval.evaluate import evaluate
+    from mixq.eval.perplexity import DEFAULT_CTX, DEFAULT_KLD, base_cache_path, cached_base_dists, make_windows
 
     win = make_windows(_tokenizer(args.model_path), ctx=DEFAULT_CTX, max_windows=args.kld_windows)
     path, _ = base_cache_path(model_fingerprint(args.model), win, DEFAULT_KLD)
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from mixq.sources import resolve
+    from mixq.sources.resolve import resolve
 
     args.model_path = resolve(args.model).path
     print(f"model {args.model} -> {args.model_path}; {args.limit} docs per task; {args.threads} threads",

@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mixq.generate import MlxSession, TorchSession, load, param_bytes, peak_rss_gb  # noqa: E402
-from mixq.sources import cache_dir  # noqa: E402
+from mixq.infer.generate import MlxSession, TorchSession, load, param_bytes, peak_rss_gb
+from mixq.io.files import cache_dir
 
 WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def prompt_tokens(tokenizer, n: int) -> list[int]:
-    from mixq.generate import hf_tokenizer
+    from mixq.infer.generate import hf_tokenizer
 
     text = WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else ("The quick brown fox jumps over the lazy dog. " * 400)
     ids = hf_tokenizer(tokenizer).encode(text, add_special_tokens=False)
@@ -73,7 +73,7 @@ def mlx_bytes(model) -> int:
 
 
 def converted(model: str, variant: str, folder: Path) -> Path:
-    from mixq.convert import convert
+    from mixq.quant.convert import convert
 
     out = folder / f"{model}-{variant}"
     if not (out / "config.json").is_file():
@@ -105,7 +105,7 @@ def main() -> None:
 
     import torch
 
-    from mixq.generate import native_mlx
+    from mixq.infer.generate import native_mlx
 
     variants = args.variants.split(",")
     backends = args.backends.split(",")

@@ -41,7 +41,7 @@ def apply_plan(model, plan, originals, store_dtype):
     """Set every planned tensor of `model` to its quantize->dequantize round trip (others: original)."""
     import torch
 
-    from mixq.quantize import dequantize, quantize
+    from mixq.quant.quantize import dequantize, quantize
 
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -63,7 +63,7 @@ def apply_plan(model, plan, originals, store_dtype):
 def additive_prediction(plan, meas) -> float | None:
     """Sum of measured damages for the plan's per-tensor specs (as `mixq plan` sees them: smoothed for a
     Fisher measurement); None if a spec was not measured."""
-    from mixq.measure import smoothed_damages
+    from mixq.tune.measure import smoothed_damages
 
     dmg = smoothed_damages(meas) if meas.get("method") == "fisher" else {n: r["damage"] for n, r in meas["tensors"].items()}
     total = 0.0
@@ -95,12 +95,13 @@ def main():
     import torch
 
     torch.set_num_threads(2)
-    from mixq.convert import prepare
-    from mixq.engine import load_model
-    from mixq.measure import load_measurement
-    from mixq.perplexity import base_dists, make_windows, token_stats
-    from mixq.plan import allocate
-    from mixq.recipe import load_recipe, parse_recipe, plan_model
+    from mixq.eval.engine import load_model
+    from mixq.eval.perplexity import base_dists, make_windows, token_stats
+    from mixq.quant.plan import plan_model
+    from mixq.quant.prepare import prepare
+    from mixq.quant.recipe import load_recipe, parse_recipe
+    from mixq.tune.allocate import allocate
+    from mixq.tune.measure import load_measurement
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,7 @@ def validate(model, tokenizer, meas, n, out):
     import torch
     from scipy.stats import spearmanr
 
-    from mixq.measure import Measurer, calib_windows
+    from mixq.tune.measure import Measurer, calib_windows
 
     cache = out / "validate.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
@@ -247,7 +248,7 @@ def validate(model, tokenizer, meas, n, out):
         done[name] = {"direct": d, "estimate": meas["tensors"][name]["damage"]["4:64"], "seconds": time.time() - t0}
         cache.write_text(json.dumps(done, indent=1))
         print(f"validate {name}: direct {d:.4g}  estimate {done[name]['estimate']:.4g}", flush=True)
-    from mixq.measure import smoothed_damages
+    from mixq.tune.measure import smoothed_damages
 
     sm = smoothed_damages(meas) if meas.get("method") == "fisher" else None
     a = [done[k]["direct"] for k in pick]

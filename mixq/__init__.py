@@ -2,14 +2,25 @@
 
 Python API (mirrors the CLI; shaped like mlx-lm's):
     from mixq import load, generate, convert, evaluate
-These modules import only the standard library at the top, so `import mixq` stays light.
+The functions are imported on first use, so `import mixq` (and `mixq --help`) stays light.
 """
 
-__version__ = "0.1.0"
+from mixq.version import __version__
 
-# Bound after the submodule imports, so `mixq.generate` is the function (as in mlx-lm).
-from .convert import convert  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .generate import generate, load, stream_generate  # noqa: E402
+_API = {
+    "convert": "mixq.quant.convert",
+    "evaluate": "mixq.eval.evaluate",
+    "generate": "mixq.infer.generate",
+    "load": "mixq.infer.generate",
+    "stream_generate": "mixq.infer.generate",
+}
 
-__all__ = ["convert", "evaluate", "generate", "load", "stream_generate", "__version__"]
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mixq' has no attribute {name!r}")

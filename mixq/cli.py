@@ -10,23 +10,23 @@ import argparse
 import importlib
 import sys
 
-from .errors import MixqError
+from mixq.errors import MixqError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("mixq.embedded", "list the embedded default models (size, source, licence, cached?)"),
-    "import": ("mixq.gguf_import", "import a GGUF file or embedded model into a Hugging Face folder"),
-    "recipes": ("mixq.recipe", "list the built-in recipes"),
-    "plan-show": ("mixq.plan_show", "print the per-tensor table a recipe gives for a source"),
-    "convert": ("mixq.convert", "convert a checkpoint to an MLX model folder under a recipe"),
-    "eval": ("mixq.evaluate", "evaluate a model: the seven tasks, perplexity, KL divergence"),
-    "compare": ("mixq.compare", "compare eval runs with paired significance tests"),
-    "card": ("mixq.card", "write the model card README.md of a converted folder"),
+    "models": ("mixq.sources.embedded", "list the embedded default models (size, source, licence, cached?)"),
+    "import": ("mixq.sources.importer", "import a GGUF file or embedded model into a Hugging Face folder"),
+    "recipes": ("mixq.quant.recipe", "list the built-in recipes"),
+    "plan-show": ("mixq.quant.plan_show", "print the per-tensor table a recipe gives for a source"),
+    "convert": ("mixq.quant.convert", "convert a checkpoint to an MLX model folder under a recipe"),
+    "eval": ("mixq.eval.evaluate", "evaluate a model: the seven tasks, perplexity, KL divergence"),
+    "measure": ("mixq.tune.measure", "measure each tensor's quantization sensitivity"),
+    "plan": ("mixq.tune.allocate", "allocate bits per tensor to hit a target size"),
+    "compare": ("mixq.report.compare", "compare eval runs with paired significance tests"),
+    "card": ("mixq.report.card", "write the model card README.md of a converted folder"),
+    "generate": ("mixq.infer.generate", "generate text from a model"),
+    "chat": ("mixq.infer.chat", "chat with a model in the terminal"),
     "demo": ("mixq.demo", "convert, evaluate and compare the standard variants of a model"),
-    "measure": ("mixq.measure", "measure each tensor's quantization sensitivity"),
-    "plan": ("mixq.plan", "allocate bits per tensor to hit a target size"),
-    "generate": ("mixq.generate", "generate text from a model"),
-    "chat": ("mixq.chat", "chat with a model in the terminal"),
 }
 
 
@@ -34,14 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixq", description="Mixed-precision MLX quantization toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # command not built yet
-        if not hasattr(module, "add_arguments"):
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_run=module.cli)

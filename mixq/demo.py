@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MixqError
+from mixq.errors import MixqError
+from mixq.eval.evaluate import evaluate
+from mixq.quant.convert import convert
+from mixq.report.card import write_card
+from mixq.report.compare import compare, print_rich, write_report
+from mixq.sources.resolve import resolve
 
 SEVEN_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 DEFAULT_VARIANTS = ("bf16", "q8-hi", "q6-hi", "qx86-hi", "qx64-hi")
@@ -48,7 +53,6 @@ def _same_recipe(folder: Path, recipe: str) -> bool:
 
 def build_variant(source_path: Path, out: Path, recipe: str, dtype: str) -> Path:
     """Convert once; a folder already converted with the same recipe is reused."""
-    from .convert import convert
 
     if out.exists() and _same_recipe(out, recipe):
         print(f"[demo] {out.name}: already converted, reusing")
@@ -57,10 +61,6 @@ def build_variant(source_path: Path, out: Path, recipe: str, dtype: str) -> Path
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from .compare import compare, print_rich, write_report
-    from .card import write_card
-    from .evaluate import evaluate
-    from .sources import resolve
 
     t0 = time.time()
     source = resolve(cfg.model)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from tiny_models import ARCHS, make_tiny_hf
 
-from mixq import arch
-from mixq.checkpoint import Checkpoint, SafetensorsWriter, read_header
 from mixq.errors import MixqError
+from mixq.io.safetensors import SafetensorsWriter, read_header
+from mixq.quant import arch
+from mixq.quant.checkpoint import Checkpoint
 
 torch.set_num_threads(2)
 

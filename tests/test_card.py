@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from fake_runs import kld_stats, write_run
 from safetensors.numpy import save_file
 
-from mixq import card
 from mixq.errors import MixqError
-from fake_runs import kld_stats, write_run
+from mixq.report import card
 
 H, I, V, L, GS = 64, 128, 256, 8, 32
 

@@ -4,11 +4,11 @@ import argparse
 import json
 
 import pytest
-
-from mixq import compare as cmp
-from mixq import stats
-from mixq.errors import MixqError
 from fake_runs import kld_stats, write_run
+
+from mixq.errors import MixqError
+from mixq.report import compare as cmp
+from mixq.report import stats
 
 N = 100
 

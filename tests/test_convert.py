@@ -9,15 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from tiny_models import ARCHS, make_tiny_hf
 
-from mixq import arch
-from mixq.artifact import is_mlx_folder, read_artifact
-from mixq.checkpoint import Checkpoint
-from mixq.convert import convert, prepare
 from mixq.errors import MixqError
-from mixq.quantize import dequantize
+from mixq.quant import arch
+from mixq.quant.artifact import is_mlx_folder, read_artifact
+from mixq.quant.checkpoint import Checkpoint
+from mixq.quant.convert import convert
+from mixq.quant.prepare import prepare
+from mixq.quant.quantize import dequantize
 
 torch.set_num_threads(2)
 mx = pytest.importorskip("mlx.core")
@@ -133,7 +133,7 @@ def test_tensors_equal_mx_quantize(tiny, tmp_path, arch_name, monkeypatch):
     (quantized here in chunks of a few rows, as convert does with big tensors)."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("mixq.convert"), "QUANT_CHUNK", 200)
+    monkeypatch.setattr(importlib.import_module("mixq.quant.convert"), "QUANT_CHUNK", 200)
     src = tiny(arch_name)
     out = convert(src, tmp_path / "out", recipe="mixed_3_6", progress=False)
     stored = mx.load(str(out / "model.safetensors"))
@@ -227,11 +227,11 @@ def test_refuses_existing_then_force(tiny, tmp_path):
 
 
 def test_error_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
-    import mixq.quantize
+    import mixq.quant.convert
 
     src = tiny("llama")
     calls = {"n": 0}
-    real = mixq.quantize.quantize
+    real = mixq.quant.convert.quantize
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -239,7 +239,7 @@ def test_error_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(mixq.quantize, "quantize", failing)
+    monkeypatch.setattr(mixq.quant.convert, "quantize", failing)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "out", recipe="q4", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -248,19 +248,19 @@ def test_error_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_disk_full_is_one_line_error(tiny, tmp_path, monkeypatch):
     import errno
 
-    import mixq.checkpoint
+    import mixq.io.safetensors
 
     src = tiny("llama")
-    real = mixq.checkpoint.SafetensorsWriter.write
+    real = mixq.io.safetensors.SafetensorsWriter.write
 
     def full(self, name, t):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mixq.checkpoint.SafetensorsWriter, "write", full)
+    monkeypatch.setattr(mixq.io.safetensors.SafetensorsWriter, "write", full)
     with pytest.raises(MixqError, match="disk full"):
         convert(src, tmp_path / "out", recipe="q4", progress=False)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(mixq.checkpoint.SafetensorsWriter, "write", real)
+    monkeypatch.setattr(mixq.io.safetensors.SafetensorsWriter, "write", real)
 
 
 def test_unknown_architecture(tiny, tmp_path):
@@ -331,9 +331,9 @@ def test_dry_run_and_plan_show(tiny, tmp_path, capsys):
     import argparse
     import importlib
 
-    from mixq import plan_show
+    from mixq.quant import plan_show
 
-    convert_mod = importlib.import_module("mixq.convert")
+    convert_mod = importlib.import_module("mixq.quant.convert")
 
     src = tiny("qwen3_moe")
     p = argparse.ArgumentParser()
@@ -364,7 +364,7 @@ def test_real_model_qx86(tmp_path, name):
     weights, and greedy generation says Paris."""
     from mlx_lm import generate, load
 
-    from mixq.sources import resolve
+    from mixq.sources.resolve import resolve
 
     src = resolve(name).path
     out = convert(name, tmp_path / "out", recipe="qx86-hi", dtype="bfloat16", progress=False)

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from tiny_models import _TEXT, make_tiny_hf
 
 import mixq.demo as demo
-from tiny_models import _TEXT, make_tiny_hf
 
 ARC = [{"question": q, "choices": {"text": c, "label": ["A", "B", "C"][:len(c)]}, "answerKey": k}
        for q, c, k in [("Which is the capital of France?", ["Berlin", "Paris", "Rome"], "B"),
@@ -56,6 +56,6 @@ def test_demo_builds_evaluates_and_reports(tiny, tmp_path, monkeypatch):
         raise AssertionError("re-run should reuse finished work")
 
     # (mixq.convert is the API function; patch the modules themselves)
-    monkeypatch.setattr(importlib.import_module("mixq.convert"), "convert", refuse)
-    monkeypatch.setattr(importlib.import_module("mixq.scoring"), "score_docs", refuse)
+    monkeypatch.setattr(importlib.import_module("mixq.demo"), "convert", refuse)
+    monkeypatch.setattr(importlib.import_module("mixq.eval.evaluate"), "score_docs", refuse)
     assert demo.run_demo(_config(tiny, out)) == report

@@ -9,13 +9,13 @@ import threading
 import zipfile
 
 import pytest
-
 from tiny_gguf import write_tiny_gguf
 
-from mixq import embedded
-from mixq.embedded import Embedded, Source, Wheel
 from mixq.errors import MixqError
-from mixq.sources import cache_dir, resolve
+from mixq.io.files import cache_dir
+from mixq.sources import embedded
+from mixq.sources.embedded import Embedded, Source, Wheel
+from mixq.sources.resolve import resolve
 
 
 def _sha(p):

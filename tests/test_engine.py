@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
-from mixq.engine import load_model, mlx_quant_specs, read_mlx_dequantized
-from mixq.errors import MixqError
 from tiny_models import make_tiny_hf
+
+from mixq.errors import MixqError
+from mixq.eval.engine import load_model, mlx_quant_specs, read_mlx_dequantized
 
 torch.set_num_threads(2)
 
@@ -42,7 +42,7 @@ def test_hf_folder_equals_transformers(tiny_llama):
 @pytest.mark.parametrize("arch,recipe", [("llama", "qx86-hi"), ("qwen3_moe", "q4-hi"), ("gemma3_text", "mixed_3_6"),
                                          ("gpt_oss", "q6-hi")])
 def test_recipe_on_the_fly_equals_converted_folder(tmp_path, arch, recipe):
-    from mixq.convert import convert
+    from mixq.quant.convert import convert
 
     src = make_tiny_hf(arch, tmp_path / arch, **({"num_hidden_layers": 5} if arch == "llama" else {}))
     out = convert(str(src), tmp_path / f"{arch}-{recipe}", recipe=recipe, progress=False)

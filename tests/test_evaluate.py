@@ -2,13 +2,13 @@
 
 import json
 
+import mixq.eval.evaluate
 import pytest
 import torch
-
-import mixq.scoring
-from mixq.errors import MixqError
-from mixq.evaluate import evaluate, parse_tasks, read_samples
 from tiny_models import _TEXT, make_tiny_hf
+
+from mixq.errors import MixqError
+from mixq.eval.evaluate import evaluate, parse_tasks, read_samples
 
 torch.set_num_threads(2)
 
@@ -66,8 +66,8 @@ def test_parse_tasks():
 
 
 def test_run_folder_schema_and_self_kld(tmp_path, setup):
-    from mixq.engine import load_model
-    from mixq.perplexity import make_windows, perplexity
+    from mixq.eval.engine import load_model
+    from mixq.eval.perplexity import make_windows, perplexity
 
     model = setup[0]
     out = tmp_path / "run"
@@ -115,7 +115,7 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
     model = setup[0]
     full = _run(model, tmp_path / "full", setup)
 
-    real = mixq.scoring.score_docs
+    real = mixq.eval.evaluate.score_docs
     scored = []
 
     def interrupted(model, tok, task, docs, **kw):
@@ -125,7 +125,7 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
             scored.append((task, rec["doc_id"]))
             yield rec
 
-    monkeypatch.setattr(mixq.scoring, "score_docs", interrupted)
+    monkeypatch.setattr(mixq.eval.evaluate, "score_docs", interrupted)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _run(model, out, setup)
@@ -141,7 +141,7 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
         again.extend((task, i) for i, _ in docs)
         yield from real(model, tok, task, docs, **kw)
 
-    monkeypatch.setattr(mixq.scoring, "score_docs", counting)
+    monkeypatch.setattr(mixq.eval.evaluate, "score_docs", counting)
     r = _run(model, out, setup, resume=True)
     assert len(again) == N_DOCS - len(ARC) - 2 and not set(again) & set(scored)
     assert r["complete"]
@@ -160,7 +160,7 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
 
 
 def test_recipe_on_the_fly_equals_converted_folder(tmp_path, setup):
-    from mixq.convert import convert
+    from mixq.quant.convert import convert
 
     model = setup[0]
     folder = convert(str(model), tmp_path / "qx86", recipe="qx86-hi", progress=False)
@@ -180,17 +180,20 @@ def test_recipe_on_the_fly_equals_converted_folder(tmp_path, setup):
 
 
 def test_base_distributions_are_cached(tmp_path, setup, monkeypatch):
-    import mixq.engine
+    import mixq.eval.engine
+    import mixq.eval.evaluate
+    import mixq.eval.perplexity
 
     model = setup[0]
     loads = []
-    real = mixq.engine.load_model
+    real = mixq.eval.engine.load_model
 
     def counting(ref, **kw):
         loads.append(ref)
         return real(ref, **kw)
 
-    monkeypatch.setattr(mixq.engine, "load_model", counting)
+    monkeypatch.setattr(mixq.eval.evaluate, "load_model", counting)
+    monkeypatch.setattr(mixq.eval.perplexity, "load_model", counting)
     a = _run(f"{model}@q4", tmp_path / "a", setup, tasks="kld", base=str(model))
     assert loads == [str(model), f"{model}@q4"]
     b = _run(f"{model}@q4", tmp_path / "b", setup, tasks="kld", base=str(model))
@@ -201,7 +204,7 @@ def test_base_distributions_are_cached(tmp_path, setup, monkeypatch):
 def test_cli_prints_table(tmp_path, setup, capsys):
     import argparse
 
-    from mixq.evaluate import add_arguments, cli
+    from mixq.eval.evaluate import add_arguments, cli
 
     model, data, text = setup
     parser = argparse.ArgumentParser()

@@ -10,11 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixq.chat import Chat
 from mixq.cli import main
 from mixq.errors import MixqError
-from mixq.generate import (StreamDetokenizer, TorchSession, apply_chat_template, backend_of, dequantized_note,
-                           generate, load, pick_backend, prompt_ids, stream_generate)
+from mixq.infer.chat import Chat
+from mixq.infer.generate import (
+    StreamDetokenizer,
+    TorchSession,
+    apply_chat_template,
+    backend_of,
+    dequantized_note,
+    generate,
+    load,
+    pick_backend,
+    prompt_ids,
+    stream_generate,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_hf  # noqa: E402
@@ -267,7 +277,7 @@ def test_torch_backend_dequantizes_mlx_folder(mlx_folder, capsys):
 
 
 def test_dequantized_note(loaded):
-    from mixq.engine import ModelInfo
+    from mixq.eval.engine import ModelInfo
 
     model = loaded[0]
     q = ModelInfo(ref="x", path=Path("x"), kind="mlx", recipe=None, dtype="float32", size_bytes=1000, n_params=2000,

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-
 from tiny_gguf import write_tiny_gguf
 
 from mixq.errors import MixqError
-from mixq.gguf_import import hf_name, import_gguf
+from mixq.sources.gguf import hf_name, import_gguf
 
 torch.set_num_threads(2)
 
@@ -185,10 +184,10 @@ def test_existing_out_needs_force(tiny_llama, tmp_path):
 
 
 def test_sharded_output(tiny_llama, tmp_path, monkeypatch):
-    from mixq import gguf_import
+    from mixq.sources import gguf
 
-    monkeypatch.setattr(gguf_import, "MAX_SHARD_BYTES", 600_000)
-    monkeypatch.setattr(gguf_import, "CHUNK_ELEMENTS", 1000)  # dequantize in blocks of a few rows
+    monkeypatch.setattr(gguf, "MAX_SHARD_BYTES", 600_000)
+    monkeypatch.setattr(gguf, "CHUNK_ELEMENTS", 1000)  # dequantize in blocks of a few rows
     path, _, expected = tiny_llama
     out = import_gguf(path, tmp_path / "sharded", progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -204,7 +203,7 @@ def test_sharded_output(tiny_llama, tmp_path, monkeypatch):
 
 def test_cli_import_and_resolve(tiny_llama, tmp_path, tmp_cache, capsys):
     from mixq.cli import main
-    from mixq.sources import resolve
+    from mixq.sources.resolve import resolve
 
     path = tiny_llama[0]
     assert main(["import", str(path), str(tmp_path / "cli_out")]) == 0

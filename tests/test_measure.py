@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from tiny_models import make_tiny_hf
 
 from mixq.errors import MixqError
-from mixq.measure import load_measurement, measure
-from tiny_models import make_tiny_hf
+from mixq.tune.measure import load_measurement, measure
 
 torch.set_num_threads(2)
 
@@ -83,7 +83,7 @@ def test_measure_refuses_existing_file_and_resumes(tiny):
 
 
 def test_fisher_resume_continues_from_saved_windows(tiny, monkeypatch):
-    import mixq.measure as M
+    import mixq.tune.measure as M
 
     src, calib, d = tiny
     kw = dict(levels=(4,), group_sizes=(32,), calib=str(calib), tokens=128, ctx=64, method="fisher", draws=2,
@@ -112,7 +112,7 @@ def test_fisher_resume_continues_from_saved_windows(tiny, monkeypatch):
 def test_partial_forward_from_cached_layer_equals_full_forward(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    from mixq.measure import Measurer
+    from mixq.tune.measure import Measurer
 
     src = make_tiny_hf(arch, tmp_path / arch, num_hidden_layers=4)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -129,7 +129,7 @@ def test_partial_forward_from_cached_layer_equals_full_forward(tmp_path, arch):
 
 
 def test_smoothed_damages_follow_the_step_law_and_pool_noise():
-    from mixq.measure import smoothed_damages
+    from mixq.tune.measure import smoothed_damages
 
     law = {f"{b}:{g}": (3.0 if g == 64 else 2.0) / (2 ** b - 1) ** 2 for b in (3, 4, 5, 6, 8) for g in (32, 64)}
     noisy = dict(law)

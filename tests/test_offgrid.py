@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models import make_tiny_hf
 
 from mixq.errors import MixqError
-from mixq.offgrid import apply_offgrid, factors
+from mixq.sources.offgrid import apply_offgrid, factors
 
 torch.set_num_threads(2)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,7 +71,7 @@ def test_function_preserved_and_off_grid(arch, tmp_path):
             assert rel_err(wb[name]) > 1e-3, name     # the re-parametrized ones do not
             assert rel_err(wb[name]) > 1000 * max(rel_err(w), 1e-9), name
         elif "embed" in name or name == "model.norm.weight" or kind in ("q_norm", "k_norm"):
-            assert torch.equal(w, wb[name]), name     # not folded (see mixq/offgrid.py)
+            assert torch.equal(w, wb[name]), name     # not folded (see mixq/sources/offgrid.py)
     assert n_proj == 7 * a.config.num_hidden_layers
     prov = json.loads((out / "mixq_provenance.json").read_text())
     assert prov["offgrid"]["seed"] == 7 and "log-uniform" in prov["offgrid"]["method"]

@@ -5,11 +5,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import _TEXT, make_tiny_hf
 
 from mixq.errors import MixqError
-from mixq.perplexity import (BaseDists, base_dists, default_text_file, kld_per_token, kld_summary, make_windows,
-                             perplexity, token_stats)
-from tiny_models import _TEXT, make_tiny_hf
+from mixq.eval.perplexity import (
+    BaseDists,
+    base_dists,
+    default_text_file,
+    kld_per_token,
+    kld_summary,
+    make_windows,
+    perplexity,
+    token_stats,
+)
 
 torch.set_num_threads(2)
 CTX = 24
@@ -92,7 +100,7 @@ def test_kld_of_model_against_itself_is_zero(tiny, text_file):
 @pytest.mark.parametrize("slice_width", [2048, 7])
 def test_kld_matches_reference_and_topk_is_a_lower_bound(tiny, text_file, monkeypatch, slice_width):
     """Slice width 7: the exact form's walk over the vocabulary in many ragged slices."""
-    from mixq import perplexity
+    from mixq.eval import perplexity
 
     monkeypatch.setattr(perplexity, "_SLICE", slice_width)
     model, tok, _ = tiny
@@ -190,7 +198,7 @@ def test_exact_base_with_softcapped_logits(tmp_path, text_file):
 
 
 def test_base_cache_round_trip(tmp_path, monkeypatch, tiny, text_file):
-    from mixq.perplexity import cached_base_dists
+    from mixq.eval.perplexity import cached_base_dists
 
     monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
     model, tok, path = tiny

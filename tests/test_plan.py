@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mixq.errors import MixqError
-from mixq.plan import brute_force_mck, solve_mck
+from mixq.tune.allocate import brute_force_mck, solve_mck
 
 
 def _instance(rng, n, k, scale):
@@ -74,7 +74,7 @@ def test_knapsack_infeasible_budget_is_a_user_error():
 
 def _fake_measurement(prep, specs, seed=0):
     """Damages like real ones: ~ 4^-bits, larger groups worse, a per-tensor sensitivity spread over decades."""
-    from mixq.measure import FORMAT, candidate_table, spec_key
+    from mixq.tune.measure import FORMAT, candidate_table, spec_key
 
     rng = np.random.default_rng(seed)
     table = candidate_table(prep, specs)
@@ -98,9 +98,11 @@ def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src,
 
     from safetensors import safe_open
 
-    from mixq.convert import convert, prepare
-    from mixq.plan import allocate
-    from mixq.recipe import load_recipe, plan_model
+    from mixq.quant.convert import convert
+    from mixq.quant.plan import plan_model
+    from mixq.quant.prepare import prepare
+    from mixq.quant.recipe import load_recipe
+    from mixq.tune.allocate import allocate
 
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(b, g) for b in (3, 4, 5, 6, 8) for g in (32, 64)])
@@ -137,8 +139,8 @@ def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src,
 
 
 def test_plan_more_budget_never_predicts_more_damage(tiny_src):
-    from mixq.convert import prepare
-    from mixq.plan import allocate
+    from mixq.quant.prepare import prepare
+    from mixq.tune.allocate import allocate
 
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(b, 32) for b in (3, 4, 6, 8)], seed=3)
@@ -153,8 +155,8 @@ def test_plan_more_budget_never_predicts_more_damage(tiny_src):
 
 
 def test_plan_target_below_smallest_is_a_user_error(tiny_src):
-    from mixq.convert import prepare
-    from mixq.plan import allocate, parse_size
+    from mixq.quant.prepare import prepare
+    from mixq.tune.allocate import allocate, parse_size
 
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(4, 32)])
@@ -169,8 +171,8 @@ def test_mixq_plan_cli_writes_a_recipe_that_load_recipe_reads(tiny_src, tmp_path
     import json
 
     from mixq.cli import main
-    from mixq.convert import prepare
-    from mixq.recipe import load_recipe
+    from mixq.quant.prepare import prepare
+    from mixq.quant.recipe import load_recipe
 
     prep = prepare(str(tiny_src), "bf16")
     mfile = tmp_path / "m.json"

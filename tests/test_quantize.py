@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mixq import quantize as Q
 from mixq.errors import MixqError
-from mixq.quantize import dequantize, quantize, quantized_nbytes
+from mixq.quant import quantize as Q
+from mixq.quant.quantize import dequantize, quantize
+from mixq.quant.spec import quantized_nbytes
 
 mx = pytest.importorskip("mlx.core")
 

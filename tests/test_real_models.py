@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixq.sources import resolve
+from mixq.sources.resolve import resolve
 
 pytestmark = pytest.mark.real
 torch.set_num_threads(2)

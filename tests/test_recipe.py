@@ -4,9 +4,12 @@ import argparse
 
 import pytest
 
-from mixq import recipe as R
 from mixq.errors import MixqError
-from mixq.recipe import Spec, TensorInfo, builtin_recipes, load_recipe, parse_recipe, plan_model
+from mixq.quant import recipe as R
+from mixq.quant.plan import plan_model
+from mixq.quant.recipe import builtin_recipes, load_recipe, parse_recipe
+from mixq.quant.spec import DTYPE_BYTES, Spec
+from mixq.quant.tensors import TensorInfo
 
 
 def llama_tensors(n_layers, hidden=128, inter=256, vocab=512, head=True, dtype="bfloat16", bias=False):
@@ -171,7 +174,6 @@ def test_plan_matches_mlx_lm_quantize_model(config, recipe, qkw):
     quant = qkw.pop("quant", None)
     if quant:
         from mlx_lm.convert import mixed_quant_predicate_builder
-
         from mlx_lm.utils import _get_classes
         m_cls, a_cls = _get_classes(config)
         qkw["quant_predicate"] = mixed_quant_predicate_builder(quant, m_cls(a_cls.from_dict(config)), 64)
@@ -305,7 +307,7 @@ def test_tied_head_takes_higher_precision():
 # ------------------------------------------------------------------ plan details
 
 def test_plan_never_quantized_and_sizes():
-    from mixq.quantize import quantized_nbytes
+    from mixq.quant.spec import quantized_nbytes
 
     ts = llama_tensors(2, bias=True) + [
         TensorInfo("model.layers.0.mlp.odd.weight", (64, 100), "bfloat16"),
@@ -329,7 +331,7 @@ def test_plan_never_quantized_and_sizes():
         if t.spec:
             assert t.nbytes == quantized_nbytes(t.shape, t.spec.bits, t.spec.group_size, 2)
         else:
-            assert t.nbytes == numel * R.DTYPE_BYTES[t.dtype]
+            assert t.nbytes == numel * DTYPE_BYTES[t.dtype]
     # bits per weight: quantized part 4.5 for 4-bit g64 bf16; whole model above it (norms, biases, kept)
     assert plan.bits_per_weight_quantized == 4.5
     assert plan.bits_per_weight == pytest.approx(plan.total_bytes * 8 / plan.total_params)

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-from mixq import scoring
-from mixq.scoring import Encoder, build_row, score_docs
-from mixq.tasks import TASKS
 from test_tasks import ARC_EASY_8, BOOLQ_SHORT, HELLASWAG_0, HELLASWAG_3243, PIQA_0, WINOGRANDE_0
 from tiny_models import make_tiny_hf
+
+from mixq.eval import scoring
+from mixq.eval.scoring import Encoder, build_row, score_docs
+from mixq.eval.tasks import TASKS
 
 torch.set_num_threads(2)
 

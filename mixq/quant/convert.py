@@ -1,0 +1,310 @@
+"""`mixq convert`: a checkpoint -> an MLX model folder (mixed-precision affine quants) under a recipe.
+
+Streaming: tensors are read, quantized and written one at a time into shards whose headers are
+planned up front, so memory stays a few times the largest tensor. The folder is built beside OUT
+under a temporary name and renamed at the end; any error or Ctrl-C removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from mixq.errors import MixqError
+from mixq.io.files import PROVENANCE_FILE, sha256_file, staged_dir
+from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
+from mixq.quant.plan import Plan, TensorPlan
+from mixq.quant.plan_show import print_plan
+from mixq.quant.prepare import DTYPES, Prepared, prepare
+from mixq.quant.quantize import quantize
+from mixq.threads import torch_threads
+from mixq.version import __version__
+
+SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
+QUANT_CHUNK = 1 << 20  # elements quantized per call: bounds the quantizer's temporaries (~30 bytes each)
+# Small files copied from the source folder (tokenizer, templates, generation config, licence).
+COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                 "chat_template*", "generation_config.json", "*.tiktoken", "spiece.model", "LICENSE*",
+                 "NOTICE*", "USE_POLICY*")
+
+Stored = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def stored_tensors(tp: TensorPlan) -> list[Stored]:
+    """The tensors (name, shape, dtype) one planned tensor is stored as: itself, or packed weight + scales + biases."""
+    dt = dtype_from_name(tp.dtype)
+    shape = tuple(tp.shape)
+    if tp.spec is None:
+        return [(tp.name, shape, dt)]
+    base = tp.name.removesuffix(".weight")
+    bits, gs = tp.spec.bits, tp.spec.group_size
+    *lead, n = shape
+    return [(f"{base}.weight", (*lead, n * bits // 32), torch.uint32),
+            (f"{base}.scales", (*lead, n // gs), dt),
+            (f"{base}.biases", (*lead, n // gs), dt)]
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def plan_shards(plan: Plan, max_bytes: int) -> list[list[TensorPlan]]:
+    """Group planned tensors into shards of at most `max_bytes` (a bigger tensor gets its own), as mlx_lm does."""
+    sizes = [sum(_nbytes(s, d) for _, s, d in stored_tensors(tp)) for tp in plan.tensors]
+    return [[plan.tensors[i] for i in group] for group in group_shards(sizes, max_bytes)]
+
+
+# ---------------------------------------------------------------- writing, step by step
+
+def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, advance) -> list[str]:
+    """Read one tensor, cast it, quantize it by row chunks (bounding the temporaries) and append it to `writer`.
+
+    Packed rows are written as they come; scales and biases (1/8 of the packed size or less) follow.
+    `advance(k)` is called with the number of source elements done.
+    """
+    t = load()
+    outs = stored_tensors(tp)
+    if tp.spec is None:
+        if store_dtype is not None and t.is_floating_point() and t.dtype != store_dtype:
+            t = t.to(store_dtype)
+        writer.write(outs[0][0], t)
+        advance(t.numel())
+        return [outs[0][0]]
+    n = t.shape[-1]
+    rows = t.reshape(-1, n)
+    step = max(1, QUANT_CHUNK // n)
+    scales, biases = [], []
+    for a in range(0, rows.shape[0], step):
+        chunk = rows[a:a + step]
+        if store_dtype is not None and chunk.dtype != store_dtype:
+            chunk = chunk.to(store_dtype)
+        wq, s, b = quantize(chunk, tp.spec.bits, tp.spec.group_size, name=tp.name)
+        writer.write_rows(outs[0][0], wq)
+        scales.append(s)
+        biases.append(b)
+        advance(chunk.numel())
+    del t, rows
+    writer.write(outs[1][0], torch.cat(scales).view(outs[1][1]))
+    writer.write(outs[2][0], torch.cat(biases).view(outs[2][1]))
+    return [o[0] for o in outs]
+
+
+def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool) -> dict[str, str]:
+    """Quantize and write every tensor into safetensors shards; returns the weight map (tensor -> file)."""
+    from tqdm import tqdm
+
+    plan, loaders = prep.plan, {info.name: load for info, load in prep.items}
+    shards = plan_shards(plan, shard_bytes)
+    weight_map = {}
+    src_bytes = sum(_nbytes(tp.shape, dtype_from_name(tp.dtype)) for tp in plan.tensors)
+    bar = tqdm(total=src_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+               disable=not progress, dynamic_ncols=True)
+    done = 0
+    try:
+        for shard, fname in zip(shards, shard_names(len(shards))):
+            entries = [o for tp in shard for o in stored_tensors(tp)]
+            writer = SafetensorsWriter(folder / fname, entries, metadata={"format": "mlx"})
+            try:
+                for tp in shard:
+                    per = dtype_from_name(tp.dtype).itemsize  # source bytes per element, for the bar
+                    for oname in _write_tensor(writer, tp, loaders[tp.name], prep.store_dtype,
+                                               lambda n, per=per: bar.update(n * per)):
+                        weight_map[oname] = fname
+                    done += 1
+                    bar.set_postfix_str(f"{done}/{len(plan.tensors)} tensors", refresh=False)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    finally:
+        bar.close()
+    return weight_map
+
+
+def write_index(plan: Plan, folder: Path, weight_map: dict[str, str]) -> None:
+    total_size = sum(_nbytes(shape, dt) for tp in plan.tensors for _, shape, dt in stored_tensors(tp))
+    index = {"metadata": {"total_size": total_size, "total_parameters": int(plan.total_params)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=4))
+
+
+def write_config(prep: Prepared, folder: Path) -> None:
+    """config.json: the MLX config plus the plan's quantization (as both keys mlx-lm reads)."""
+    config = dict(prep.config)
+    q = prep.plan.quantization_config()
+    if q:
+        config["quantization"] = q
+        config["quantization_config"] = q
+    (folder / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=4))
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer, templates, generation config and licence files; returns their names."""
+    copied = []
+    for pattern in COPY_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file() and not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def provenance(prep: Prepared, hashes: dict, copied: list[str]) -> dict:
+    """mixq_provenance.json of a converted folder: recipe, source (hashed), per-tensor specs and sizes."""
+    plan = prep.plan
+    tensors = [{"name": tp.name, "shape": list(tp.shape), "dtype": tp.dtype,
+                "bits": tp.spec.bits if tp.spec else None, "group_size": tp.spec.group_size if tp.spec else None,
+                "bytes": int(tp.nbytes), "reason": tp.reason} for tp in plan.tensors]
+    return {
+        "mixq_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe": {"name": prep.recipe.name, "description": prep.recipe.description, "text": prep.recipe.text},
+        "source": {"ref": prep.source, "path": str(prep.path.resolve()), "files": hashes,
+                   "provenance": prep.provenance},
+        "dtype": str(prep.store_dtype).removeprefix("torch.") if prep.store_dtype else None,
+        "size_bytes": int(plan.total_bytes), "n_params": int(plan.total_params),
+        "quantized_params": int(plan.quantized_params),
+        "bits_per_weight": float(plan.bits_per_weight),
+        "bits_per_weight_quantized": float(plan.bits_per_weight_quantized) if plan.quantized_params else None,
+        "copied_files": copied,
+        "tensors": tensors,
+    }
+
+
+def _hash_files(files: list[Path], result: dict) -> None:
+    for f in files:
+        result[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f, 1 << 24)}
+
+
+def _readme(prep: Prepared, out_name: str) -> str:
+    plan = prep.plan
+    bpw = plan.bits_per_weight
+    base = _base_model(prep)
+    note = prep.provenance.get("note")
+    quant = (f"{plan.bits_per_weight_quantized:.3f} over the quantized tensors" if plan.quantized_params
+             else "nothing quantized")
+    return f"""---
+library_name: mlx
+pipeline_tag: text-generation
+{f"base_model: {base}" + chr(10) if base else ""}tags:
+- mlx
+- mixq
+- quantized
+---
+
+# {out_name}
+
+{prep.source} converted to MLX with mixq {__version__}, recipe `{prep.recipe.name}`:
+{prep.recipe.description}
+
+Size {plan.total_bytes / 1e9:.3f} GB, {bpw:.3f} bits per weight ({quant}).
+Per-tensor choices: `mixq_provenance.json`.
+{f"Source note: {note}." + chr(10) if note else ""}(Run `mixq card` on this folder for the full model card.)
+
+## Use with mlx
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{out_name}")
+prompt = "hello"
+if tokenizer.chat_template is not None:
+    messages = [{{"role": "user", "content": prompt}}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+print(generate(model, tokenizer, prompt=prompt, verbose=True))
+```
+
+or `mixq generate {out_name} -p "hello"`.
+"""
+
+
+def _base_model(prep: Prepared) -> str | None:
+    """A Hugging Face repo id for the model card's base_model, when the source says which it is."""
+    prov = prep.provenance
+    if prov.get("base_model"):
+        return str(prov["base_model"])
+    emb = prov.get("embedded")
+    home = emb.get("homepage", "") if isinstance(emb, dict) else ""
+    if home.startswith("https://huggingface.co/"):
+        return home.removeprefix("https://huggingface.co/").strip("/")
+    name = prep.ckpt.config.get("_name_or_path", "")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name
+    return None
+
+
+def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: int = SHARD_BYTES,
+                     progress: bool = True) -> Path:
+    """Write the prepared conversion to the MLX folder `out` (built beside it, renamed into place)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = int(prep.plan.total_bytes) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise MixqError(f"{out.parent}: {free / 1e9:.2f} GB free, the converted model needs {need / 1e9:.2f} GB; "
+                        f"free some space or write elsewhere")
+    try:
+        with staged_dir(out, force) as tmp:
+            hashes: dict = {}
+            hasher = threading.Thread(target=_hash_files, args=(prep.ckpt.source_files(), hashes), daemon=True)
+            hasher.start()
+            # Casting and quantizing run as many small torch ops per chunk; one thread is fastest
+            # (and stays fast when the machine is busy).
+            with torch.no_grad(), torch_threads(1):
+                weight_map = write_weights(prep, tmp, shard_bytes, progress)
+            write_index(prep.plan, tmp, weight_map)
+            write_config(prep, tmp)
+            copied = copy_side_files(prep.path, tmp)
+            hasher.join()
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(prep, hashes, copied), indent=2))
+            (tmp / "README.md").write_text(_readme(prep, out.name))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MixqError(f"{out.parent}: disk full while writing the converted model; free space and retry") from None
+        raise
+    return out
+
+
+def convert(source, out, recipe="q6-hi", dtype=None, force=False, *, shard_bytes: int = SHARD_BYTES,
+            progress: bool = True) -> Path:
+    """Convert `source` (HF folder, .gguf, embedded name) into the MLX folder `out` under `recipe`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+    return write_mlx_folder(prepare(source, recipe, dtype), out, force=force, shard_bytes=shard_bytes,
+                            progress=progress)
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(p):
+    p.add_argument("source", help="Hugging Face folder, .gguf file or embedded model name")
+    p.add_argument("out", help="output MLX folder")
+    p.add_argument("--recipe", "-r", default=None, help="built-in recipe name or TOML file (default: q6-hi)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of unquantized tensors, scales and biases (default: config.json's)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and write nothing")
+    p.add_argument("--shard-size", type=float, default=SHARD_BYTES / 2**30, help="max shard size in GiB (default 5)")
+
+
+def cli(args):
+    prep = prepare(args.source, args.recipe, args.dtype)
+    if args.dry_run:
+        print_plan(prep.plan, source=args.source)
+        return 0
+    t0 = time.time()
+    out = write_mlx_folder(prep, args.out, force=args.force, shard_bytes=int(args.shard_size * 2**30))
+    plan = prep.plan
+    print(f"wrote {out} ({plan.total_bytes / 1e9:.3f} GB, {plan.bits_per_weight:.3f} bpw, "
+          f"recipe {prep.recipe.name}) in {time.time() - t0:.1f}s")
+    return 0

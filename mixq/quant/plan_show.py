@@ -1,0 +1,82 @@
+"""`mixq plan-show SOURCE --recipe R`: the per-tensor table a recipe gives, and its totals."""
+
+from __future__ import annotations
+
+from mixq.quant.prepare import prepare
+
+_SHORT = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def _fmt_shape(shape) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def print_plan(plan, source: str = "", console=None) -> None:
+    """Print the plan as a table (path, shape, bits, group, MB, reason) followed by the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped: wide enough for the table, not the 80 columns default
+            path_w = max((len(tp.name) for tp in plan.tensors), default=10)
+            reason_w = max((len(tp.reason) for tp in plan.tensors), default=10)
+            console = Console(width=min(path_w + reason_w + 60, 400))
+    table = Table(title=f"{source}  recipe {plan.recipe.name}" if source else f"recipe {plan.recipe.name}",
+                  show_lines=False, header_style="bold")
+    for col, just in (("path", "left"), ("shape", "right"), ("dtype", "left"), ("bits", "right"),
+                      ("group", "right"), ("MB", "right"), ("reason", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "reason")
+    for tp in plan.tensors:
+        path = tp.name.removesuffix(".weight") if tp.spec else tp.name
+        bits = str(tp.spec.bits) if tp.spec else "-"
+        group = str(tp.spec.group_size) if tp.spec else "-"
+        style = None if tp.spec else "dim"
+        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group, f"{tp.nbytes / 1e6:.3f}", tp.reason,
+                      style=style)
+    console.print(table)
+    for line in summary_lines(plan):
+        console.print(line)
+
+
+def summary_lines(plan) -> list[str]:
+    """The totals: size, parameters, bits per weight (quantized tensors, whole model), spec histogram."""
+    n_q = sum(1 for tp in plan.tensors if tp.spec)
+    lines = [
+        f"tensors: {len(plan.tensors)} ({n_q} quantized, {len(plan.tensors) - n_q} kept)",
+        f"size: {plan.total_bytes / 1e6:,.2f} MB for {plan.total_params / 1e6:,.2f} M parameters",
+    ]
+    if plan.quantized_params:
+        lines.append(f"bits per weight: {plan.bits_per_weight_quantized:.3f} over the quantized tensors "
+                     f"({plan.quantized_params / plan.total_params:.1%} of the parameters), "
+                     f"{plan.bits_per_weight:.3f} over the whole model")
+    else:
+        lines.append(f"bits per weight: {plan.bits_per_weight:.3f} (nothing quantized)")
+    hist: dict = {}
+    for tp in plan.tensors:
+        key = f"{tp.spec.bits}-bit g{tp.spec.group_size}" if tp.spec else "kept"
+        hist[key] = hist.get(key, 0) + _numel(tp.shape)
+    total = max(plan.total_params, 1)
+    lines.append("share of parameters: " + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(hist.items())))
+    return lines
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def add_arguments(p):
+    p.add_argument("source", help="Hugging Face folder, .gguf file or embedded model name")
+    p.add_argument("--recipe", "-r", default=None, help="built-in recipe name or TOML file (default: q6-hi)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of unquantized tensors, scales and biases (default: config.json's)")
+
+
+def cli(args):
+
+    prep = prepare(args.source, args.recipe, args.dtype)
+    print_plan(prep.plan, source=args.source)
+    return 0

@@ -1,0 +1,71 @@
+"""Everything known about a conversion before any tensor is read: source, tensor list, storage dtype, plan.
+
+`prepare(source, recipe, dtype)` is the one way from a model reference to a `Plan`: convert writes it,
+the engine applies it in memory, plan-show prints it, measure and allocate plan with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixq.errors import MixqError
+from mixq.io.safetensors import torch_dtype_name
+from mixq.quant import arch
+from mixq.quant.checkpoint import Checkpoint
+from mixq.quant.plan import Plan, plan_model
+from mixq.quant.recipe import Recipe, load_recipe
+from mixq.sources.resolve import ResolvedModel, resolve
+
+DEFAULT_RECIPE = "q6-hi"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class Prepared:
+    """Everything known before any tensor is read: the source, the plan, the tensor loaders."""
+    source: str
+    path: Path
+    provenance: dict
+    ckpt: Checkpoint
+    recipe: Recipe
+    plan: Plan
+    items: list            # [(TensorInfo in MLX layout, loader)]
+    store_dtype: torch.dtype | None  # torch dtype floating tensors are stored in (None: as in the source)
+    config: dict           # output config.json without quantization
+
+
+def storage_dtype(config: dict, dtype: str | None = None):
+    """The dtype floating tensors are stored in: `dtype`, else config.json's torch_dtype/dtype (as mlx_lm), else None."""
+    if dtype is not None and dtype not in DTYPES:
+        raise MixqError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    name = dtype or config.get("torch_dtype") or config.get("dtype")
+    if name is None and isinstance(config.get("text_config"), dict):
+        name = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)
+
+
+def _resolve(source) -> tuple[Path, dict, str | None]:
+    """(HF folder, provenance of the source, recipe from a name@recipe ref) for a source reference."""
+    r = source if isinstance(source, ResolvedModel) else resolve(str(source))
+    if r.kind == "mlx":
+        raise MixqError(f"{source}: is already an MLX (converted) folder; convert from its Hugging Face source")
+    return Path(r.path), dict(r.provenance or {}), r.recipe
+
+
+def prepare(source, recipe=None, dtype: str | None = None) -> Prepared:
+    """Resolve the source (a reference, or an already `ResolvedModel`), read its headers, build the MLX
+    tensor list and the recipe's plan."""
+    path, provenance, ref_recipe = _resolve(source)
+    ckpt = Checkpoint(path)
+    arch.check_supported(ckpt.config)
+    recipe = recipe or ref_recipe or DEFAULT_RECIPE
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    store = storage_dtype(ckpt.config, dtype or recipe.dtype)  # --dtype > recipe's dtype > config.json's
+    items = list(arch.mlx_tensors(ckpt))
+    config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))
+    plan = plan_model([info for info, _ in items], recipe, config,
+                      dtype=torch_dtype_name(store) if store is not None else None)
+    return Prepared(source.ref if isinstance(source, ResolvedModel) else str(source), path, provenance, ckpt, recipe, plan, items, store, config)
