@@ -82,7 +82,6 @@ def source_logits(folder, tokens):
 
 def mlx_logits(folder, tokens, dequantized=True):
     """Logits of mlx_lm.load(folder); dequantized=True: weights dequantized by mx.dequantize, run in float32."""
-    import mlx.nn as nn
     from mlx.utils import tree_map
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model

@@ -7,7 +7,8 @@ import torch
 from tiny_models import make_tiny_hf
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model, mlx_quant_specs, read_mlx_dequantized
+from mixq.eval.engine import load_model, read_mlx_dequantized
+from mixq.quant.artifact import module_spec, quantization_config
 
 torch.set_num_threads(2)
 
@@ -77,17 +78,18 @@ def test_mlx_lm_folder_dequantizes_like_mlx(tmp_path, tiny_llama):
     out = tmp_path / "mlxq"
     mlx_convert(str(tiny_llama), str(out), quantize=True, q_group_size=32, q_bits=4, quant_predicate="mixed_3_6")
     config = json.loads((out / "config.json").read_text())
-    default, overrides = mlx_quant_specs(config)
-    assert default == {"bits": 4, "group_size": 32} and {v["bits"] for v in overrides.values()} == {3, 6}
+    q = quantization_config(config, out)
+    assert (q["bits"], q["group_size"]) == (4, 32)
+    assert {v["bits"] for v in q.values() if isinstance(v, dict)} == {3, 6}
     raw = mx.load(str(out / "model.safetensors"))
     ours = dict(read_mlx_dequantized(out, config))
     n_quant = 0
     for name, t in ours.items():
         module = name.rsplit(".", 1)[0]
         if module + ".scales" in raw:
-            spec = overrides.get(module, default)
+            bits, group_size = module_spec(q, module)
             want = mx.dequantize(raw[name], raw[module + ".scales"], raw[module + ".biases"],
-                                 group_size=spec["group_size"], bits=spec["bits"])
+                                 group_size=group_size, bits=bits)
             n_quant += 1
         else:
             want = raw[name]

@@ -2,11 +2,11 @@
 
 import json
 
-import mixq.eval.evaluate
 import pytest
 import torch
 from tiny_models import _TEXT, make_tiny_hf
 
+import mixq.eval.evaluate
 from mixq.errors import MixqError
 from mixq.eval.evaluate import evaluate, parse_tasks, read_samples
 

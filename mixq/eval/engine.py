@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.quant import arch
+from mixq.quant.artifact import module_spec, quantization_config
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize, quantize
@@ -169,28 +170,6 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> t
 
 # ---------------------------------------------------------------- MLX folder
 
-def mlx_quant_specs(config: dict) -> tuple[dict | None, dict]:
-    """(default {bits, group_size} or None, {module path: {bits, group_size}}) from an MLX config.json."""
-    q = config.get("quantization") or config.get("quantization_config")
-    if not q:
-        return None, {}
-    if q.get("mode", "affine") != "affine":
-        raise MixqError(f"quantization mode {q.get('mode')!r} is not supported (mixq reads affine MLX quants)")
-    default = {"bits": q["bits"], "group_size": q["group_size"]} if "bits" in q else None
-    overrides = {k: v for k, v in q.items() if isinstance(v, dict)}
-    for k, v in overrides.items():
-        if v.get("mode", "affine") != "affine":
-            raise MixqError(f"{k}: quantization mode {v.get('mode')!r} is not supported (affine only)")
-    return default, overrides
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise MixqError(f"{path}: no .safetensors files in this folder")
-    return files
-
-
 def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, progress: bool = False):
     """Yield (MLX tensor name, tensor) of an MLX folder, quantized weights dequantized exactly.
 
@@ -200,8 +179,11 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
     from tqdm import tqdm
 
 
-    default, overrides = mlx_quant_specs(config)
-    handles = [safe_open(str(f), framework="pt") for f in _safetensors_files(path)]
+    q = quantization_config(config, path / "config.json")
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise MixqError(f"{path}: no .safetensors files in this folder")
+    handles = [safe_open(str(f), framework="pt") for f in files]
     where = {k: h for h in handles for k in h.keys()}
     stats = {} if stats is None else stats
     stats.update(size_bytes=0, n_params=0, q_bytes=0, q_params=0)
@@ -223,10 +205,10 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
             stats["n_params"] += t.numel()
             yield name, t
             continue
-        spec = overrides.get(module, default)
+        spec = module_spec(q, module, path)
         if spec is None:
             raise MixqError(f"{path}: {module} is quantized but config.json has no quantization spec for it")
-        bits, gs = int(spec["bits"]), int(spec["group_size"])
+        bits, gs = spec
         if module + ".biases" not in where:
             raise MixqError(f"{path}: {module} has scales but no biases (mixq reads affine MLX quants only)")
         scales, biases = get(module + ".scales"), get(module + ".biases")

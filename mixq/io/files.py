@@ -20,6 +20,7 @@ from pathlib import Path
 from mixq.errors import MixqError
 
 PROVENANCE_FILE = "mixq_provenance.json"  # what mixq records in every folder it writes
+README_MARK = "<!-- written by mixq: `mixq card` may replace this file -->"  # in every README.md mixq writes
 
 
 def cache_dir() -> Path:

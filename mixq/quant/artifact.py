@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.safetensors import DTYPES as _DTYPES
-from mixq.io.safetensors import read_header, torch_dtype_name
-
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
+from mixq.io.files import PROVENANCE_FILE
+from mixq.io.safetensors import dtype_name, entry_nbytes, read_header
+from mixq.quant.spec import bits_per_weight
+from mixq.quant.tensors import module_path
 
 
 @dataclass
@@ -30,7 +29,7 @@ class TensorSpec:
     @property
     def path(self) -> str:
         """Module path (the key of config.json's quantization dict)."""
-        return self.name.removesuffix(".weight")
+        return module_path(self.name)
 
     @property
     def numel(self) -> int:
@@ -66,14 +65,12 @@ class Artifact:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.size_bytes / max(self.n_params, 1)
+        return bits_per_weight(self.size_bytes, self.n_params)
 
     @property
     def bits_per_weight_quantized(self) -> float | None:
         q = [t for t in self.tensors if t.bits]
-        if not q:
-            return None
-        return 8 * sum(t.nbytes for t in q) / sum(t.numel for t in q)
+        return bits_per_weight(sum(t.nbytes for t in q), sum(t.numel for t in q)) if q else None
 
     @property
     def default_spec(self) -> tuple[int, int] | None:
@@ -96,9 +93,9 @@ def is_mlx_folder(path) -> bool:
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
-    if (path / "mixq_provenance.json").is_file():
+    if (path / PROVENANCE_FILE).is_file():
         try:
-            return "recipe" in json.loads((path / "mixq_provenance.json").read_text())
+            return "recipe" in json.loads((path / PROVENANCE_FILE).read_text())
         except (OSError, ValueError):
             return False
     try:
@@ -107,15 +104,32 @@ def is_mlx_folder(path) -> bool:
         return False
 
 
-def _spec_for(path: str, q: dict | None):
+def quantization_config(config: dict, where) -> dict | None:
+    """config.json's MLX quantization dict ("quantization", else "quantization_config"), checked; None if absent."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if q is not None and not isinstance(q, dict):
+        raise MixqError(f"{where}: 'quantization' is not a dict")
+    if q and "quant_method" in q and "bits" not in q:
+        raise MixqError(f"{where}: quantization_config of method {q['quant_method']!r} is not an MLX affine quant")
+    return q or None
+
+
+def module_spec(q: dict | None, module: str, where="") -> tuple[int, int] | None:
+    """(bits, group_size) config.json gives module `module` (its own entry, else the default); None if none.
+
+    Only affine quants are read; another mode is a one-line error naming the module."""
     if not q:
         return None
-    entry = q.get(path)
+    entry = q.get(module)
     if entry is False:
-        return False
-    if isinstance(entry, dict):
-        return entry
-    return {k: q[k] for k in ("bits", "group_size", "mode") if k in q} if "bits" in q else None
+        return None
+    spec = entry if isinstance(entry, dict) else ({k: q[k] for k in ("bits", "group_size", "mode") if k in q}
+                                                   if "bits" in q else None)
+    if not spec:
+        return None
+    if spec.get("mode", "affine") != "affine":
+        raise MixqError(f"{where}: {module} uses quantization mode {spec['mode']!r}; mixq reads affine quants only")
+    return int(spec["bits"]), int(spec["group_size"])
 
 
 def read_artifact(path) -> Artifact:
@@ -129,11 +143,7 @@ def read_artifact(path) -> Artifact:
         raise MixqError(f"{cfg_file}: missing; not a model folder") from None
     except ValueError as e:
         raise MixqError(f"{cfg_file}: not valid JSON ({e})") from None
-    q = config.get("quantization") or config.get("quantization_config")
-    if q is not None and not isinstance(q, dict):
-        raise MixqError(f"{cfg_file}: 'quantization' is not a dict")
-    if q and "quant_method" in q and "bits" not in q:
-        raise MixqError(f"{cfg_file}: quantization_config of method {q['quant_method']!r} is not an MLX affine quant")
+    q = quantization_config(config, cfg_file)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise MixqError(f"{path}: no .safetensors files")
@@ -141,10 +151,6 @@ def read_artifact(path) -> Artifact:
     for f in files:
         header, _, _ = read_header(f)
         entries.update(header)
-
-    def nbytes(e):
-        a, b = e["data_offsets"]
-        return b - a
 
     tensors = []
     for name in sorted(entries):
@@ -154,32 +160,25 @@ def read_artifact(path) -> Artifact:
             continue
         scales = entries.get(f"{module}.scales") if leaf == "weight" else None
         if scales is None:
-            tensors.append(TensorSpec(name, tuple(e["shape"]), _dtype(e["dtype"]), None, None, nbytes(e)))
+            tensors.append(TensorSpec(name, tuple(e["shape"]), dtype_name(e["dtype"]), None, None, entry_nbytes(e)))
             continue
-        spec = _spec_for(module, q)
+        spec = module_spec(q, module, path)
         if not spec:
             raise MixqError(f"{path}: {module} has scales but config.json gives it no quantization spec")
-        if spec.get("mode", "affine") != "affine":
-            raise MixqError(f"{path}: {module} uses quantization mode {spec['mode']!r}; mixq reads affine quants only")
-        bits, gs = int(spec["bits"]), int(spec["group_size"])
+        bits, gs = spec
         packed, n_groups = e["shape"][-1], scales["shape"][-1]
         n = n_groups * gs
         if packed * 32 != n * bits:
             raise MixqError(f"{path}: {module}: packed width {packed} and {n_groups} scale groups do not fit "
                             f"bits={bits}, group_size={gs} from config.json")
-        b = nbytes(e) + nbytes(scales) + nbytes(entries.get(f"{module}.biases", {"data_offsets": [0, 0]}))
-        tensors.append(TensorSpec(name, (*e["shape"][:-1], n), _dtype(scales["dtype"]), bits, gs, b))
+        b = entry_nbytes(e) + entry_nbytes(scales) + entry_nbytes(entries.get(f"{module}.biases", {"data_offsets": [0, 0]}))
+        tensors.append(TensorSpec(name, (*e["shape"][:-1], n), dtype_name(scales["dtype"]), bits, gs, b))
 
     provenance = {}
-    prov_file = path / "mixq_provenance.json"
+    prov_file = path / PROVENANCE_FILE
     if prov_file.is_file():
         try:
             provenance = json.loads(prov_file.read_text())
         except ValueError as e:
             raise MixqError(f"{prov_file}: not valid JSON ({e})") from None
     return Artifact(path, config, q or None, tensors, files, provenance)
-
-
-def _dtype(code: str) -> str:
-
-    return torch_dtype_name(_DTYPES[code])

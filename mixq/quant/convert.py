@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, sha256_file, staged_dir
+from mixq.io.files import PROVENANCE_FILE, README_MARK, sha256_file, staged_dir
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
 from mixq.quant.plan import Plan, TensorPlan
 from mixq.quant.plan_show import print_plan
@@ -198,6 +198,7 @@ pipeline_tag: text-generation
 - mixq
 - quantized
 ---
+{README_MARK}
 
 # {out_name}
 

@@ -381,7 +381,7 @@ def render_card(info: FolderInfo, runs=None, *, base_model: str | None = None, t
     base_model = base_model or (story["base_model"] if isinstance(story["base_model"], str) else None)
     name = title or info.path.name
     parts = [_front_matter(info, story, recipe_name, base_model), "", f"# {name}", ""]
-    intro = f"An MLX mixed-precision quantization" if len({(t.bits, t.group_size) for t in info.tensors
+    intro = "An MLX mixed-precision quantization" if len({(t.bits, t.group_size) for t in info.tensors
                                                           if t.bits}) > 1 else "An MLX quantization"
     of = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else \
         (f" of {story['gguf_name']}" if story.get("gguf_name") else "")
