@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS, make_tiny_hf
+from tiny_models import ARCHS
 
 from mixq.errors import MixqError
 from mixq.io.safetensors import SafetensorsWriter, read_header
@@ -16,27 +16,14 @@ from mixq.quant.checkpoint import Checkpoint
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache = {}
-
-    def get(a):
-        if a not in cache:
-            cache[a] = make_tiny_hf(a, root / a)
-        return cache[a]
-
-    return get
-
-
-def test_tiny_models_load_in_transformers(tiny):
+def test_tiny_models_load_in_transformers(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for a in ARCHS:
-        model = AutoModelForCausalLM.from_pretrained(str(tiny(a)))
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model(a)))
         assert model.config.model_type == a and model.dtype == torch.bfloat16
         assert model.config.hidden_size % 32 == 0
-    tok = AutoTokenizer.from_pretrained(str(tiny("llama")))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
     ids = tok("The capital of France")["input_ids"]
     assert tok.decode(ids) == "The capital of France" and max(ids) < model.config.vocab_size
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "x"}],
@@ -44,9 +31,9 @@ def test_tiny_models_load_in_transformers(tiny):
 
 
 @pytest.mark.parametrize("arch_name", ARCHS)
-def test_round_trip_hf_mlx_hf(tiny, arch_name):
+def test_round_trip_hf_mlx_hf(tiny_model, arch_name):
     """HF checkpoint -> MLX layout -> HF checkpoint gives back every tensor exactly (lm_head absent when tied)."""
-    ckpt = Checkpoint(tiny(arch_name))
+    ckpt = Checkpoint(tiny_model(arch_name))
     named = [(info.name, load()) for info, load in arch.mlx_tensors(ckpt)]
     for (info, _), (name, t) in zip(arch.mlx_tensors(ckpt), named):
         assert tuple(t.shape) == info.shape and str(t.dtype).endswith(info.dtype), name
@@ -57,8 +44,8 @@ def test_round_trip_hf_mlx_hf(tiny, arch_name):
         assert torch.equal(back[n], ckpt.get(n)), n
 
 
-def test_qwen3_moe_layout(tiny):
-    ckpt = Checkpoint(tiny("qwen3_moe"))
+def test_qwen3_moe_layout(tiny_model):
+    ckpt = Checkpoint(tiny_model("qwen3_moe"))
     infos = {info.name: (info, load) for info, load in arch.mlx_tensors(ckpt)}
     assert not any(".experts." in n for n in infos)
     info, load = infos["model.layers.1.mlp.switch_mlp.down_proj.weight"]
@@ -69,8 +56,8 @@ def test_qwen3_moe_layout(tiny):
     assert "model.layers.0.mlp.gate.weight" in infos  # the router
 
 
-def test_gpt_oss_layout(tiny):
-    ckpt = Checkpoint(tiny("gpt_oss"))
+def test_gpt_oss_layout(tiny_model):
+    ckpt = Checkpoint(tiny_model("gpt_oss"))
     infos = {info.name: (info, load) for info, load in arch.mlx_tensors(ckpt)}
     p = "model.layers.0.mlp.experts"
     assert infos[f"{p}.gate_proj.weight"][0].shape == (4, 64, 64)  # [E, intermediate, hidden]
@@ -86,8 +73,8 @@ def test_gpt_oss_layout(tiny):
         arch.hf_tensors(f"{p}.gate_proj.weight", torch.zeros(4, 64, 64), ckpt.config)
 
 
-def test_lazy_and_one_tensor_at_a_time(tiny, monkeypatch):
-    ckpt = Checkpoint(tiny("qwen3_moe"))
+def test_lazy_and_one_tensor_at_a_time(tiny_model, monkeypatch):
+    ckpt = Checkpoint(tiny_model("qwen3_moe"))
     reads = []
     real = Checkpoint.get
     monkeypatch.setattr(Checkpoint, "get", lambda self, n, out=None: reads.append(n) or real(self, n, out))
@@ -120,11 +107,11 @@ def test_mxfp4_dequantize_matches_transformers():
     assert torch.equal(ours, theirs.transpose(1, 2))
 
 
-def test_gpt_oss_mxfp4_source(tiny, tmp_path):
+def test_gpt_oss_mxfp4_source(tiny_model, tmp_path):
     """A gpt-oss checkpoint with MXFP4 experts (as published) gives the MLX tensors of its dequantized weights."""
     from safetensors.torch import load_file, save_file
 
-    src = tiny("gpt_oss")
+    src = tiny_model("gpt_oss")
     sd = load_file(str(src / "model.safetensors"))
     deq = {}
     for k in list(sd):
@@ -179,10 +166,10 @@ def test_unknown_architecture_message():
     assert "mamba" in str(e.value) and "gpt_oss" in str(e.value) and "llama" in str(e.value)
 
 
-def test_checkpoint_sharded_matches_single(tiny, tmp_path):
+def test_checkpoint_sharded_matches_single(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    src = tiny("mistral")
+    src = tiny_model("mistral")
     AutoModelForCausalLM.from_pretrained(str(src)).save_pretrained(tmp_path / "s", max_shard_size="30KB")
     one, many = Checkpoint(src), Checkpoint(tmp_path / "s")
     assert len(many.files) > 2 and set(one.names()) == set(many.names())
@@ -199,10 +186,10 @@ def _copy(src, dst):
     return dst
 
 
-def test_checkpoint_errors(tiny, tmp_path):
+def test_checkpoint_errors(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    src = tiny("llama")
+    src = tiny_model("llama")
     with pytest.raises(MixqError, match="config.json"):
         Checkpoint(tmp_path)
     trunc = _copy(src, tmp_path / "trunc")

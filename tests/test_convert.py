@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import ARCHS, make_tiny_hf
+from tiny_models import ARCHS
 
 from mixq.errors import MixqError
 from mixq.quant import arch
@@ -20,23 +20,12 @@ from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize
 
 torch.set_num_threads(2)
-mx = pytest.importorskip("mlx.core")
+try:
+    import mlx.core as mx
+except ImportError:  # tests that need it are marked mlx and skipped
+    mx = None
 
 TOKENS = [[5, 17, 42, 99, 3, 250, 7, 12, 64, 31, 200, 11]]  # 12 tokens: past gemma3/gpt_oss's sliding window of 8
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cache = {}
-
-    def get(a, **kw):
-        key = (a, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = make_tiny_hf(a, root / f"{a}-{len(cache)}", **kw)
-        return cache[key]
-
-    return get
 
 
 def mlx_dequantized_named(folder):
@@ -99,10 +88,11 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("arch_name", ARCHS)
-def test_arch_logits_match(tiny, tmp_path, arch_name):
+def test_arch_logits_match(tiny_model, tmp_path, arch_name):
     """Convert with a mixed recipe; mlx_lm.load opens it and gives the logits torch gives on our dequantized weights."""
-    src = tiny(arch_name)
+    src = tiny_model(arch_name)
     out = convert(src, tmp_path / "out", recipe="qx86-hi", progress=False)
     art = read_artifact(out)
     assert art.quantized_params > 0 and {t.bits for t in art.tensors if t.bits} == {6, 8}
@@ -117,23 +107,25 @@ def test_arch_logits_match(tiny, tmp_path, arch_name):
     assert rel_err(ref, orig) < 0.2, arch_name
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("arch_name", ["llama", "qwen3_moe", "gpt_oss", "phi3"])
-def test_mixed_3_6_logits_match(tiny, tmp_path, arch_name):
-    src = tiny(arch_name)
+def test_mixed_3_6_logits_match(tiny_model, tmp_path, arch_name):
+    src = tiny_model(arch_name)
     out = convert(src, tmp_path / "out", recipe="mixed_3_6", progress=False)
     art = read_artifact(out)
     assert 3 in {t.bits for t in art.tensors if t.bits}
     assert rel_err(mlx_logits(out, TOKENS), torch_logits(out, TOKENS)) < 1e-4
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("arch_name", ARCHS)
-def test_tensors_equal_mx_quantize(tiny, tmp_path, arch_name, monkeypatch):
+def test_tensors_equal_mx_quantize(tiny_model, tmp_path, arch_name, monkeypatch):
     """Every stored tensor is byte-for-byte what mx.quantize (or a plain cast) gives on the MLX-layout source
     (quantized here in chunks of a few rows, as convert does with big tensors)."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("mixq.quant.convert"), "QUANT_CHUNK", 200)
-    src = tiny(arch_name)
+    src = tiny_model(arch_name)
     out = convert(src, tmp_path / "out", recipe="mixed_3_6", progress=False)
     stored = mx.load(str(out / "model.safetensors"))
     art = read_artifact(out)
@@ -150,11 +142,12 @@ def test_tensors_equal_mx_quantize(tiny, tmp_path, arch_name, monkeypatch):
             assert mx.array_equal(stored[t.name], w).item(), t.name
 
 
-def test_matches_mlx_lm_convert(tiny, tmp_path):
+@pytest.mark.mlx
+def test_matches_mlx_lm_convert(tiny_model, tmp_path):
     """Same tensors and quantization config as mlx_lm.convert --quant-predicate mixed_3_6 (llama, 5 layers)."""
     from mlx_lm.convert import convert as mlx_convert
 
-    src = tiny("llama", num_hidden_layers=5, tie_word_embeddings=False)
+    src = tiny_model("llama", num_hidden_layers=5, tie_word_embeddings=False)
     ours = convert(src, tmp_path / "ours", recipe="mixed_3_6", dtype="bfloat16", progress=False)
     theirs = tmp_path / "theirs"
     mlx_convert(str(src), str(theirs), quantize=True, q_group_size=64, quant_predicate="mixed_3_6", dtype="bfloat16")
@@ -175,8 +168,8 @@ def test_matches_mlx_lm_convert(tiny, tmp_path):
     assert {k: v for k, v in norm(qa).items() if isinstance(v, dict)} == explicit_b
 
 
-def test_every_fourth_layer_visible(tiny, tmp_path):
-    src = tiny("llama", num_hidden_layers=5)
+def test_every_fourth_layer_visible(tiny_model, tmp_path):
+    src = tiny_model("llama", num_hidden_layers=5)
     prep = prepare(src, "qx86-hi")
     bits = {tp.name: tp.spec.bits for tp in prep.plan.tensors if tp.spec}
     assert bits["model.layers.0.self_attn.q_proj.weight"] == 8
@@ -186,10 +179,11 @@ def test_every_fourth_layer_visible(tiny, tmp_path):
     assert bits["model.embed_tokens.weight"] == 8  # tied: the embedding is the head
 
 
-def test_sharded_source_and_output(tiny, tmp_path):
+@pytest.mark.mlx
+def test_sharded_source_and_output(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    src = tiny("qwen3")
+    src = tiny_model("qwen3")
     sharded = tmp_path / "sharded"
     model = AutoModelForCausalLM.from_pretrained(str(src))
     model.save_pretrained(sharded, max_shard_size="40KB")
@@ -212,10 +206,10 @@ def test_sharded_source_and_output(tiny, tmp_path):
     assert rel_err(mlx_logits(many, TOKENS), torch_logits(one, TOKENS)) < 1e-4
 
 
-def test_refuses_existing_then_force(tiny, tmp_path):
-    src = tiny("llama")
+def test_refuses_existing_then_force(tiny_model, tmp_path):
+    src = tiny_model("llama")
     out = tmp_path / "out"
-    out.mkdir()
+    convert(src, out, recipe="q6", progress=False)
     (out / "keep.txt").write_text("x")
     with pytest.raises(MixqError, match="already exists"):
         convert(src, out, recipe="q4", progress=False)
@@ -225,10 +219,44 @@ def test_refuses_existing_then_force(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_error_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy_tree(src, dst):
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_force_never_replaces_the_source_or_foreign_folders(tiny_model, tmp_path):
+    """--force replaces only a folder mixq wrote: never the source, a folder holding it, or a user's folder."""
+    src = _copy_tree(tiny_model("llama"), tmp_path / "parent" / "src")
+    before = _tree(tmp_path / "parent")
+    for out in (src, tmp_path / "parent"):
+        with pytest.raises(MixqError, match="source") as e:
+            convert(src, out, recipe="q4", force=True, progress=False)
+        assert "\n" not in str(e.value)
+    assert _tree(tmp_path / "parent") == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my work")
+    with pytest.raises(MixqError, match="not written by mixq"):
+        convert(src, mine, recipe="q4", force=True, progress=False)
+    assert (mine / "notes.txt").read_text() == "my work" and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(MixqError, match="not a folder mixq wrote"):
+        convert(src, afile, recipe="q4", force=True, progress=False)
+    assert afile.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "parent"]  # no temp folders left
+
+
+def test_error_midway_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     import mixq.quant.convert
 
-    src = tiny("llama")
+    src = tiny_model("llama")
     calls = {"n": 0}
     real = mixq.quant.convert.quantize
 
@@ -244,12 +272,12 @@ def test_error_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_is_one_line_error(tiny, tmp_path, monkeypatch):
+def test_disk_full_is_one_line_error(tiny_model, tmp_path, monkeypatch):
     import errno
 
     import mixq.io.safetensors
 
-    src = tiny("llama")
+    src = tiny_model("llama")
     real = mixq.io.safetensors.SafetensorsWriter.write
 
     def full(self, name, t):
@@ -262,8 +290,8 @@ def test_disk_full_is_one_line_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(mixq.io.safetensors.SafetensorsWriter, "write", real)
 
 
-def test_unknown_architecture(tiny, tmp_path):
-    src = tiny("llama")
+def test_unknown_architecture(tiny_model, tmp_path):
+    src = tiny_model("llama")
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in src.iterdir():
@@ -278,8 +306,9 @@ def test_unknown_architecture(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_divisible_input_dim_kept(tiny, tmp_path):
-    src = tiny("llama", intermediate_size=72)  # down_proj input 72: no group size divides it
+@pytest.mark.mlx
+def test_non_divisible_input_dim_kept(tiny_model, tmp_path):
+    src = tiny_model("llama", intermediate_size=72)  # down_proj input 72: no group size divides it
     out = convert(src, tmp_path / "out", recipe="q4-hi", progress=False)
     art = read_artifact(out)
     down = art.spec("model.layers.0.mlp.down_proj.weight")
@@ -291,8 +320,9 @@ def test_non_divisible_input_dim_kept(tiny, tmp_path):
     assert rel_err(mlx_logits(out, TOKENS), torch_logits(out, TOKENS)) < 1e-4
 
 
-def test_folder_contents_and_artifact(tiny, tmp_path):
-    src = tiny("qwen2")
+@pytest.mark.mlx
+def test_folder_contents_and_artifact(tiny_model, tmp_path):
+    src = tiny_model("qwen2")
     out = convert(src, tmp_path / "out", recipe="qx86-hi", progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -326,7 +356,7 @@ def test_folder_contents_and_artifact(tiny, tmp_path):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_dry_run_and_plan_show(tiny, tmp_path, capsys):
+def test_dry_run_and_plan_show(tiny_model, tmp_path, capsys):
     import argparse
     import importlib
 
@@ -334,7 +364,7 @@ def test_dry_run_and_plan_show(tiny, tmp_path, capsys):
 
     convert_mod = importlib.import_module("mixq.quant.convert")
 
-    src = tiny("qwen3_moe")
+    src = tiny_model("qwen3_moe")
     p = argparse.ArgumentParser()
     convert_mod.add_arguments(p)
     convert_mod.cli(p.parse_args([str(src), str(tmp_path / "out"), "--recipe", "qx86-hi", "--dry-run"]))
@@ -348,14 +378,16 @@ def test_dry_run_and_plan_show(tiny, tmp_path, capsys):
     assert "mixed_3_6" in text2 and "model.layers.1.mlp.gate" in text2
 
 
-def test_dtype_option(tiny, tmp_path):
-    src = tiny("llama")
+@pytest.mark.mlx
+def test_dtype_option(tiny_model, tmp_path):
+    src = tiny_model("llama")
     out = convert(src, tmp_path / "out", recipe="q8", dtype="float16", progress=False)
     art = read_artifact(out)
     assert {t.dtype for t in art.tensors} == {"float16"}
     assert rel_err(mlx_logits(out, TOKENS), torch_logits(out, TOKENS)) < 1e-4
 
 
+@pytest.mark.mlx
 @pytest.mark.real
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_real_model_qx86(tmp_path, name):

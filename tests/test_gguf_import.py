@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 
 import numpy as np
@@ -174,13 +175,30 @@ def test_unsupported_tensor_type(tiny_llama, tmp_path):
 
 def test_existing_out_needs_force(tiny_llama, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    import_gguf(tiny_llama[0], out, progress=False)
     (out / "keep.txt").write_text("x")
     with pytest.raises(MixqError, match="--force"):
         import_gguf(tiny_llama[0], out, progress=False)
     assert (out / "keep.txt").exists()
     import_gguf(tiny_llama[0], out, force=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_force_refuses_foreign_folders_and_the_source(tiny_llama, tmp_path):
+    """--force replaces only what mixq wrote; never a folder holding the GGUF being imported."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    with pytest.raises(MixqError, match="not written by mixq"):
+        import_gguf(tiny_llama[0], mine, force=True, progress=False)
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    gguf = holder / "model.gguf"
+    gguf.write_bytes(Path(tiny_llama[0]).read_bytes())
+    (holder / "mixq_provenance.json").write_text("{}")  # even a folder that looks like mixq's
+    with pytest.raises(MixqError, match="source"):
+        import_gguf(gguf, holder, force=True, progress=False)
+    assert (mine / "keep.txt").exists() and gguf.is_file()
 
 
 def test_sharded_output(tiny_llama, tmp_path, monkeypatch):

@@ -86,11 +86,29 @@ def temp_dir_beside(out: Path) -> Path:
     return tmp
 
 
-def finish_dir(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished `tmp` to `out` (replacing an existing `out` only with `force`)."""
-    if out.exists():
+def check_replaceable(out: Path, protect=()) -> None:
+    """Refuse to replace `out` unless mixq wrote it (it holds mixq_provenance.json) and it neither is nor holds
+    any path in `protect` (the sources being read). What --force may delete is decided here only."""
+    out = Path(out)
+    target = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == target or target in p.parents:
+            raise MixqError(f"{out}: is or holds the source {p}; --force never replaces a source, write elsewhere")
+    if out.is_dir() and not out.is_symlink():
+        if not (out / PROVENANCE_FILE).is_file():
+            raise MixqError(f"{out}: was not written by mixq (no {PROVENANCE_FILE}); --force only replaces "
+                            "folders mixq wrote: remove it yourself or write elsewhere")
+    elif out.exists() or out.is_symlink():
+        raise MixqError(f"{out}: is not a folder mixq wrote; --force only replaces those: write elsewhere")
+
+
+def finish_dir(tmp: Path, out: Path, force: bool, protect=()) -> None:
+    """Move the finished `tmp` to `out` (replacing an existing `out` only with `force`, see `check_replaceable`)."""
+    if out.exists() or out.is_symlink():
         if not force:
             raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+        check_replaceable(out, protect)
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         os.rename(tmp, out)
@@ -99,16 +117,27 @@ def finish_dir(tmp: Path, out: Path, force: bool) -> None:
         os.rename(tmp, out)
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path, force: bool = False):
-    """Yield a temporary folder beside `out`; on success it becomes `out`, on any error it is removed."""
+def check_output(out: Path, force: bool, protect=()) -> None:
+    """Fail early, before any work, when `out` exists and may not be replaced."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+        check_replaceable(out, protect)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, force: bool = False, protect=()):
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on any error it is removed.
+
+    An existing `out` is replaced only with `force`, only if mixq wrote it, and never if it is or holds a
+    path in `protect` (see `check_replaceable`)."""
+    out = Path(out)
+    check_output(out, force, protect)
     tmp = temp_dir_beside(out)
     try:
         yield tmp
-        finish_dir(tmp, out, force)
+        finish_dir(tmp, out, force, protect)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, README_MARK, sha256_file, staged_dir
+from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, sha256_file, staged_dir
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
 from mixq.quant.plan import Plan, TensorPlan
 from mixq.quant.plan_show import print_plan
 from mixq.quant.prepare import DTYPES, Prepared, prepare
 from mixq.quant.quantize import quantize
+from mixq.sources.resolve import resolve
 from mixq.threads import torch_threads
 from mixq.version import __version__
 
@@ -245,8 +246,7 @@ def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: i
                      progress: bool = True) -> Path:
     """Write the prepared conversion to the MLX folder `out` (built beside it, renamed into place)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+    check_output(out, force, protect=[prep.path])
     out.parent.mkdir(parents=True, exist_ok=True)
     need = int(prep.plan.total_bytes) + (1 << 20)
     free = shutil.disk_usage(out.parent).free
@@ -254,7 +254,7 @@ def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: i
         raise MixqError(f"{out.parent}: {free / 1e9:.2f} GB free, the converted model needs {need / 1e9:.2f} GB; "
                         f"free some space or write elsewhere")
     try:
-        with staged_dir(out, force) as tmp:
+        with staged_dir(out, force, protect=[prep.path]) as tmp:
             hashes: dict = {}
             hasher = threading.Thread(target=_hash_files, args=(prep.ckpt.source_files(), hashes), daemon=True)
             hasher.start()
@@ -279,9 +279,9 @@ def convert(source, out, recipe="q6-hi", dtype=None, force=False, *, shard_bytes
             progress: bool = True) -> Path:
     """Convert `source` (HF folder, .gguf, embedded name) into the MLX folder `out` under `recipe`."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
-    return write_mlx_folder(prepare(source, recipe, dtype), out, force=force, shard_bytes=shard_bytes,
+    resolved = resolve(str(source))
+    check_output(out, force, protect=[resolved.path])  # fail before any work
+    return write_mlx_folder(prepare(resolved, recipe, dtype), out, force=force, shard_bytes=shard_bytes,
                             progress=progress)
 
 

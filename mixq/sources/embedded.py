@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, cache_dir, file_lock, pip_download, read_provenance, sha256_file, write_atomic
+from mixq.io.files import (
+    PROVENANCE_FILE,
+    cache_dir,
+    file_lock,
+    pip_download,
+    read_provenance,
+    sha256_file,
+    write_atomic,
+)
 from mixq.sources.gguf import import_gguf
 from mixq.sources.offgrid import apply_offgrid
 

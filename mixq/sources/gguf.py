@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, sha256_file, staged_dir
+from mixq.io.files import PROVENANCE_FILE, check_output, sha256_file, staged_dir
 from mixq.io.safetensors import write_sharded
 from mixq.version import __version__
 
@@ -352,8 +352,7 @@ def import_gguf(gguf_path, out_dir, dtype: str = "float32", *, force: bool = Fal
     gguf_path, out = Path(gguf_path), Path(out_dir)
     if dtype not in DTYPES:
         raise MixqError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if out.exists() and not force:
-        raise MixqError(f"{out} already exists; pass --force to replace it")
+    check_output(out, force, protect=[gguf_path])
     reader = open_gguf(gguf_path)
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture")
@@ -376,7 +375,7 @@ def import_gguf(gguf_path, out_dir, dtype: str = "float32", *, force: bool = Fal
     by_name = {it.hf_name: it for it in items}
     digest = sha256 or sha256_file(gguf_path)
 
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, protect=[gguf_path]) as tmp:
         write_sharded(tmp, [(it.hf_name, it.shape, _TORCH_DTYPES[dtype]) for it in items],
                       lambda name: _load_blocks(by_name[name], arch, cfg), max_shard_bytes=MAX_SHARD_BYTES,
                       progress=progress, desc=f"import {gguf_path.name}")

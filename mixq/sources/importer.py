@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.files import staged_dir
+from mixq.io.files import check_output, staged_dir
 from mixq.sources import embedded
 from mixq.sources.gguf import DTYPES, import_gguf
 
@@ -27,10 +27,9 @@ def cli(args) -> int:
         if args.dtype != "float32":
             raise MixqError("--dtype applies to .gguf files; embedded models are cached in float32 "
                             "(use `mixq convert NAME OUT --recipe bf16` for bfloat16)")
-        if out.exists() and not args.force:
-            raise MixqError(f"{out}: already exists; choose another path or pass --force to replace it")
+        check_output(out, args.force)
         src = embedded.ensure(args.model)
-        with staged_dir(out, args.force) as tmp:
+        with staged_dir(out, args.force, protect=[src]) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
     elif str(args.model).lower().endswith(".gguf") or Path(args.model).is_file():
         import_gguf(args.model, out, args.dtype, force=args.force)

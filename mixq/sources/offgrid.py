@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, read_provenance, staged_dir
+from mixq.io.files import PROVENANCE_FILE, check_output, read_provenance, staged_dir
 from mixq.io.safetensors import DTYPES, INDEX_FILE, read_headers, write_sharded
 
 DEFAULT_SEED = 20250101
@@ -120,8 +120,7 @@ def apply_offgrid(src, out, *, seed: int = DEFAULT_SEED, force: bool = False, pr
                         f"not {config.get('model_type')!r}")
     if "quantization" in config:
         raise MixqError(f"{src}: is already quantized (MLX); re-parametrize the unquantized source instead")
-    if out.exists() and not force:
-        raise MixqError(f"{out} already exists; pass --force to replace it")
+    check_output(out, force, protect=[src])
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise MixqError(f"{src}: no .safetensors files; give a Hugging Face model folder")
@@ -138,7 +137,7 @@ def apply_offgrid(src, out, *, seed: int = DEFAULT_SEED, force: bool = False, pr
             handles[file] = safe_open(str(file), "pt")
         return transform(name, handles[file].get_tensor(name), config, seed)
 
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, protect=[src]) as tmp:
         for p in src.iterdir():
             if p.is_file() and not p.name.endswith(".safetensors") and p.name != INDEX_FILE:
                 shutil.copy2(p, tmp / p.name)

@@ -1,0 +1,1 @@
+"""Evaluation: the engine, the seven tasks, perplexity and KL divergence, run folders."""

@@ -1,0 +1,1 @@
+"""Inference: text generation and chat (torch or mlx backend)."""

@@ -1,0 +1,1 @@
+"""Reports: paired statistics, comparisons, plots, model cards."""
