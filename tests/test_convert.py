@@ -410,3 +410,17 @@ def test_real_model_qx86(tmp_path, name):
     text = generate(model, tok, prompt="The capital of France is the city of", max_tokens=8)
     assert "Paris" in text, text
     assert src.exists()
+
+
+def test_second_writer_is_refused(tiny_model, tmp_path, tmp_cache):
+    """While one writer holds OUT, another convert to OUT stops at once with one line and leaves nothing."""
+    from mixq.io.files import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(MixqError, match="another mixq process") as e:
+            convert(tiny_model("llama"), out, recipe="q4", progress=False)
+        assert "\n" not in str(e.value)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "mixq-cache"] == []
+    convert(tiny_model("llama"), out, recipe="q4", progress=False)  # free again
+    assert is_mlx_folder(out)

@@ -26,9 +26,6 @@ from mixq.infer.generate import (
     stream_generate,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_hf  # noqa: E402
-
 PROMPT = "The capital of France is"
 
 
@@ -50,20 +47,19 @@ def _only_our_commands(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_tiny_hf("llama", tmp_path_factory.mktemp("gen") / "llama")
+def llama(tiny_model) -> Path:
+    return tiny_model("llama")
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory) -> Path:
-    return make_tiny_hf("gemma3_text", tmp_path_factory.mktemp("gen") / "gemma")
+def gemma(tiny_model) -> Path:
+    return tiny_model("gemma3_text")
 
 
 @pytest.fixture(scope="module")
 def mlx_folder(llama, tmp_path_factory) -> Path:
     """A tiny 4-bit MLX folder written by mlx_lm.convert (the format's reference writer)."""
-    pytest.importorskip("mlx_lm")
-    import mlx_lm
+    mlx_lm = pytest.importorskip("mlx_lm")
 
     out = tmp_path_factory.mktemp("gen") / "llama-mlx-q4"
     mlx_lm.convert(str(llama), str(out), quantize=True, q_group_size=32, q_bits=4)

@@ -77,6 +77,28 @@ def file_lock(path: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on output path `out` for the block; a second writer gets a one-line MixqError.
+
+    The lock file lives in the cache (`locks/out-<hash of the absolute path>.lock`), not beside `out`."""
+    import fcntl
+
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:24]
+    lock = cache_dir() / "locks" / f"out-{key}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MixqError(f"{out}: another mixq process is writing it now; wait for it to finish "
+                            "or write elsewhere") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def temp_dir_beside(out: Path) -> Path:
     """A fresh hidden folder next to `out` (same filesystem, so the final rename is atomic)."""
     out = Path(out)
@@ -129,18 +151,20 @@ def check_output(out: Path, force: bool, protect=()) -> None:
 @contextlib.contextmanager
 def staged_dir(out: Path, force: bool = False, protect=()):
     """Yield a temporary folder beside `out`; on success it becomes `out`, on any error it is removed.
+    One writer at a time: a second process writing the same `out` is refused (`output_lock`).
 
     An existing `out` is replaced only with `force`, only if mixq wrote it, and never if it is or holds a
     path in `protect` (see `check_replaceable`)."""
     out = Path(out)
-    check_output(out, force, protect)
-    tmp = temp_dir_beside(out)
-    try:
-        yield tmp
-        finish_dir(tmp, out, force, protect)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out):
+        check_output(out, force, protect)
+        tmp = temp_dir_beside(out)
+        try:
+            yield tmp
+            finish_dir(tmp, out, force, protect)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
