@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's mixq (also in the harness venv)
+from mixq.eval.tasks import TASK_NAMES  # noqa: E402 - stdlib-only module, importable in the harness venv
+
 # the harness's built-in yaml of each task, relative to lm_eval/tasks/
 HARNESS_YAML = {"arc_challenge": "arc/arc_challenge.yaml", "arc_easy": "arc/arc_easy.yaml",
                 "boolq": "super_glue/boolq/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
@@ -72,7 +74,6 @@ def harness_worker(args) -> None:
 
 def write_harness_tasks(out: Path, tasks, limit: int, lmeval_python: str) -> None:
     """Export the documents mixq reads as JSONL and a task yaml per task including the harness's own."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from mixq.eval.data import load_docs
 
     tasks_dir = Path(subprocess.check_output(
@@ -152,7 +153,8 @@ def run_kld(args) -> str:
     run_s = time.perf_counter() - t0
     k = r["kld"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return (f"KLD {args.model}@{args.kld} vs {args.model}, {k['n_windows']} x {k['ctx']} tokens ({k['n_tokens']} scored): "
+    return (f"KLD {args.model}@{args.kld} vs {args.model}, {k['n_windows']} x {k['ctx']} tokens "
+            f"({k['n_tokens']} scored): "
             f"base pass {base_s:.1f}s (then cached), quant pass {k['seconds']:.1f}s ({run_s:.1f}s with loading); "
             f"kld_mean {k['kld_mean']:.4f} +- {k['kld_mean_stderr']:.4f}, top-1 agreement {k['top1_agreement']:.3f}, "
             f"ppl {k['ppl_quant']:.2f} vs {k['ppl_base']:.2f}; peak RSS of this process {peak:.2f} GB")
@@ -221,7 +223,6 @@ def main(argv=None) -> int:
         harness_worker(args)
         return 0
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from mixq.sources.resolve import resolve
 
     args.model_path = resolve(args.model).path

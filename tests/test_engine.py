@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model, read_mlx_dequantized
+from mixq.eval.engine import load_model, model_fingerprint, read_mlx_dequantized
 from mixq.quant.artifact import module_spec, quantization_config
+from mixq.sources.resolve import resolve
 
 torch.set_num_threads(2)
 
@@ -21,8 +21,8 @@ def _logits(lm, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return make_tiny_hf("llama", tmp_path_factory.mktemp("e") / "llama", num_hidden_layers=5)
+def tiny_llama(tiny_model):
+    return tiny_model("llama", num_hidden_layers=5)
 
 
 def test_hf_folder_equals_transformers(tiny_llama):
@@ -42,10 +42,10 @@ def test_hf_folder_equals_transformers(tiny_llama):
 
 @pytest.mark.parametrize("arch,recipe", [("llama", "qx86-hi"), ("qwen3_moe", "q4-hi"), ("gemma3_text", "mixed_3_6"),
                                          ("gpt_oss", "q6-hi")])
-def test_recipe_on_the_fly_equals_converted_folder(tmp_path, arch, recipe):
+def test_recipe_on_the_fly_equals_converted_folder(tmp_path, tiny_model, arch, recipe):
     from mixq.quant.convert import convert
 
-    src = make_tiny_hf(arch, tmp_path / arch, **({"num_hidden_layers": 5} if arch == "llama" else {}))
+    src = tiny_model(arch, **({"num_hidden_layers": 5} if arch == "llama" else {}))
     out = convert(str(src), tmp_path / f"{arch}-{recipe}", recipe=recipe, progress=False)
     folder = load_model(str(out), progress=False)
     fly = load_model(f"{src}@{recipe}", progress=False)
@@ -71,8 +71,18 @@ def test_recipe_option_and_suffix(tiny_llama):
         load_model(f"{tiny_llama}@q8", recipe="q4", progress=False)
 
 
+def test_resolved_model_is_accepted_as_is(tiny_llama):
+    """A caller that resolved the reference once passes the ResolvedModel on: same model, same identity."""
+    resolved = resolve(f"{tiny_llama}@q8")
+    a, b = load_model(resolved, progress=False), load_model(f"{tiny_llama}@q8", progress=False)
+    assert a.info.ref == b.info.ref == f"{tiny_llama}@q8" and a.info.recipe == "q8"
+    assert torch.equal(_logits(a), _logits(b))
+    assert model_fingerprint(resolved) == model_fingerprint(f"{tiny_llama}@q8") != model_fingerprint(str(tiny_llama))
+
+
+@pytest.mark.mlx
 def test_mlx_lm_folder_dequantizes_like_mlx(tmp_path, tiny_llama):
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx
     from mlx_lm import convert as mlx_convert
 
     out = tmp_path / "mlxq"

