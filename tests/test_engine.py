@@ -134,3 +134,54 @@ def test_unknown_path_is_one_line_error(tmp_path):
     with pytest.raises(MixqError) as e:
         load_model(str(tmp_path / "no-such-model"), progress=False)
     assert "\n" not in str(e.value)
+
+
+def _broken_copy(src, dst, *, drop=None, add=None, reshape=None, config=None):
+    """A copy of HF folder `src` with one weight dropped, added or re-shaped, or config.json changed."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(dst / "model.safetensors"))
+    if drop:
+        del sd[drop]
+    if add:
+        sd[add] = torch.zeros(4)
+    if reshape:
+        sd[reshape] = sd[reshape][:-1].clone()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("broken, says", [
+    (dict(drop="model.layers.1.mlp.up_proj.weight"), "1 missing (model.layers.1.mlp.up_proj.weight)"),
+    (dict(config={"num_hidden_layers": 30}), "missing"),
+    (dict(add="model.layers.0.extra.weight"), "unexpected (model.layers.0.extra.weight)"),
+    (dict(reshape="model.layers.0.self_attn.q_proj.weight"), "model.layers.0.self_attn.q_proj"),
+])
+@pytest.mark.parametrize("recipe", [None, "q4"])
+def test_weights_must_match_config(tiny_model, tmp_path, broken, says, recipe):
+    """A checkpoint whose weights do not cover its config exactly is refused, naming the tensors (never scored
+    with randomly filled weights), as stored and with a recipe applied."""
+    bad = _broken_copy(tiny_model("llama", num_hidden_layers=2), tmp_path / "bad", **broken)
+    with pytest.raises(MixqError) as e:
+        load_model(str(bad), recipe=recipe, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and ("do not match config.json" in msg or "shape" in msg), msg
+    assert says in msg or "shape" in msg, msg
+
+
+def test_eval_cli_refuses_a_broken_checkpoint(tiny_model, tmp_path, capsys):
+    from mixq.cli import main
+
+    bad = _broken_copy(tiny_model("llama", num_hidden_layers=2), tmp_path / "bad",
+                       drop="model.layers.0.mlp.down_proj.weight")
+    assert main(["eval", str(bad), "--tasks", "arc_easy", "--limit", "2", "-o", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.layers.0.mlp.down_proj.weight" in err[0]
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -254,3 +254,14 @@ def test_cli_prints_table(tmp_path, setup, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "boolq" in out and "ppl" in out and "results.json" in out
+
+
+def test_second_writer_of_a_run_folder_is_refused(tmp_path, setup):
+    """Two evaluations into one run folder would duplicate samples: the second is refused at once."""
+    from mixq.io.files import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out):
+        with pytest.raises(MixqError, match="another mixq process"):
+            _run(str(setup[0]), out, setup, tasks="arc_easy")
+    assert not out.exists()

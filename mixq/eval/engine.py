@@ -89,15 +89,40 @@ def _hf_config(cfg: dict):
         raise MixqError(f"transformers cannot build a config for model_type {model_type!r}: {e}") from None
 
 
-def _build(config, state_dict: dict, dtype: str):
+def _build(config, state_dict: dict, dtype: str, where):
     """A transformers model from a config and a state dict with HF checkpoint names."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     cls = _model_class(config)
-    model = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=_torch_dtype(dtype))
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=_torch_dtype(dtype),
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    except RuntimeError as e:  # e.g. a weight whose shape disagrees with config.json
+        raise _mismatch(where, e) from None
+    check_loading(info, where)
     return model.eval()
+
+
+def _mismatch(where, e: Exception) -> MixqError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return MixqError(f"{where}: the weights do not match config.json ({first}); fix or re-download the checkpoint")
+
+
+def check_loading(info: dict, where) -> None:
+    """Refuse a model whose weights do not cover its config exactly: transformers would fill a missing
+    weight with random values (and drop an unexpected or mis-shaped one) and the scores would be wrong.
+    Models are built with `ignore_mismatched_sizes=True` so that a mis-shaped weight is reported here, by name."""
+    problems = [(kind, sorted(info.get(key) or [])) for kind, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))]
+    problems = [(kind, [n if isinstance(n, str) else n[0] for n in names]) for kind, names in problems if names]
+    if not problems:
+        return
+    said = "; ".join(f"{len(names)} {kind} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                     for kind, names in problems)
+    raise MixqError(f"{where}: the weights do not match config.json: {said}; "
+                    "fix or re-download the checkpoint (its config.json and weights must agree)")
 
 
 def _tokenizer(path: Path):
@@ -129,7 +154,13 @@ def _load_hf(resolved, dtype: str) -> tuple[object, dict]:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     config = _hf_config(ckpt.config)
-    model = _model_class(config).from_pretrained(str(resolved.path), config=config, dtype=_torch_dtype(dtype))
+    try:
+        model, info = _model_class(config).from_pretrained(str(resolved.path), config=config,
+                                                           dtype=_torch_dtype(dtype), output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except RuntimeError as e:  # e.g. a weight whose shape disagrees with config.json
+        raise _mismatch(resolved.path, e) from None
+    check_loading(info, resolved.path)
     stats = dict(size_bytes=size, n_params=n, bits_per_weight=8 * size / max(n, 1), bits_per_weight_quantized=None)
     return model.eval(), stats
 
@@ -158,7 +189,7 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> t
             yield tp.name, t
 
     state = arch.hf_state_dict(tensors(), prep.config)
-    model = _build(_hf_config(arch.hf_config(prep.config)), state, dtype)
+    model = _build(_hf_config(arch.hf_config(prep.config)), state, dtype, resolved.path)
     del state
     bpwq = plan.bits_per_weight_quantized if plan.quantized_params else None
     stats = dict(size_bytes=int(plan.total_bytes), n_params=int(plan.total_params),
@@ -238,7 +269,7 @@ def _load_mlx(resolved, dtype: str, progress: bool) -> tuple[object, dict]:
     arch.check_supported(config)
     s: dict = {}
     state = arch.hf_state_dict(read_mlx_dequantized(path, config, s, progress), config)
-    model = _build(_hf_config(arch.hf_config(config)), state, dtype)
+    model = _build(_hf_config(arch.hf_config(config)), state, dtype, path)
     del state
     stats = dict(size_bytes=s["size_bytes"], n_params=s["n_params"],
                  bits_per_weight=8 * s["size_bytes"] / max(s["n_params"], 1),

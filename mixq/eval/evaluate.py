@@ -46,7 +46,7 @@ from mixq.eval.perplexity import (
 from mixq.eval.runs import RESULTS_FILE, SAMPLES_FILE, read_results, read_samples, samples_by_task
 from mixq.eval.scoring import DEFAULT_BATCH_SIZE, ScoreOptions, score_docs, task_metrics
 from mixq.eval.tasks import TASK_NAMES, TASKS
-from mixq.io.files import write_atomic
+from mixq.io.files import output_lock, write_atomic
 from mixq.sources.resolve import ResolvedModel, resolve
 from mixq.threads import torch_threads
 from mixq.version import __version__
@@ -158,11 +158,12 @@ def evaluate(model_ref, tasks="all", out_dir=None, **settings) -> dict:
 def run(cfg: EvalConfig) -> dict:
     """Carry out the evaluation `cfg` describes; return the results dict (also in its run folder)."""
     out = Path(cfg.out)
-    prev, prev_samples = _prepare_run_dir(out, cfg)
-    if prev and prev.get("complete") and all(t in prev.get("tasks", {}) or t in prev for t in cfg.tasks):
-        return prev  # nothing left to do
-    with torch_threads(cfg.threads):
-        return _run(cfg, out, prev, prev_samples)
+    with output_lock(out):  # one writer per run folder: a second `mixq eval -o` into it is refused
+        prev, prev_samples = _prepare_run_dir(out, cfg)
+        if prev and prev.get("complete") and all(t in prev.get("tasks", {}) or t in prev for t in cfg.tasks):
+            return prev  # nothing left to do
+        with torch_threads(cfg.threads):
+            return _run(cfg, out, prev, prev_samples)
 
 
 def _run(cfg: EvalConfig, out: Path, prev: dict | None, prev_samples: list[dict]) -> dict:
