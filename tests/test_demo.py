@@ -6,6 +6,8 @@ import pytest
 from tiny_models import _TEXT, make_tiny_hf
 
 import mixq.demo as demo
+from mixq.eval.tasks import TASK_NAMES
+from mixq.io.files import README_MARK
 
 ARC = [{"question": q, "choices": {"text": c, "label": ["A", "B", "C"][:len(c)]}, "answerKey": k}
        for q, c, k in [("Which is the capital of France?", ["Berlin", "Paris", "Rome"], "B"),
@@ -42,7 +44,17 @@ def test_demo_builds_evaluates_and_reports(tiny, tmp_path, monkeypatch):
     for variant in ("bf16", "q8-hi", "q4"):
         folder = out / "models" / f"llama-{variant}"
         assert json.loads((folder / "mixq_provenance.json").read_text())["recipe"]["name"] == variant
-        assert "library_name: mlx" in (folder / "README.md").read_text()
+        readme = (folder / "README.md").read_text()
+        assert "library_name: mlx" in readme and README_MARK in readme
+        evaluation = readme.split("## Evaluation")[1].split("## How it was made")[0]
+        if variant == "q8-hi":   # the reference variant: its own scores, no comparison lines at all
+            assert "| acc | q8-hi |" in evaluation
+            for words in ("single run", "Holm", "Δ", "differences against"):
+                assert words not in evaluation
+        else:                    # every other variant: compared with the reference variant, paired
+            assert f"| acc | {variant} | q8-hi (ref) | Δ {variant} |" in evaluation
+            assert "differences against q8-hi" in evaluation and "Holm's adjustment over all 1 task comparisons" \
+                in evaluation and "single run" not in evaluation
         results = json.loads((report.parent.parent / "runs" / report.name / variant / "results.json").read_text())
         assert results["tasks"]["arc_easy"]["n"] == 3 and results["kld"]["n_tokens"] > 0
     # fewer bits, further from the base
@@ -59,3 +71,7 @@ def test_demo_builds_evaluates_and_reports(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.import_module("mixq.demo"), "convert", refuse)
     monkeypatch.setattr(importlib.import_module("mixq.eval.evaluate"), "score_docs", refuse)
     assert demo.run_demo(_config(tiny, out)) == report
+
+
+def test_demo_tasks_are_the_eval_tasks():
+    assert demo.SEVEN_TASKS == TASK_NAMES == demo.DemoConfig().tasks and len(TASK_NAMES) == 7

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.report import stats
 
 
@@ -32,11 +33,13 @@ def test_wilson_known_values():
     assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
 
 
-def test_standard_errors_match_harness_convention():
+def test_reports_use_the_one_standard_error_convention():
+    # the reports' standard errors are mixq.eval.metrics's (the harness's n - 1; NaN, not 0, when unknown)
+    assert not hasattr(stats, "mean_se") and not hasattr(stats, "proportion_se")
     xs = [1, 0, 1, 1, 0, 1, 0, 1]
-    assert stats.mean_se(xs) == pytest.approx(np.std(xs, ddof=1) / math.sqrt(len(xs)))
-    assert stats.proportion_se(5, 8) == pytest.approx(stats.mean_se(xs))
-    assert stats.mean_se([3.0]) == 0.0
+    assert stderr(xs) == pytest.approx(np.std(xs, ddof=1) / math.sqrt(len(xs)))
+    assert proportion_stderr(5, 8) == pytest.approx(stderr(xs))
+    assert math.isnan(stderr([3.0])) and math.isnan(proportion_stderr(1, 1))
 
 
 def test_paired_difference_counts_and_interval():

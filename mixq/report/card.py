@@ -1,11 +1,14 @@
 """`mixq card`: write the model card (README.md) of a converted MLX folder.
 
-What the card states is read from the folder itself through `mixq.artifact`: config.json
+What the card states is read from the folder itself through `mixq.quant.artifact`: config.json
 (`quantization`: default spec and per-module overrides, as mlx-lm writes them), the safetensors
 headers (every tensor's shape and bytes: so parameter shares, size and bits per weight are what
 the files hold) and mixq_provenance.json (recipe name/text, mixq version, where the weights came
 from, read tolerantly at any nesting depth). A folder written by plain mlx_lm.convert (no
-provenance) still gets a card.
+provenance) still gets a card. Tensors are grouped by `mixq.quant.tensors.classify`.
+
+The card carries `README_MARK`: a README.md without it (e.g. a Hugging Face folder's own card) is
+not replaced unless asked (`--force`), or the card is written elsewhere (`-o FILE`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.files import write_atomic
-from mixq.quant.artifact import read_artifact
-from mixq.report.compare import compare, to_markdown
+from mixq.io.files import README_MARK, write_atomic
+from mixq.quant.artifact import Artifact, read_artifact
+from mixq.quant.tensors import ATTENTION, EMBEDDING, EXPERTS, HEAD, MLP, NORM, OTHER, ROUTER, classify
+from mixq.report.compare import compare
+from mixq.report.render import to_markdown
+from mixq.report.tables import fmt_bytes, md_table
+from mixq.report.words import summarize
 
 # --------------------------------------------------------------------------- reading the folder
 
@@ -39,19 +46,20 @@ class FolderInfo:
     path: Path
     config: dict
     provenance: dict
+    artifact: Artifact
     tensors: list[TensorEntry] = field(default_factory=list)
 
     @property
     def n_params(self) -> int:
-        return sum(t.params for t in self.tensors)
+        return self.artifact.n_params
 
     @property
     def size_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return self.artifact.size_bytes
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.size_bytes / self.n_params if self.n_params else 0.0
+        return self.artifact.bits_per_weight
 
     @property
     def n_layers(self) -> int | None:
@@ -59,45 +67,28 @@ class FolderInfo:
         return c.get("num_hidden_layers") or self.config.get("num_hidden_layers")
 
 
+ONE_D = "norms, biases, other 1-D"   # every unquantized tensor of fewer than two dimensions
+KIND_LABELS = {EMBEDDING: "embeddings (embed_tokens)", ATTENTION: "attention q/k/v/o", MLP: "MLP gate/up/down",
+               EXPERTS: "MoE experts", ROUTER: "MoE router", HEAD: "output head (lm_head)", OTHER: "other",
+               NORM: "other"}   # a norm is 1-D (ONE_D) unless some architecture stores one otherwise
+
+
 def tensor_kind(module: str) -> str:
-    """Group a module path into the kinds the card's recipe table uses."""
-    m = module.lower()
-    if "embed_tokens" in m or m.endswith("wte") or "embeddings" in m:
-        return "embeddings (embed_tokens)"
-    if m.endswith("lm_head"):
-        return "output head (lm_head)"
-    if re.search(r"(switch_mlp|experts)\.", m) or m.endswith("experts"):
-        return "MoE experts"
-    if re.search(r"\.(mlp|block_sparse_moe)\.(gate|router)$", m) or m.endswith(".router"):
-        return "MoE router"
-    if re.search(r"(self_attn|attention|attn)\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|dense|out_proj)$", m):
-        return "attention q/k/v/o"
-    if re.search(r"(mlp|feed_forward)\.(gate_proj|up_proj|down_proj|gate_up_proj|fc1|fc2)$", m):
-        return "MLP gate/up/down"
-    return "other"
-
-
-def _layer_of(module: str) -> int | None:
-    m = re.search(r"\.layers\.(\d+)\.", module + ".")
-    return int(m.group(1)) if m else None
+    """The card's label for a module path's category (`mixq.quant.tensors.classify`)."""
+    return KIND_LABELS[classify(module).category]
 
 
 def read_folder(model_dir) -> FolderInfo:
-    """What an MLX folder holds (via `mixq.artifact`: config, provenance, safetensors headers)."""
-
+    """What an MLX folder holds (via `mixq.quant.artifact`: config, provenance, safetensors headers)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise MixqError(f"{path}: no config.json; pass a folder written by `mixq convert`")
     art = read_artifact(path)
-    info = FolderInfo(path, art.config, art.provenance or {})
+    info = FolderInfo(path, art.config, art.provenance or {}, art)
     for t in art.tensors:
-        module = t.path
-        if t.bits:
-            kind = tensor_kind(module)
-        else:
-            kind = tensor_kind(module) if len(t.shape) >= 2 else "norms, biases, other 1-D"
-        info.tensors.append(TensorEntry(module, kind, _layer_of(module), t.numel, t.nbytes, t.bits,
-                                        t.group_size, t.dtype))
+        role = classify(t.path)
+        kind = ONE_D if not t.bits and len(t.shape) < 2 else KIND_LABELS[role.category]
+        info.tensors.append(TensorEntry(t.path, kind, role.layer, t.numel, t.nbytes, t.bits, t.group_size, t.dtype))
     return info
 
 
@@ -177,8 +168,9 @@ def source_story(prov: dict) -> dict:
     homepage = emb.get("homepage") or ""
     hf = re.match(r"https?://huggingface\.co/([\w.-]+/[\w.-]+)/?$", homepage)
     top_src = prov.get("source") if isinstance(prov.get("source"), dict) else {}
-    return {"from_gguf": imp is not None, "gguf_type": main_type, "gguf_bits": _GGUF_BITS.get(m.group(1)) if m else None,
-            "gguf_types": types, "gguf_name": gguf.get("name"), "offgrid": offgrid,
+    return {"from_gguf": imp is not None, "gguf_type": main_type,
+            "gguf_bits": _GGUF_BITS.get(m.group(1)) if m else None, "gguf_types": types,
+            "gguf_name": gguf.get("name"), "offgrid": offgrid,
             "sha256": src.get("sha256") or emb.get("gguf_sha256"), "file": src.get("file"),
             "license": emb.get("license") or gguf.get("license") or _find(prov, "license", "licence"),
             "base_model": _find(prov, "base_model") or (hf.group(1) if hf else None),
@@ -215,8 +207,7 @@ def layer_text(layers: list[int], n_layers: int | None) -> str:
     return ", ".join(map(str, ls))
 
 
-KIND_ORDER = ["embeddings (embed_tokens)", "attention q/k/v/o", "MLP gate/up/down", "MoE experts", "MoE router",
-              "output head (lm_head)", "other", "norms, biases, other 1-D"]
+KIND_ORDER = [KIND_LABELS[c] for c in (EMBEDDING, ATTENTION, MLP, EXPERTS, ROUTER, HEAD, OTHER)] + [ONE_D]
 
 
 def recipe_rows(info: FolderInfo) -> list[dict]:
@@ -271,15 +262,6 @@ def recipe_words(info: FolderInfo) -> str:
     return s
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
-def _md_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def _front_matter(info: FolderInfo, story: dict, recipe_name: str | None, base_model: str | None) -> str:
     tags = ["mlx", "mixq", "quantized"]
     specs = {(t.bits, t.group_size) for t in info.tensors if t.bits}
@@ -302,6 +284,38 @@ def _front_matter(info: FolderInfo, story: dict, recipe_name: str | None, base_m
     return "\n".join(lines)
 
 
+def _gguf_source_lines(story: dict) -> list[str]:
+    """Where dequantized-GGUF weights came from, and what that means for every number in the card."""
+    bits = f"{story['gguf_bits']}-bit " if story["gguf_bits"] else ""
+    line = f"- Source: dequantized from a {bits}GGUF"
+    if story["gguf_type"]:
+        line += f" ({', '.join(f'{k}: {v}' for k, v in sorted(story['gguf_types'].items()))} tensors)"
+    if story.get("file"):
+        line += f", file `{story['file']}`"
+    if story.get("sha256"):
+        line += f" (sha256 `{story['sha256'][:16]}…`)"
+    if story["offgrid"]:
+        seed = story["offgrid"].get("seed") if isinstance(story["offgrid"], dict) else None
+        line += (", then re-parametrized off-grid (a seeded, function-preserving per-channel rescaling that "
+                 "moves the weights off the GGUF's quantization grid" + (f"; seed {seed}" if seed is not None
+                                                                       else "") + ")")
+    caveat = ("  This is **not** the original full-precision checkpoint: the base already carries the GGUF's "
+              "4-bit-class quantization error, and every quality number here is relative to that base."
+              if story["gguf_bits"] and story["gguf_bits"] <= 5 else
+              "  The base is a dequantized GGUF, not the original full-precision checkpoint.")
+    return [line + ".", caveat]
+
+
+def _source_lines(story: dict) -> list[str]:
+    src = story.get("source_ref") or story.get("embedded")
+    if story["from_gguf"]:
+        return _gguf_source_lines(story) + ([f"- Source reference: `{src}`"] if src else [])
+    if story.get("sha256") or src:
+        return ["- Source: " + (f"`{src}`" if src else "") +
+                (f" (file `{story['file']}`, sha256 `{story['sha256'][:16]}…`)" if story.get("sha256") else "")]
+    return []
+
+
 def _how_made(info: FolderInfo, story: dict, recipe_name, recipe_text) -> str:
     prov = info.provenance
     out = []
@@ -312,33 +326,7 @@ def _how_made(info: FolderInfo, story: dict, recipe_name, recipe_text) -> str:
         out.append("- Converted to the MLX format (no mixq provenance recorded)")
     if recipe_name:
         out.append(f"- Recipe: `{recipe_name}`" + ("" if recipe_text else " (recipe text not recorded)"))
-    src = story.get("source_ref") or story.get("embedded")
-    if story["from_gguf"]:
-        t = story["gguf_type"]
-        bits = f"{story['gguf_bits']}-bit " if story["gguf_bits"] else ""
-        line = f"- Source: dequantized from a {bits}GGUF"
-        if t:
-            line += f" ({', '.join(f'{k}: {v}' for k, v in sorted(story['gguf_types'].items()))} tensors)"
-        if story.get("file"):
-            line += f", file `{story['file']}`"
-        if story.get("sha256"):
-            line += f" (sha256 `{story['sha256'][:16]}…`)"
-        if story["offgrid"]:
-            seed = story["offgrid"].get("seed") if isinstance(story["offgrid"], dict) else None
-            line += (", then re-parametrized off-grid (a seeded, function-preserving per-channel rescaling that "
-                     "moves the weights off the GGUF's quantization grid" + (f"; seed {seed}" if seed is not None
-                                                                           else "") + ")")
-        out.append(line + ".")
-        out.append("  This is **not** the original full-precision checkpoint: the base already carries the GGUF's "
-                   "4-bit-class quantization error, and every quality number here is relative to that base."
-                   if story["gguf_bits"] and story["gguf_bits"] <= 5 else
-                   "  The base is a dequantized GGUF, not the original full-precision checkpoint.")
-    elif story.get("sha256") or src:
-        line = "- Source: " + (f"`{src}`" if src else "") + \
-            (f" (file `{story['file']}`, sha256 `{story['sha256'][:16]}…`)" if story.get("sha256") else "")
-        out.append(line)
-    if src and story["from_gguf"]:
-        out.append(f"- Source reference: `{src}`")
+    out += _source_lines(story)
     mt = info.config.get("model_type")
     if mt:
         out.append(f"- Architecture: `{mt}`" + (f", {info.n_layers} layers" if info.n_layers else ""))
@@ -374,66 +362,106 @@ mixq generate {path} -p "hello"
 ```"""
 
 
-def render_card(info: FolderInfo, runs=None, *, base_model: str | None = None, title: str | None = None) -> str:
-    """The README.md text for a folder."""
-    story = source_story(info.provenance)
-    recipe_name, recipe_desc, recipe_text = recipe_of(info.provenance)
-    base_model = base_model or (story["base_model"] if isinstance(story["base_model"], str) else None)
-    name = title or info.path.name
-    parts = [_front_matter(info, story, recipe_name, base_model), "", f"# {name}", ""]
+def _intro(info: FolderInfo, story: dict, recipe_name: str | None, base_model: str | None) -> list[str]:
     intro = "An MLX mixed-precision quantization" if len({(t.bits, t.group_size) for t in info.tensors
                                                           if t.bits}) > 1 else "An MLX quantization"
     of = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else \
         (f" of {story['gguf_name']}" if story.get("gguf_name") else "")
-    parts.append(f"{intro}{of}, made with mixq" + (f" using the recipe `{recipe_name}`." if recipe_name else "."))
+    out = [f"{intro}{of}, made with mixq" + (f" using the recipe `{recipe_name}`." if recipe_name else ".")]
     if story["from_gguf"]:
-        parts.append("")
-        parts.append(f"**Note:** the base weights were dequantized from a "
-                     f"{str(story['gguf_bits']) + '-bit ' if story['gguf_bits'] else ''}GGUF"
-                     f"{', then re-parametrized off-grid' if story['offgrid'] else ''}; see *How it was made*.")
-    parts += ["", "## What the recipe does", ""]
+        out += ["", f"**Note:** the base weights were dequantized from a "
+                    f"{str(story['gguf_bits']) + '-bit ' if story['gguf_bits'] else ''}GGUF"
+                    f"{', then re-parametrized off-grid' if story['offgrid'] else ''}; see *How it was made*."]
+    return out
+
+
+def _recipe_section(info: FolderInfo, recipe_desc: str | None) -> list[str]:
+    out = ["## What the recipe does", ""]
     if recipe_desc:
-        parts += [recipe_desc.strip(), ""]
-    parts += [recipe_words(info), ""]
+        out += [recipe_desc.strip(), ""]
+    out += [recipe_words(info), ""]
     rows = [[r["kind"], _spec_text(r["bits"], r["group_size"], r["dtype"]), r["tensors"], r["layers"],
              f"{r['params'] / 1e6:.2f} M", f"{r['share']:.1%}"] for r in recipe_rows(info)]
-    parts += [_md_table(["tensor kind", "precision", "tensors", "layers", "parameters", "share"], rows), ""]
+    return out + [md_table(["tensor kind", "precision", "tensors", "layers", "parameters", "share"], rows), ""]
+
+
+def _size_section(info: FolderInfo) -> list[str]:
     bf16 = info.n_params * 2
-    parts += ["## Size", "",
-              _md_table(["", "this model", "bf16"], [
-                  ["size of the weights", _fmt_bytes(info.size_bytes), _fmt_bytes(bf16)],
-                  ["bits per weight", f"{info.bits_per_weight:.2f}", "16.00"],
-                  ["parameters", f"{info.n_params / 1e6:.1f} M", f"{info.n_params / 1e6:.1f} M"]]),
-              "", f"The weights take {info.size_bytes / bf16:.1%} of the bf16 size "
-                  f"(bits per weight count scales and biases; parameters are counted unpacked).", ""]
+    return ["## Size", "",
+            md_table(["", "this model", "bf16"], [
+                ["size of the weights", fmt_bytes(info.size_bytes), fmt_bytes(bf16)],
+                ["bits per weight", f"{info.bits_per_weight:.2f}", "16.00"],
+                ["parameters", f"{info.n_params / 1e6:.1f} M", f"{info.n_params / 1e6:.1f} M"]]),
+            "", f"The weights take {info.size_bytes / bf16:.1%} of the bf16 size "
+                f"(bits per weight count scales and biases; parameters are counted unpacked).", ""]
+
+
+def _evaluation_section(runs, ref) -> list[str]:
+    """The runs' scores; with more than one run, their differences against `ref` (default: most bits per
+    weight). A single run has no comparison, so the card says nothing about differences."""
+    comp = compare(runs, ref=ref)
+    measured = "Measured with `mixq eval` (lm-evaluation-harness task definitions; ± is one standard error)."
+    if not comp.others:
+        return ["## Evaluation", "", measured, "",
+                to_markdown(comp, title=None, details=False, summary=summarize(comp, single_run_clause=False)), ""]
+    return ["## Evaluation", "",
+            f"{measured} Differences against {comp.ref} come with 95% intervals and paired tests; ≈ marks a "
+            "difference that is not statistically significant.", "",
+            to_markdown(comp, title=None, details=True), ""]
+
+
+def render_card(info: FolderInfo, runs=None, *, base_model: str | None = None, title: str | None = None,
+                ref=None) -> str:
+    """The README.md text for a folder (with `runs`: their scores, compared against `ref` when several)."""
+    story = source_story(info.provenance)
+    recipe_name, recipe_desc, recipe_text = recipe_of(info.provenance)
+    base_model = base_model or (story["base_model"] if isinstance(story["base_model"], str) else None)
+    name = title or info.path.name
+    parts = [_front_matter(info, story, recipe_name, base_model), README_MARK, "", f"# {name}", ""]
+    parts += _intro(info, story, recipe_name, base_model) + [""]
+    parts += _recipe_section(info, recipe_desc) + _size_section(info)
     if runs:
-        comp = compare(runs)
-        parts += ["## Evaluation", "",
-                  "Measured with `mixq eval` (lm-evaluation-harness task definitions; ± is one standard error). "
-                  "Differences come with 95% intervals and paired tests; ≈ marks a difference that is not "
-                  "statistically significant.", "",
-                  to_markdown(comp, title=None, details=len(comp.variants) > 1), ""]
+        parts += _evaluation_section(runs, ref)
     parts += ["## How it was made", "", _how_made(info, story, recipe_name, recipe_text), ""]
     parts += ["## Use with mlx", "", _usage(name, str(info.path)), ""]
     return "\n".join(parts)
 
 
-def write_card(model_dir, runs=None, *, base_model: str | None = None) -> Path:
-    """Write MODEL_DIR/README.md (atomically) and return its path."""
+def _check_replaceable(target: Path, force: bool) -> None:
+    """Refuse to overwrite a file mixq did not write (it lacks `README_MARK`) unless `force`."""
+    if target.is_dir():
+        raise MixqError(f"-o {target}: is a folder; give the card's file path, e.g. {target / 'README.md'}")
+    if force or not target.exists():
+        return
+    if README_MARK not in target.read_text(errors="replace"):
+        raise MixqError(f"{target}: not written by mixq (e.g. the model's own card); pass --force to replace it, "
+                        f"or -o FILE to write the card elsewhere")
+
+
+def write_card(model_dir, runs=None, *, base_model: str | None = None, ref=None, out=None,
+               force: bool = False) -> Path:
+    """Write the card (atomically) to `out`, by default MODEL_DIR/README.md, and return its path.
+
+    A file there that mixq did not write is replaced only with `force`."""
     info = read_folder(model_dir)
-    text = render_card(info, runs, base_model=base_model)
-    out = info.path / "README.md"
-    write_atomic(out, text)
-    return out
+    target = Path(out) if out else info.path / "README.md"
+    _check_replaceable(target, force)
+    write_atomic(target, render_card(info, runs, base_model=base_model, ref=ref))
+    return target
 
 
 def add_arguments(p) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="an MLX folder written by `mixq convert`")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="eval run folders to put in the card's table")
+    p.add_argument("--ref", help="with several --runs: the run the others are compared against "
+                                 "(name, folder or index; default: the one with the most bits per weight)")
     p.add_argument("--base-model", help="Hugging Face id of the original model (front matter base_model)")
+    p.add_argument("-o", "--out", metavar="FILE", help="write the card here instead of MODEL_DIR/README.md")
+    p.add_argument("--force", action="store_true", help="replace a README.md that mixq did not write")
 
 
 def cli(args) -> int:
-    out = write_card(args.model_dir, args.runs, base_model=args.base_model)
+    out = write_card(args.model_dir, args.runs, base_model=args.base_model, ref=args.ref, out=args.out,
+                     force=args.force)
     print(f"wrote {out}")
     return 0

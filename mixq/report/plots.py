@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from mixq.report.stats import pareto_front, z_value
+from mixq.report.tables import is_unknown
 
 
 def _plt():
@@ -41,8 +42,12 @@ def _save(fig, path: Path) -> Path:
 
 def _error_bars(centre, lo, hi):
     """Asymmetric error-bar lengths; an interval that excludes its point estimate (e.g. a bootstrap
-    interval at an accuracy of 0 or 1) is clipped at the point rather than drawn inverted."""
-    return [[max(0.0, c - l) for c, l in zip(centre, lo)], [max(0.0, h - c) for c, h in zip(centre, hi)]]
+    interval at an accuracy of 0 or 1) is clipped at the point rather than drawn inverted; an unknown one
+    is not drawn."""
+    def length(x):
+        return 0.0 if is_unknown(x) else max(0.0, x)   # an unknown interval (NaN standard error): no bar
+
+    return [[length(c - l) for c, l in zip(centre, lo)], [length(h - c) for c, h in zip(centre, hi)]]
 
 
 def _scatter_front(ax, xs, ys, labels, *, maximize_y, yerr=None):
@@ -97,7 +102,8 @@ def plot_kld_vs_bpw(comp, path: Path) -> Path | None:
     xs = [v.bits_per_weight for v in variants]
     ys = [v.kld["kld_mean"] for v in variants]
     z = z_value()
-    yerr = [z * (v.kld.get("kld_mean_stderr") or 0) for v in variants]
+    ses = [v.kld.get("kld_mean_stderr") for v in variants]
+    yerr = [0.0 if is_unknown(se) else z * se for se in ses]
     _scatter_front(ax, xs, ys, [v.label for v in variants], maximize_y=False, yerr=yerr)
     if all(y > 0 for y in ys) and max(ys) / min(ys) > 20:
         ax.set_yscale("log")
@@ -125,8 +131,8 @@ def plot_task_bars(comp, path: Path) -> Path | None:
             xs.append(i + (j - (len(labels) - 1) / 2) * width)
             cells.append(c)
         ys = [c.acc for c in cells]
-        ax.bar(xs, ys, width=width, yerr=_error_bars(ys, [c.lo for c in cells], [c.hi for c in cells]), capsize=2, label=lab + (" (ref)" if lab == comp.ref else ""),
-               error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
+        ax.bar(xs, ys, width=width, yerr=_error_bars(ys, [c.lo for c in cells], [c.hi for c in cells]), capsize=2,
+               label=lab + (" (ref)" if lab == comp.ref else ""), error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r.task for r in rows], rotation=20, ha="right")
     ax.set_ylabel(comp.metric)

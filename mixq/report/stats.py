@@ -1,8 +1,9 @@
 """Statistics for comparing quantized models: standard errors, intervals and paired tests.
 
 Pure Python + numpy (no scipy). Conventions:
-- Standard errors of a mean use the sample standard deviation (ddof=1), as lm-evaluation-harness
-  reports `acc_stderr`; for a proportion p over n documents that is sqrt(p(1-p)/(n-1)).
+- Standard errors are stated once, in `mixq.eval.metrics` (lm-evaluation-harness's n - 1
+  convention; NaN, i.e. unknown, for fewer than two values).
+- Significance level: `ALPHA` (5%) for every test the reports mark.
 - Intervals are 95% unless `level` says otherwise.
 - Paired difference of proportions: Newcombe's hybrid score interval for paired data (method 10 of
   Newcombe 1998, "Improved confidence intervals for the difference between binomial proportions
@@ -24,26 +25,12 @@ from statistics import NormalDist
 
 import numpy as np
 
+ALPHA = 0.05   # significance level of every difference the reports mark
+
 
 def z_value(level: float = 0.95) -> float:
     """Two-sided normal quantile: 1.96 for level 0.95."""
     return NormalDist().inv_cdf(0.5 + level / 2)
-
-
-def mean_se(xs) -> float:
-    """Standard error of the mean, sample standard deviation (ddof=1); 0 for fewer than 2 values."""
-    x = np.asarray(xs, dtype=np.float64)
-    if x.size < 2:
-        return 0.0
-    return float(x.std(ddof=1) / math.sqrt(x.size))
-
-
-def proportion_se(k: int, n: int) -> float:
-    """Standard error of a proportion k/n as lm-evaluation-harness reports it: sqrt(p(1-p)/(n-1))."""
-    if n < 2:
-        return 0.0
-    p = k / n
-    return math.sqrt(p * (1 - p) / (n - 1))
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -107,7 +94,7 @@ class DiffResult:
 
     @property
     def significant(self) -> bool:
-        return self.p < 0.05
+        return self.p < ALPHA
 
     def to_dict(self) -> dict:
         d = {"diff": self.diff, "ci95": [self.lo, self.hi], "p": self.p, "method": self.method,
