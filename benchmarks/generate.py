@@ -20,12 +20,14 @@ import argparse
 import os
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixq.infer.generate import MlxSession, TorchSession, load, param_bytes, peak_rss_gb
 from mixq.io.files import cache_dir
+from mixq.threads import torch_threads
 
 WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -33,7 +35,8 @@ WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "
 def prompt_tokens(tokenizer, n: int) -> list[int]:
     from mixq.infer.generate import hf_tokenizer
 
-    text = WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else ("The quick brown fox jumps over the lazy dog. " * 400)
+    filler = "The quick brown fox jumps over the lazy dog. " * 400
+    text = WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else filler
     ids = hf_tokenizer(tokenizer).encode(text, add_special_tokens=False)
     if len(ids) < n:
         raise SystemExit(f"prompt text too short for {n} tokens")
@@ -126,9 +129,9 @@ def main() -> None:
             s = TorchSession(model, tok)
             s.eos = set()
             for n_threads in threads:
-                torch.set_num_threads(n_threads)
-                run_session(s, ids[:16], 4)  # warm-up
-                r = best(lambda: run_session(s, ids, args.gen_tokens), args.repeats)
+                with torch_threads(n_threads):
+                    run_session(s, ids[:16], 4)  # warm-up
+                    r = best(partial(run_session, s, ids, args.gen_tokens), args.repeats)
                 rows.append(dict(backend=f"torch {args.dtype}, {n_threads} thread(s)", variant=v, engine="mixq",
                                  p=args.prompt_tokens, g=args.gen_tokens, mem=param_bytes(model),
                                  size=model.mixq_info.size_bytes, **r))
@@ -147,8 +150,8 @@ def main() -> None:
             tok.eos_token_ids = set()  # exactly the requested number of tokens, for both engines
             try:
                 run_session(s, ids[:16], 2)  # warm-up
-                ours = best(lambda: run_session(s, ids, mlx_g), args.repeats)
-                theirs = best(lambda: run_mlx_lm(model, tok, ids, mlx_g), args.repeats)
+                ours = best(partial(run_session, s, ids, mlx_g), args.repeats)
+                theirs = best(partial(run_mlx_lm, model, tok, ids, mlx_g), args.repeats)
             finally:
                 tok.eos_token_ids = eos
             for engine, r in (("mixq", ours), ("mlx_lm", theirs)):
@@ -159,7 +162,8 @@ def main() -> None:
         print(f"(mlx_lm {mlx_lm.__version__})", file=sys.stderr)
 
     print(f"\n{args.model}: prompt processing and generation speed (best of {args.repeats})\n")
-    print("| backend | variant | engine | prompt tok | prompt tok/s | gen tok | gen tok/s | weights in memory | size on disk |")
+    print("| backend | variant | engine | prompt tok | prompt tok/s | gen tok | gen tok/s | weights in memory "
+          "| size on disk |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['backend']} | {r['variant']} | {r['engine']} | {r['p']} | {r['prompt_tps']:.1f} | {r['g']} | "

@@ -140,21 +140,21 @@ def test_gpt_oss_mxfp4_source(tiny_model, tmp_path):
 
 
 def test_mlx_config_compat():
-    cfg = {"model_type": "qwen3_moe", "num_local_experts": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
-           "dtype": "bfloat16"}
+    cfg = {"model_type": "qwen3_moe", "num_local_experts": 8, "dtype": "bfloat16",
+           "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
     c = arch.mlx_config(cfg, tied=False)
     assert c["num_experts"] == 8 and c["rope_theta"] == 5e5 and c["torch_dtype"] == "bfloat16"
     assert "rope_scaling" not in c and c["tie_word_embeddings"] is False
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
     g = arch.mlx_config({"model_type": "gemma3_text",
                          "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2,
-                         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
-                        tied=True)
+                         "rope_parameters": rope}, tied=True)
     assert g["sliding_window_pattern"] == 6 and g["rope_theta"] == 1e6 and g["rope_local_base_freq"] == 1e4
     assert g["rope_scaling"]["type"] == "linear" and g["rope_scaling"]["factor"] == 8.0
     with pytest.raises(MixqError, match="periodic"):
-        arch.mlx_config({"model_type": "gemma3_text", "layer_types": ["full_attention", "sliding_attention",
-                                                                      "sliding_attention", "full_attention"]}, tied=True)
+        types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        arch.mlx_config({"model_type": "gemma3_text", "layer_types": types}, tied=True)
     y = arch.mlx_config({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "yarn", "factor": 32.0,
                                                                        "rope_theta": 150000.0}}, tied=False)
     assert y["rope_scaling"]["type"] == "yarn" and y["rope_theta"] == 150000.0

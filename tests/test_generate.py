@@ -171,7 +171,8 @@ def test_chat_template_applied_as_tokenizer_defines(loaded):
     rs = list(stream_generate(model, tok, PROMPT, max_tokens=2))
     assert rs[-1].prompt_tokens == len(want)
     conv = msgs + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]
-    assert apply_chat_template(tok, conv) == list(tok.apply_chat_template(conv, add_generation_prompt=True)["input_ids"])
+    want = tok.apply_chat_template(conv, add_generation_prompt=True)["input_ids"]
+    assert apply_chat_template(tok, conv) == list(want)
 
 
 def test_sampling_seeded_and_top_p(loaded):

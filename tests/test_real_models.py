@@ -133,7 +133,8 @@ def test_smollm2_mlx_matches_torch(smollm):
 def test_smollm2_offgrid_equals_raw(smollm):
     _, tok, model = smollm
     raw_model = _offgrid_vs_raw("smollm2-135m", tok, model)
-    assert _greedy(tok, raw_model, "The capital of France is", 16) == _greedy(tok, model, "The capital of France is", 16)
+    prompt = "The capital of France is"
+    assert _greedy(tok, raw_model, prompt, 16) == _greedy(tok, model, prompt, 16)
 
 
 def test_gemma3_provenance_and_answer(gemma):

@@ -41,8 +41,9 @@ _CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(tie_word_embeddings=False, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    "gpt_oss": dict(tie_word_embeddings=False, intermediate_size=64, max_position_embeddings=131072, num_local_experts=4, num_experts_per_tok=2,
-                    sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss": dict(tie_word_embeddings=False, intermediate_size=64, max_position_embeddings=131072,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),
 }
 
 _TEXT = """The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.

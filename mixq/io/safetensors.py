@@ -156,7 +156,8 @@ class SafetensorsWriter:
         want_name, shape, dtype = self.order[self._next]
         nbytes = dtype.itemsize * math.prod(shape)
         if name != want_name or t.dtype != dtype or (shape and tuple(t.shape[-1:]) != shape[-1:]):
-            raise RuntimeError(f"writer expected rows of {self.order[self._next]}, got {(name, tuple(t.shape), t.dtype)}")
+            got = (name, tuple(t.shape), t.dtype)
+            raise RuntimeError(f"writer expected rows of {self.order[self._next]}, got {got}")
         n = t.numel() * dtype.itemsize
         if self._partial + n > nbytes:
             raise RuntimeError(f"writer: more data than {name}'s {nbytes} bytes")

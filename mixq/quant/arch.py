@@ -91,7 +91,8 @@ def _stacked(ckpt, prefix, proj, experts: dict[int, str]):
     n = len(experts)
     if sorted(experts) != list(range(n)):
         missing = sorted(set(range(max(experts) + 1)) - set(experts))
-        raise MixqError(f"{ckpt.path}: {prefix}.experts.{missing[0]}.{proj}.weight is missing; the checkpoint is incomplete")
+        raise MixqError(f"{ckpt.path}: {prefix}.experts.{missing[0]}.{proj}.weight is missing; "
+                        "the checkpoint is incomplete")
     names = [experts[e] for e in range(n)]
     shape, dtype = ckpt.shape(names[0]), ckpt.dtype(names[0])
     for x in names:

@@ -171,7 +171,8 @@ def read_artifact(path) -> Artifact:
         if packed * 32 != n * bits:
             raise MixqError(f"{path}: {module}: packed width {packed} and {n_groups} scale groups do not fit "
                             f"bits={bits}, group_size={gs} from config.json")
-        b = entry_nbytes(e) + entry_nbytes(scales) + entry_nbytes(entries.get(f"{module}.biases", {"data_offsets": [0, 0]}))
+        biases = entries.get(f"{module}.biases", {"data_offsets": [0, 0]})
+        b = entry_nbytes(e) + entry_nbytes(scales) + entry_nbytes(biases)
         tensors.append(TensorSpec(name, (*e["shape"][:-1], n), dtype_name(scales["dtype"]), bits, gs, b))
 
     provenance = {}

@@ -23,7 +23,8 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise MixqError(f"{self.path}: not a folder; give a Hugging Face model folder (config.json + *.safetensors)")
+            raise MixqError(f"{self.path}: not a folder; give a Hugging Face model folder "
+                            "(config.json + *.safetensors)")
         cfg = self.path / "config.json"
         if not cfg.exists():
             raise MixqError(f"{cfg}: missing; a Hugging Face model folder needs its config.json")
@@ -110,6 +111,7 @@ class Checkpoint:
         """The files that define the model (weights, index, config, tokenizer, templates), for hashing."""
         keep = []
         for p in sorted(self.path.iterdir()):
-            if p.is_file() and (p.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt") or p.name == "tokenizer.model"):
+            defining = p.suffix in (".safetensors", ".json", ".model", ".jinja", ".txt") or p.name == "tokenizer.model"
+            if p.is_file() and defining:
                 keep.append(p)
         return keep

@@ -270,7 +270,8 @@ def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: i
             (tmp / "README.md").write_text(_readme(prep, out.name))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MixqError(f"{out.parent}: disk full while writing the converted model; free space and retry") from None
+            raise MixqError(f"{out.parent}: disk full while writing the converted model; "
+                            "free space and retry") from None
         raise
     return out
 

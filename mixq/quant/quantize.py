@@ -151,7 +151,8 @@ def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bit
     if words * 32 % bits or cols % group_size or tuple(scales.shape) != (*lead, ng) \
             or tuple(biases.shape) != (*lead, ng):
         raise MixqError(f"{_label(name)}: packed shape {tuple(wq.shape)} does not match scales "
-                        f"{tuple(scales.shape)} / biases {tuple(biases.shape)} for bits={bits}, group_size={group_size}")
+                        f"{tuple(scales.shape)} / biases {tuple(biases.shape)} "
+                        f"for bits={bits}, group_size={group_size}")
     rows = math.prod(lead)
     dt = scales.dtype
     wq2 = wq.reshape(rows, words)
