@@ -1,22 +1,22 @@
-"""Tests for mixq.measure on a tiny random model: sane damages, both methods, resume."""
+"""Tests for mixq.tune.measure on a tiny random model: sane damages, both methods, resume."""
 
 import json
 import math
 
 import pytest
 import torch
-from tiny_models import make_tiny_hf
+from scipy.stats import spearmanr
+from transformers import AutoModelForCausalLM
 
+import mixq.tune.measure as M
 from mixq.errors import MixqError
-from mixq.tune.measure import load_measurement, measure
-
-torch.set_num_threads(2)
+from mixq.tune.measure import Measurer, load_measurement, measure, smoothed_damages
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("measure")
-    src = make_tiny_hf("llama", d / "src", num_hidden_layers=2)
+    src = tiny_model("llama", num_hidden_layers=2)
     calib = d / "calib.txt"
     calib.write_text(("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
                       "Quantization maps each group of weights to a few bits. 0 1 2 3 4 5 6 7 8 9.\n") * 40)
@@ -55,8 +55,6 @@ def test_fisher_estimate_tracks_direct_measurement(tiny):
     g = load_measurement(d / "m_direct.json") if (d / "m_direct.json").exists() else None
     if f is None or g is None:
         pytest.skip("needs the two measurements of the test above")
-    from scipy.stats import spearmanr
-
     keys = [(n, k) for n in g["tensors"] for k in g["tensors"][n]["damage"]]
     a = [f["tensors"][n]["damage"][k] for n, k in keys]
     b = [g["tensors"][n]["damage"][k] for n, k in keys]
@@ -83,23 +81,21 @@ def test_measure_refuses_existing_file_and_resumes(tiny):
 
 
 def test_fisher_resume_continues_from_saved_windows(tiny, monkeypatch):
-    import mixq.tune.measure as M
-
     src, calib, d = tiny
     kw = dict(levels=(4,), group_sizes=(32,), calib=str(calib), tokens=128, ctx=64, method="fisher", draws=2,
               progress=False)
     full = measure(str(src), out=d / "f_full.json", **kw)
     assert full["fisher_state"]["windows_done"] == 2
-    real_write = M._atomic_write_json
+    real_write = M.write_atomic
 
-    def write_then_stop(path, obj):  # interrupted right after the first window was saved
-        real_write(path, obj)
+    def write_then_stop(path, data):  # interrupted right after the first window was saved
+        real_write(path, data)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_atomic_write_json", write_then_stop)
+    monkeypatch.setattr(M, "write_atomic", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
         measure(str(src), out=d / "f_part.json", **kw)
-    monkeypatch.setattr(M, "_atomic_write_json", real_write)
+    monkeypatch.setattr(M, "write_atomic", real_write)
     part = load_measurement(d / "f_part.json")
     assert part["windows_done"] == 1 and not part["complete"]
     resumed = measure(str(src), out=d / "f_part.json", resume=True, **kw)
@@ -109,12 +105,8 @@ def test_fisher_resume_continues_from_saved_windows(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_partial_forward_from_cached_layer_equals_full_forward(tmp_path, arch):
-    from transformers import AutoModelForCausalLM
-
-    from mixq.tune.measure import Measurer
-
-    src = make_tiny_hf(arch, tmp_path / arch, num_hidden_layers=4)
+def test_partial_forward_from_cached_layer_equals_full_forward(tiny_model, arch):
+    src = tiny_model(arch, num_hidden_layers=4)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     m = Measurer(model, ids)
@@ -129,8 +121,6 @@ def test_partial_forward_from_cached_layer_equals_full_forward(tmp_path, arch):
 
 
 def test_smoothed_damages_follow_the_step_law_and_pool_noise():
-    from mixq.tune.measure import smoothed_damages
-
     law = {f"{b}:{g}": (3.0 if g == 64 else 2.0) / (2 ** b - 1) ** 2 for b in (3, 4, 5, 6, 8) for g in (32, 64)}
     noisy = dict(law)
     noisy["6:32"] *= 6.0       # one noisy sample: 6-bit g32 looks worse than 6-bit g64

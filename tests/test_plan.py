@@ -1,10 +1,38 @@
-"""Tests for mixq.plan: the multiple-choice knapsack and the recipe it writes."""
+"""Tests for mixq.tune.allocate (`mixq plan`): the multiple-choice knapsack and the recipe it writes."""
+
+import itertools
+import json
+import math
+import re
+import shutil
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
+from mixq.cli import main
 from mixq.errors import MixqError
-from mixq.tune.allocate import brute_force_mck, solve_mck
+from mixq.eval.engine import load_model
+from mixq.quant.artifact import read_artifact
+from mixq.quant.convert import convert
+from mixq.quant.plan import plan_model
+from mixq.quant.prepare import prepare
+from mixq.quant.recipe import load_recipe
+from mixq.tune.allocate import allocate, parse_size, solve_mck
+from mixq.tune.measure import FORMAT, candidate_table, spec_key
+
+
+def brute_force_mck(costs, damages, budget: int) -> tuple[list[int], float] | None:
+    """Exhaustive search: the optimum solve_mck must match."""
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        c = sum(int(costs[i][j]) for i, j in enumerate(pick))
+        if c > budget:
+            continue
+        d = sum(float(damages[i][j]) for i, j in enumerate(pick))
+        if best is None or d < best[1]:
+            best = (list(pick), d)
+    return best
 
 
 def _instance(rng, n, k, scale):
@@ -74,8 +102,6 @@ def test_knapsack_infeasible_budget_is_a_user_error():
 
 def _fake_measurement(prep, specs, seed=0):
     """Damages like real ones: ~ 4^-bits, larger groups worse, a per-tensor sensitivity spread over decades."""
-    from mixq.tune.measure import FORMAT, candidate_table, spec_key
-
     rng = np.random.default_rng(seed)
     table = candidate_table(prep, specs)
     tensors = {}
@@ -86,24 +112,12 @@ def _fake_measurement(prep, specs, seed=0):
             "method": "fake", "calib": {}, "tensors": tensors}
 
 
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    from tiny_models import make_tiny_hf
-
-    return make_tiny_hf("llama", tmp_path_factory.mktemp("plan") / "src", num_hidden_layers=4)
+@pytest.fixture
+def tiny_src(tiny_model):
+    return tiny_model("llama", num_hidden_layers=4)
 
 
 def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src, tmp_path):
-    import json
-
-    from safetensors import safe_open
-
-    from mixq.quant.convert import convert
-    from mixq.quant.plan import plan_model
-    from mixq.quant.prepare import prepare
-    from mixq.quant.recipe import load_recipe
-    from mixq.tune.allocate import allocate
-
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(b, g) for b in (3, 4, 5, 6, 8) for g in (32, 64)])
     q4 = plan_model([i for i, _ in prep.items], "q4-hi", prep.config)
@@ -121,14 +135,8 @@ def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src,
     assert plan.total_bytes == alloc.total_bytes
     assert plan.bits_per_weight == pytest.approx(alloc.bits_per_weight)
     # ... and converts to it: stored tensor bytes == predicted
-    out = convert(str(tiny_src), tmp_path / "out", recipe=str(recipe_file))
-    stored = 0
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                t = sf.get_tensor(k)
-                stored += t.numel() * t.element_size()
-    assert stored == alloc.total_bytes
+    out = convert(str(tiny_src), tmp_path / "out", recipe=str(recipe_file), progress=False)
+    assert read_artifact(out).size_bytes == alloc.total_bytes
     q = json.loads((out / "config.json").read_text())["quantization"]
     for name, c in alloc.choices.items():
         path = name.removesuffix(".weight")
@@ -139,9 +147,6 @@ def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src,
 
 
 def test_plan_more_budget_never_predicts_more_damage(tiny_src):
-    from mixq.quant.prepare import prepare
-    from mixq.tune.allocate import allocate
-
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(b, 32) for b in (3, 4, 6, 8)], seed=3)
     prev = None
@@ -155,9 +160,6 @@ def test_plan_more_budget_never_predicts_more_damage(tiny_src):
 
 
 def test_plan_target_below_smallest_is_a_user_error(tiny_src):
-    from mixq.quant.prepare import prepare
-    from mixq.tune.allocate import allocate, parse_size
-
     prep = prepare(str(tiny_src), "bf16")
     meas = _fake_measurement(prep, [(4, 32)])
     with pytest.raises(MixqError, match="smallest reachable"):
@@ -168,12 +170,6 @@ def test_plan_target_below_smallest_is_a_user_error(tiny_src):
 
 
 def test_mixq_plan_cli_writes_a_recipe_that_load_recipe_reads(tiny_src, tmp_path):
-    import json
-
-    from mixq.cli import main
-    from mixq.quant.prepare import prepare
-    from mixq.quant.recipe import load_recipe
-
     prep = prepare(str(tiny_src), "bf16")
     mfile = tmp_path / "m.json"
     mfile.write_text(json.dumps(_fake_measurement(prep, [(4, 32), (6, 32), (8, 32)])))
@@ -182,3 +178,66 @@ def test_mixq_plan_cli_writes_a_recipe_that_load_recipe_reads(tiny_src, tmp_path
     r = load_recipe(str(out))
     assert r.default is None and len(r.rules) == len(json.loads(mfile.read_text())["tensors"])
     assert main(["plan", str(tiny_src), "--target-bpw", "1", "--measurement", str(mfile), "-o", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- issue 17: the planned size is the size you get
+
+def _float32_copy(src, dst):
+    """A copy of a tiny HF folder stored in float32 (weights and config.json's dtype), like the embedded SmolLM2."""
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    save_file({k: v.float() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def float32_src(tiny_model, tmp_path_factory):
+    return _float32_copy(tiny_model("llama", num_hidden_layers=4), tmp_path_factory.mktemp("f32") / "src")
+
+
+@pytest.mark.parametrize("source,dtype", [("float32", None), ("bfloat16", None), ("float32", "float16")])
+def test_planned_size_is_the_size_of_every_artifact(tiny_src, float32_src, tmp_path, capsys, source, dtype):
+    src = str(float32_src if source == "float32" else tiny_src)
+    stored = dtype or source
+    # the target: qx86-hi's bits per weight at the storage dtype (the issue's example: 8.53 bpw for float32)
+    qx86 = prepare(src, "qx86-hi", dtype).plan
+    assert qx86.recipe.dtype is None and qx86.tensors[0].dtype == stored
+    target = round(qx86.bits_per_weight, 2)
+    mfile = tmp_path / "m.json"
+    mfile.write_text(json.dumps(_fake_measurement(prepare(src, None, dtype), [(b, g) for b in (3, 4, 6, 8)
+                                                                               for g in (32, 64)])))
+    recipe = tmp_path / "p.toml"
+    argv = ["plan", src, "--target-bpw", str(target), "--measurement", str(mfile), "-o", str(recipe)]
+    assert main(argv + (["--dtype", dtype] if dtype else [])) == 0
+    text = recipe.read_text()
+    planned = int(re.search(r"planned size: ([\d,]+) bytes", text).group(1).replace(",", ""))
+    assert f"{planned:,} bytes" in capsys.readouterr().out
+    assert load_recipe(str(recipe)).dtype == stored
+    n_params = qx86.total_params
+    assert planned <= math.floor(target * n_params / 8)
+    # plan-show and convert --dry-run print prepare()'s plan: the same bytes
+    assert prepare(src, str(recipe)).plan.total_bytes == planned
+    for argv in (["plan-show", src, "--recipe", str(recipe)], ["convert", src, str(tmp_path / "dry"), "--recipe",
+                                                                str(recipe), "--dry-run"]):
+        assert main(argv) == 0
+        assert f"size: {planned:,} bytes" in capsys.readouterr().out
+    # converted: the folder's tensor bytes
+    art = read_artifact(convert(src, tmp_path / "out", recipe=str(recipe), progress=False))
+    assert art.size_bytes == planned and art.n_params == n_params
+    assert art.bits_per_weight <= target
+    assert {t.dtype for t in art.tensors if t.dtype != "uint32"} == {stored}
+    # applied on the fly (MODEL@RECIPE and --recipe)
+    for ref, kw in ((src, {"recipe": str(recipe)}), (f"{src}@{recipe}", {})):
+        info = load_model(ref, progress=False, **kw).info
+        assert info.size_bytes == planned and info.bits_per_weight <= target
+
+
+def test_plan_dtype_option_is_checked(tiny_src, tmp_path):
+    mfile = tmp_path / "m.json"
+    mfile.write_text(json.dumps(_fake_measurement(prepare(str(tiny_src), None), [(4, 32)])))
+    argv = ["plan", str(tiny_src), "--target-bpw", "6", "--measurement", str(mfile), "-o", str(tmp_path / "p.toml")]
+    with pytest.raises(SystemExit):
+        main(argv + ["--dtype", "float8"])

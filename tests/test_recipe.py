@@ -7,7 +7,7 @@ import pytest
 from mixq.errors import MixqError
 from mixq.quant import recipe as R
 from mixq.quant.plan import plan_model
-from mixq.quant.recipe import builtin_recipes, load_recipe, parse_recipe
+from mixq.quant.recipe import builtin_recipes, keep_recipe, load_recipe, parse_recipe, uniform_recipe
 from mixq.quant.spec import DTYPE_BYTES, Spec
 from mixq.quant.tensors import TensorInfo
 
@@ -100,9 +100,9 @@ def _mlx_mixed_predicate(recipe, n_layers):
     return mixed_quant_predicate_builder(recipe, FakeModel(), 64)
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("name", ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"])
 def test_mixed_matches_mlx_lm_predicate(name):
-    pytest.importorskip("mlx_lm")
     for n in (1, 2, 3, 5, 7, 8, 9, 12, 16, 22, 24, 28, 30, 32, 36, 40, 48, 61, 80):
         pred = _mlx_mixed_predicate(name, n)
         plan = plan_model(llama_tensors(n, head=True), name, {"num_hidden_layers": n, "tie_word_embeddings": False})
@@ -123,7 +123,7 @@ def test_mixed_matches_mlx_lm_predicate(name):
 def _mlx_quantized_specs(config, **qkw):
     """Build a tiny mlx-lm model from config, quantize it with mlx_lm; return its tensor infos and
     {module path: Spec} of what mlx-lm quantized."""
-    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    import mlx_lm.utils as mlx_lm_utils
     from mlx.utils import tree_flatten
 
     model_cls, args_cls = mlx_lm_utils._get_classes(config)
@@ -155,6 +155,7 @@ GPT_OSS = {"model_type": "gpt_oss", "num_hidden_layers": 2, "num_local_experts":
            "layer_types": ["sliding_attention", "full_attention"]}
 
 
+@pytest.mark.mlx
 @pytest.mark.parametrize("config,recipe,qkw", [
     (LLAMA, "q4", {"bits": 4, "group_size": 64}),
     (LLAMA, "q6-hi", {"bits": 6, "group_size": 32}),
@@ -169,7 +170,6 @@ GPT_OSS = {"model_type": "gpt_oss", "num_hidden_layers": 2, "num_local_experts":
     (GPT_OSS, "q3-hi", {"bits": 3, "group_size": 32}),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_plan_matches_mlx_lm_quantize_model(config, recipe, qkw):
-    pytest.importorskip("mlx_lm")
     qkw = dict(qkw)
     quant = qkw.pop("quant", None)
     if quant:
@@ -192,6 +192,7 @@ def test_plan_matches_mlx_lm_quantize_model(config, recipe, qkw):
     assert all(t.reason for t in plan.tensors)
 
 
+@pytest.mark.mlx
 def test_router_rules():
     infos, _, _ = _mlx_quantized_specs(QWEN3_MOE, bits=4, group_size=64)
     gate = "model.layers.0.mlp.gate"
@@ -202,7 +203,8 @@ def test_router_rules():
     experts = next(t for t in plan.tensors if t.module_path == "model.layers.0.mlp.switch_mlp.down_proj")
     assert len(experts.shape) == 3 and experts.spec == Spec(4, 32)
     # a rule naming the gate wins; a catch-all rule does not name it
-    r = parse_recipe('[recipe]\nbits = 4\n[[rule]]\npattern = "*.mlp.gate"\nbits = 2\n[[rule]]\npattern = "*"\nbits = 5\n')
+    r = parse_recipe('[recipe]\nbits = 4\n[[rule]]\npattern = "*.mlp.gate"\nbits = 2\n'
+                     '[[rule]]\npattern = "*"\nbits = 5\n')
     s = specs_of(plan_model(infos, r, QWEN3_MOE))
     assert s[gate] == Spec(2, 64) and s["model.layers.1.mlp.gate"] == Spec(2, 64)
     assert s["model.layers.0.mlp.switch_mlp.up_proj"] == Spec(5, 64)
@@ -212,7 +214,8 @@ def test_router_rules():
     assert not plan_model(infos, "bf16", QWEN3_MOE).quantized
     assert specs_of(plan_model(infos, "qx64-hi", QWEN3_MOE))[gate] == Spec(8, 32)
     # the same name in a dense model type is an ordinary tensor
-    dense = plan_model([TensorInfo("model.layers.0.mlp.gate.weight", (64, 64), "bfloat16")], "q4", {"model_type": "llama"})
+    gate = TensorInfo("model.layers.0.mlp.gate.weight", (64, 64), "bfloat16")
+    dense = plan_model([gate], "q4", {"model_type": "llama"})
     assert dense.tensors[0].spec == Spec(4, 64)
 
 
@@ -265,7 +268,8 @@ bits = 3
     assert rule.index == 5 and "every=3" in rule.describe() and "offset=1" in rule.describe()
     with pytest.raises(MixqError, match="layer count"):
         r.spec_for("model.layers.1.self_attn.k_proj", n_layers=None)
-    z = load_recipe(write(tmp_path, '[recipe]\nbits = 4\n[[rule]]\npattern = "*"\nevery = "n // 8"\nbits = 8\n', "z.toml"))
+    every = '[recipe]\nbits = 4\n[[rule]]\npattern = "*"\nevery = "n // 8"\nbits = 8\n'
+    z = load_recipe(write(tmp_path, every, "z.toml"))
     assert z.spec_for("model.layers.3.mlp.up_proj", n_layers=16) == Spec(4, 64)
     with pytest.raises(MixqError, match="z.toml: rule 1: every = n // 8 is 0 for a 4-layer model"):
         z.spec_for("model.layers.3.mlp.up_proj", n_layers=4)
@@ -292,7 +296,8 @@ def test_tied_head_takes_higher_precision():
     e = next(t for t in tied.tensors if t.name == "model.embed_tokens.weight")
     assert e.spec == Spec(8, 32) and "tied head" in e.reason and tied.tied
     # an explicit embedding rule with more precision wins over the head rule
-    text2 = '[recipe]\nbits = 4\n[[rule]]\npattern = "*embed_tokens"\nkeep = true\n[[rule]]\npattern = "lm_head"\nbits = 8\n'
+    text2 = ('[recipe]\nbits = 4\n[[rule]]\npattern = "*embed_tokens"\nkeep = true\n'
+             '[[rule]]\npattern = "lm_head"\nbits = 8\n')
     e = plan_model(llama_tensors(2, head=False), parse_recipe(text2), {}).tensors[0]
     assert e.spec is None and e.reason.startswith("kept")
     # untied: independent
@@ -420,3 +425,11 @@ def test_cli(capsys):
     assert 'name = "q6-hi"' in out and "group_size = 32" in out
     with pytest.raises(MixqError, match="unknown recipe"):
         R.cli(p.parse_args(["zzz"]))
+
+
+def test_uniform_and_keep_recipes():
+    ts = llama_tensors(2)
+    plan = plan_model(ts, uniform_recipe(4, 32), {"num_hidden_layers": 2})
+    assert set(specs_of(plan).values()) == {Spec(4, 32)} and len(plan.quantized) == 1 + 7 * 2 + 1
+    keep = plan_model(ts, keep_recipe(), {"num_hidden_layers": 2})
+    assert not keep.quantized and keep.total_bytes == keep.total_params * 2

@@ -185,6 +185,16 @@ class SafetensorsWriter:
             self._f.close()
             self._f = None
 
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close (checking every announced tensor was written) on success; abort on an error."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 def _as_tensor(block, dtype: torch.dtype) -> torch.Tensor:
     t = block if isinstance(block, torch.Tensor) else torch.from_numpy(block)
@@ -209,9 +219,8 @@ def write_sharded(out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch
     weight_map = {}
     try:
         for fname, group in zip(files, groups):
-            writer = SafetensorsWriter(out_dir / fname, [entries[i] for i in group],
-                                       metadata=metadata or {"format": "pt"})
-            try:
+            with SafetensorsWriter(out_dir / fname, [entries[i] for i in group],
+                                   metadata=metadata or {"format": "pt"}) as writer:
                 for j, i in enumerate(group):
                     name, _, dtype = entries[i]
                     value = produce(name)
@@ -221,10 +230,6 @@ def write_sharded(out_dir: Path, entries: list[tuple[str, tuple[int, ...], torch
                     if writer._next != j + 1:
                         raise MixqError(f"tensor {name}: produced fewer bytes than its shape {entries[i][1]} needs")
                     weight_map[name] = fname
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
     finally:
         bar.close()
     if len(files) > 1:

@@ -111,8 +111,7 @@ def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool
     try:
         for shard, fname in zip(shards, shard_names(len(shards))):
             entries = [o for tp in shard for o in stored_tensors(tp)]
-            writer = SafetensorsWriter(folder / fname, entries, metadata={"format": "mlx"})
-            try:
+            with SafetensorsWriter(folder / fname, entries, metadata={"format": "mlx"}) as writer:
                 for tp in shard:
                     per = dtype_from_name(tp.dtype).itemsize  # source bytes per element, for the bar
                     for oname in _write_tensor(writer, tp, loaders[tp.name], prep.store_dtype,
@@ -120,10 +119,6 @@ def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool
                         weight_map[oname] = fname
                     done += 1
                     bar.set_postfix_str(f"{done}/{len(plan.tensors)} tensors", refresh=False)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
     finally:
         bar.close()
     return weight_map

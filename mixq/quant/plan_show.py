@@ -32,19 +32,21 @@ def print_plan(plan, source: str = "", console=None) -> None:
         bits = str(tp.spec.bits) if tp.spec else "-"
         group = str(tp.spec.group_size) if tp.spec else "-"
         style = None if tp.spec else "dim"
-        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group, f"{tp.nbytes / 1e6:.3f}", tp.reason,
-                      style=style)
+        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group,
+                      f"{tp.nbytes / 1e6:.3f}", tp.reason, style=style)
     console.print(table)
     for line in summary_lines(plan):
         console.print(line)
 
 
 def summary_lines(plan) -> list[str]:
-    """The totals: size, parameters, bits per weight (quantized tensors, whole model), spec histogram."""
-    n_q = sum(1 for tp in plan.tensors if tp.spec)
+    """The totals (all from the Plan: the sizes convert writes and MODEL@RECIPE applies): size, parameters,
+    bits per weight (quantized tensors, whole model), spec histogram."""
+    n_q = len(plan.quantized)
     lines = [
         f"tensors: {len(plan.tensors)} ({n_q} quantized, {len(plan.tensors) - n_q} kept)",
-        f"size: {plan.total_bytes / 1e6:,.2f} MB for {plan.total_params / 1e6:,.2f} M parameters",
+        f"size: {plan.total_bytes:,} bytes ({plan.total_bytes / 1e6:,.2f} MB) for {plan.total_params / 1e6:,.2f} M "
+        f"parameters, stored as {', '.join(sorted({tp.dtype for tp in plan.tensors}))}",
     ]
     if plan.quantized_params:
         lines.append(f"bits per weight: {plan.bits_per_weight_quantized:.3f} over the quantized tensors "
@@ -54,18 +56,11 @@ def summary_lines(plan) -> list[str]:
         lines.append(f"bits per weight: {plan.bits_per_weight:.3f} (nothing quantized)")
     hist: dict = {}
     for tp in plan.tensors:
-        key = f"{tp.spec.bits}-bit g{tp.spec.group_size}" if tp.spec else "kept"
-        hist[key] = hist.get(key, 0) + _numel(tp.shape)
+        key = str(tp.spec) if tp.spec else "kept"
+        hist[key] = hist.get(key, 0) + tp.params
     total = max(plan.total_params, 1)
     lines.append("share of parameters: " + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(hist.items())))
     return lines
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def add_arguments(p):
@@ -76,7 +71,6 @@ def add_arguments(p):
 
 
 def cli(args):
-
     prep = prepare(args.source, args.recipe, args.dtype)
     print_plan(prep.plan, source=args.source)
     return 0

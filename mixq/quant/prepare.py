@@ -36,9 +36,20 @@ class Prepared:
     store_dtype: torch.dtype | None  # torch dtype floating tensors are stored in (None: as in the source)
     config: dict           # output config.json without quantization
 
+    @property
+    def dtype(self) -> str | None:
+        """The storage dtype by name ("bfloat16", ...), None: each tensor as in the source."""
+        return torch_dtype_name(self.store_dtype) if self.store_dtype is not None else None
+
+    def plan_with(self, recipe) -> Plan:
+        """The plan another recipe gives for this source at this storage dtype: what `prepare(source, recipe,
+        dtype)` plans for a recipe that names this dtype or none (allocation sizes its options with it)."""
+        return plan_model([info for info, _ in self.items], recipe, self.config, dtype=self.dtype)
+
 
 def storage_dtype(config: dict, dtype: str | None = None):
-    """The dtype floating tensors are stored in: `dtype`, else config.json's torch_dtype/dtype (as mlx_lm), else None."""
+    """The dtype floating tensors are stored in: `dtype`, else config.json's torch_dtype/dtype (as mlx_lm),
+    else None."""
     if dtype is not None and dtype not in DTYPES:
         raise MixqError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     name = dtype or config.get("torch_dtype") or config.get("dtype")
@@ -68,4 +79,5 @@ def prepare(source, recipe=None, dtype: str | None = None) -> Prepared:
     config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))
     plan = plan_model([info for info, _ in items], recipe, config,
                       dtype=torch_dtype_name(store) if store is not None else None)
-    return Prepared(source.ref if isinstance(source, ResolvedModel) else str(source), path, provenance, ckpt, recipe, plan, items, store, config)
+    ref = source.ref if isinstance(source, ResolvedModel) else str(source)
+    return Prepared(ref, path, provenance, ckpt, recipe, plan, items, store, config)

@@ -8,7 +8,8 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     bits = 6                # default spec for every quantizable tensor ...
     group_size = 32
     # keep = true           # ... or keep them all unquantized by default
-    # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins)
+    # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins;
+                            # `mixq plan` writes the dtype its sizes count)
     # tied_head = true      # tied embeddings: rules naming lm_head also apply to embed_tokens
 
     [[rule]]                          # ordered; the first matching rule wins
@@ -298,6 +299,17 @@ def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> R
     return Recipe(name=head.get("name") or name or Path(src).stem, description=head.get("description", ""),
                   text=text, default=default, rules=[_rule(i + 1, r, src, group) for i, r in enumerate(rules)],
                   path=src, dtype=dtype, tied_head=tied_head)
+
+
+def uniform_recipe(bits: int, group_size: int) -> Recipe:
+    """A recipe quantizing every quantizable tensor to (bits, group_size)."""
+    name = f"uniform-{bits}-{group_size}"
+    return parse_recipe(f'[recipe]\nname = "{name}"\nbits = {bits}\ngroup_size = {group_size}\n', f"<{name}>", name)
+
+
+def keep_recipe() -> Recipe:
+    """A recipe keeping every tensor unquantized (the plan of a model as stored)."""
+    return parse_recipe('[recipe]\nname = "keep-all"\nkeep = true\n', "<keep-all>", "keep-all")
 
 
 def _builtin_dir():

@@ -1,9 +1,14 @@
-"""`mixq plan`: choose each tensor's bits and group size to minimise measured damage under a size budget.
+"""`mixq plan`: allocate each tensor's bits and group size to minimise measured damage under a size budget.
 
 The allocation is a multiple-choice knapsack: every quantizable tensor takes exactly one option
 (a candidate `(bits, group_size)` or *keep*), each with a size in bytes and a damage (the KL
 divergence measured by `mixq measure` when that tensor alone is quantized so). We minimise the
-summed damage subject to the total size <= budget.
+summed damage subject to the total size <= budget. The result is written as an ordinary recipe.
+
+Sizes are those of the recipe's per-tensor plan (`quant.plan.plan_model`, via `Prepared.plan_with`) at
+one storage dtype (`--dtype`, default: what `mixq convert` uses for the source), which the recipe
+records (`dtype = ...`): the size in its header is the size of every artifact made from it, converted
+(`mixq convert`) or applied on the fly (`MODEL@RECIPE`), to the byte.
 
 Solver (`solve_mck`): an exact dynamic programme over a discretised budget. Sizes above each
 tensor's smallest option are rounded *up* to whole buckets and the free budget *down*, so any
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +30,10 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.io.files import cache_dir, write_atomic
-from mixq.quant.plan import plan_model
-from mixq.quant.prepare import prepare
-from mixq.quant.recipe import builtin_recipes, parse_recipe
-from mixq.tune.measure import load_measurement, measure, parse_key, smoothed_damages, uniform_recipe
+from mixq.quant.plan import Plan
+from mixq.quant.prepare import DTYPES, prepare
+from mixq.quant.recipe import keep_recipe, parse_recipe, uniform_recipe
+from mixq.tune.measure import load_measurement, measure, measurement_damages, parse_key
 
 # ---------------------------------------------------------------------------------------------
 # The knapsack
@@ -53,11 +60,14 @@ def _dominance_prune(cost: np.ndarray, dmg: np.ndarray) -> np.ndarray:
     return np.array(sorted(keep, key=lambda j: cost[j]), dtype=np.int64)
 
 
+def _dual(costs, damages, budget: int, lam: float) -> float:
+    """The Lagrangian dual at lambda: sum_i min_j (d_ij + lambda c_ij) - lambda B."""
+    return sum(float(np.min(d + lam * c)) for c, d in zip(costs, damages)) - lam * budget
+
+
 def lagrangian_bound(costs, damages, budget: int) -> float:
     """max over lambda >= 0 of  sum_i min_j (d_ij + lambda c_ij) - lambda B  (a lower bound on the optimum)."""
-    def g(lam):
-        return sum(float(np.min(d + lam * c)) for c, d in zip(costs, damages)) - lam * budget
-    # g is concave piecewise linear; its breakpoints are slopes between options. Golden-section on a log grid.
+    # The dual is concave piecewise linear; its breakpoints are slopes between options.
     cands = [0.0]
     for c, d in zip(costs, damages):
         for a, b in itertools.combinations(range(len(c)), 2):
@@ -68,13 +78,64 @@ def lagrangian_bound(costs, damages, budget: int) -> float:
     cands = np.unique(np.array(cands))
     if len(cands) > 4000:  # evaluate on quantiles then refine locally
         grid = np.quantile(cands, np.linspace(0, 1, 400))
-        vals = [g(x) for x in grid]
-        k = int(np.argmax(vals))
+        k = int(np.argmax([_dual(costs, damages, budget, x) for x in grid]))
         lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
         cands = cands[(cands >= lo) & (cands <= hi)]
         if len(cands) > 4000:
             cands = cands[np.linspace(0, len(cands) - 1, 4000).astype(int)]
-    return max(g(x) for x in cands)
+    return max(_dual(costs, damages, budget, x) for x in cands)
+
+
+def _dp_pick(pc, pd, q: int, nb: int) -> list[int]:
+    """Exact DP over `nb` buckets of `q` bytes (extra costs `pc` rounded up to whole buckets): the option
+    per item minimising the summed damage `pd`."""
+    n = len(pc)
+    dp = np.zeros(nb + 1)        # dp[b]: min damage of the items so far with discretised extra cost <= b
+    choice = np.zeros((n, nb + 1), dtype=np.int16)
+    for i in range(n):
+        new = np.full(nb + 1, np.inf)
+        arg = np.zeros(nb + 1, dtype=np.int16)
+        for j, (c, d) in enumerate(zip(pc[i], pd[i])):
+            w = -(-int(c) // q)
+            if w > nb:
+                continue
+            cand = np.full(nb + 1, np.inf)
+            cand[w:] = dp[: nb + 1 - w] + d
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        dp = new
+        choice[i] = arg
+    pick = [0] * n
+    b = nb
+    for i in range(n - 1, -1, -1):
+        j = int(choice[i, b])
+        pick[i] = j
+        b -= -(-int(pc[i][j]) // q)
+    return pick
+
+
+def _repair(pc, pd, pick: list[int], free: int) -> int:
+    """Spend the real bytes the bucket rounding left over on the best upgrades (damage saved, largest
+    first), in place; returns the number of upgrades."""
+    spent = sum(int(pc[i][j]) for i, j in enumerate(pick))
+    upgrades = 0
+    while True:
+        slack = free - spent
+        best, best_gain = None, 0.0
+        for i, j0 in enumerate(pick):
+            ok = (pc[i] - pc[i][j0] <= slack) & (pd[i][j0] - pd[i] > 1e-300)
+            if ok.any():
+                score = np.where(ok, pd[i][j0] - pd[i], -np.inf)
+                j = int(np.argmax(score))
+                if score[j] > best_gain:
+                    best, best_gain = (i, j), float(score[j])
+        if best is None:
+            return upgrades
+        i, j = best
+        spent += int(pc[i][j] - pc[i][pick[i]])
+        pick[i] = j
+        upgrades += 1
 
 
 def solve_mck(costs, damages, budget: int, *, buckets: int = 100_000) -> MCKResult:
@@ -101,51 +162,8 @@ def solve_mck(costs, damages, budget: int, *, buckets: int = 100_000) -> MCKResu
     # Bucket size q: extra costs rounded up, free budget rounded down -> always feasible in real bytes.
     q = max(1, -(-free // buckets)) if free > 0 else 1
     nb = free // q
-    dp = np.zeros(nb + 1)        # dp[b]: min damage of the items so far with discretised extra cost <= b
-    choice = np.zeros((n, nb + 1), dtype=np.int16)
-    for i in range(n):
-        new = np.full(nb + 1, np.inf)
-        arg = np.zeros(nb + 1, dtype=np.int16)
-        for j, (c, d) in enumerate(zip(pc[i], pd[i])):
-            w = -(-int(c) // q)
-            if w > nb:
-                continue
-            cand = np.full(nb + 1, np.inf)
-            cand[w:] = dp[: nb + 1 - w] + d
-            better = cand < new
-            new[better] = cand[better]
-            arg[better] = j
-        dp = new
-        choice[i] = arg
-    # Backtrack
-    pick = [0] * n
-    b = nb
-    for i in range(n - 1, -1, -1):
-        j = int(choice[i, b])
-        pick[i] = j
-        b -= -(-int(pc[i][j]) // q)
-    # Repair: spend the real bytes the rounding left over on the best upgrades (damage saved per byte).
-    spent = sum(int(pc[i][pick[i]]) for i in range(n))
-    upgrades = 0
-    while True:
-        slack = free - spent
-        best, best_gain = None, 0.0
-        for i in range(n):
-            j0 = pick[i]
-            dc = pc[i] - pc[i][j0]
-            gain = pd[i][j0] - pd[i]
-            ok = (dc <= slack) & (gain > 1e-300)
-            if ok.any():
-                score = np.where(ok, gain, -np.inf)
-                j = int(np.argmax(score))
-                if score[j] > best_gain:
-                    best, best_gain = (i, j), float(score[j])
-        if best is None:
-            break
-        i, j = best
-        spent += int(pc[i][j] - pc[i][pick[i]])
-        pick[i] = j
-        upgrades += 1
+    pick = _dp_pick(pc, pd, q, nb)
+    upgrades = _repair(pc, pd, pick, free)
     orig = [int(keep[i][pick[i]]) for i in range(n)]
     cost = int(sum(int(costs[i][orig[i]]) for i in range(n)))
     dmg = float(sum(float(damages[i][orig[i]]) for i in range(n)))
@@ -154,38 +172,38 @@ def solve_mck(costs, damages, budget: int, *, buckets: int = 100_000) -> MCKResu
                      {"bucket_bytes": q, "repair_upgrades": upgrades})
 
 
-def brute_force_mck(costs, damages, budget: int) -> tuple[list[int], float] | None:
-    """Exhaustive search (tests only)."""
-    best = None
-    for pick in itertools.product(*[range(len(c)) for c in costs]):
-        c = sum(int(costs[i][j]) for i, j in enumerate(pick))
-        if c > budget:
-            continue
-        d = sum(float(damages[i][j]) for i, j in enumerate(pick))
-        if best is None or d < best[1]:
-            best = (list(pick), d)
-    return best
-
-
 # ---------------------------------------------------------------------------------------------
 # From a measurement to a recipe
 
 
 @dataclass
 class Allocation:
+    """One option per measured tensor, the recipe TOML that writes it down, and that recipe's plan."""
     model: str
     target_bytes: int
-    total_bytes: int           # predicted size of the converted model (recipe.Plan's accounting)
-    total_params: int
     predicted_kld: float       # sum of the chosen options' measured damages (additive model)
     lower_bound: float         # Lagrangian bound: no allocation under this budget predicts less
     choices: dict              # tensor name -> (bits, group_size) or None (keep)
     damages: dict              # tensor name -> damage of the chosen option
+    plan: Plan                 # the recipe's per-tensor plan: what convert writes and MODEL@RECIPE applies
     text: str = ""             # the recipe TOML
 
     @property
+    def dtype(self) -> str | None:
+        """The storage dtype the recipe records (None: each tensor as in the source)."""
+        return self.plan.recipe.dtype
+
+    @property
+    def total_bytes(self) -> int:
+        return self.plan.total_bytes
+
+    @property
+    def total_params(self) -> int:
+        return self.plan.total_params
+
+    @property
     def bits_per_weight(self) -> float:
-        return self.total_bytes * 8 / self.total_params
+        return self.plan.bits_per_weight
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -194,8 +212,6 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_size(s: str) -> int:
     """'1.2GB' -> 1200000000 bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(s))
     if not m or m.group(2).lower() not in _UNITS:
         raise MixqError(f"size {s!r} not understood: write e.g. 1.2GB, 800MB or 512MiB")
@@ -203,22 +219,17 @@ def parse_size(s: str) -> int:
 
 
 def _options(prep, measurement: dict, allow_keep: bool):
-    """Per measured tensor: [(spec or None, bytes, damage)], plus the fixed bytes of everything else."""
-
-    infos = [info for info, _ in prep.items]
-    dtype = prep.plan.tensors[0].dtype if prep.store_dtype is not None and prep.plan.tensors else None
-    keep_plan = plan_model(infos, _keep_recipe(), prep.config, dtype=dtype)
+    """Per measured tensor: [(spec or None, bytes, damage)], plus the fixed bytes of everything else and
+    the model's parameter count; every size from the plans at the prepared storage dtype."""
+    keep_plan = prep.plan_with(keep_recipe())
     keep_bytes = {t.name: t.nbytes for t in keep_plan.tensors}
     sized: dict[tuple[int, int], dict] = {}
     for key in measurement["candidates"]:
         c = parse_key(key)
-        p = plan_model(infos, uniform_recipe(*c), prep.config, dtype=dtype)
-        sized[c] = {t.name: t.nbytes for t in p.tensors if t.spec is not None
-                    and (t.spec.bits, t.spec.group_size) == c}
+        sized[c] = {t.name: t.nbytes for t in prep.plan_with(uniform_recipe(*c)).quantized
+                    if (t.spec.bits, t.spec.group_size) == c}
+    damages = measurement_damages(measurement)
     items, fixed = {}, 0
-    meas = measurement["tensors"]
-    damages = smoothed_damages(measurement) if measurement.get("method") == "fisher" else \
-        {n: r["damage"] for n, r in meas.items()}
     for t in keep_plan.tensors:
         opts = []
         for key, dmg in (damages.get(t.name) or {}).items():
@@ -234,21 +245,20 @@ def _options(prep, measurement: dict, allow_keep: bool):
     return items, fixed, keep_plan.total_params
 
 
-def _keep_recipe():
-
-    return parse_recipe('[recipe]\nname = "keep-all"\nkeep = true\n', "<keep-all>", "keep-all")
-
-
 def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, target_bytes: int | None = None,
-             allow_keep: bool = True, buckets: int = 100_000, measurement_path: str | None = None,
-             prep=None, allow_incomplete: bool = False) -> Allocation:
-    """Choose one option per measured tensor, minimising summed damage with the model's size <= target."""
+             dtype: str | None = None, allow_keep: bool = True, buckets: int = 100_000,
+             measurement_path: str | None = None, prep=None, allow_incomplete: bool = False) -> Allocation:
+    """Choose one option per measured tensor, minimising summed damage with the model's size <= target.
 
+    Sizes are counted at storage dtype `dtype` (default: the source's, as `mixq convert` stores it), or
+    at `prep`'s when a `prepare(model, ...)` result is given; the recipe records that dtype."""
     if (target_bpw is None) == (target_bytes is None):
         raise MixqError("give exactly one of --target-bpw or --target-size")
     if not measurement.get("complete", True) and not allow_incomplete:
         raise MixqError(f"measurement {measurement_path or ''} is incomplete; finish it with `mixq measure --resume`")
-    prep = prep or prepare(model, "bf16" if _has_builtin("bf16") else None)
+    prep = prep or prepare(model, keep_recipe(), dtype)
+    if dtype is not None and prep.dtype != dtype:
+        raise ValueError(f"allocate: dtype {dtype!r} differs from the prepared storage dtype {prep.dtype!r}")
     items, fixed, n_params = _options(prep, measurement, allow_keep)
     if not items:
         raise MixqError(f"measurement {measurement_path or ''} holds no tensor of {model}: measure this model first")
@@ -256,36 +266,29 @@ def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, 
         target_bytes = int(math.floor(target_bpw * n_params / 8))
     names = list(items)
     costs = [np.array([o[1] for o in items[n]], dtype=np.int64) for n in names]
-    dmgs = [np.array([o[2] for o in items[n]]) for n in names]
-    if fixed + sum(int(c.min()) for c in costs) > target_bytes:
-        least = fixed + sum(int(c.min()) for c in costs)
+    least = fixed + sum(int(c.min()) for c in costs)
+    if least > target_bytes:
         raise MixqError(f"target of {target_bytes:,} bytes ({target_bytes * 8 / n_params:.3f} bpw) is below the "
-                        f"smallest reachable size {least:,} bytes ({least * 8 / n_params:.3f} bpw); raise the target "
-                        f"or measure lower --levels")
-    res = solve_mck(costs, dmgs, target_bytes - fixed, buckets=buckets)
+                        f"smallest reachable size {least:,} bytes ({least * 8 / n_params:.3f} bpw) at "
+                        f"{prep.dtype or 'the stored dtypes'}; raise the target or measure lower --levels")
+    res = solve_mck(costs, [np.array([o[2] for o in items[n]]) for n in names], target_bytes - fixed, buckets=buckets)
     choices = {n: items[n][j][0] for n, j in zip(names, res.choice)}
     damages = {n: items[n][j][2] for n, j in zip(names, res.choice)}
-    alloc = Allocation(model, target_bytes, fixed + res.cost, n_params, res.damage, res.lower_bound, choices, damages)
-    alloc.text = recipe_text(alloc, measurement, measurement_path, items)
-    _check_roundtrip(alloc, prep)
+    rules = rules_text(choices, damages, items)
+    plan = prep.plan_with(parse_recipe(_recipe_table("allocation", "", prep.dtype) + rules, "<allocation>"))
+    alloc = Allocation(model, target_bytes, res.damage, res.lower_bound, choices, damages, plan)
+    alloc.text = recipe_text(alloc, measurement, measurement_path, rules)
+    _check_roundtrip(alloc, prep, fixed + res.cost)
     return alloc
 
 
-def _has_builtin(name: str) -> bool:
-
-    try:
-        return name in builtin_recipes()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _check_roundtrip(alloc: Allocation, prep) -> None:
-    """The written recipe, planned like convert plans it, must give exactly the predicted bytes."""
-
-    dtype = prep.plan.tensors[0].dtype if prep.store_dtype is not None and prep.plan.tensors else None
-    plan = plan_model([i for i, _ in prep.items], parse_recipe(alloc.text, "<plan>"), prep.config, dtype=dtype)
-    if plan.total_bytes != alloc.total_bytes:
-        raise MixqError(f"internal: planned recipe sizes to {plan.total_bytes} bytes, predicted {alloc.total_bytes}")
+def _check_roundtrip(alloc: Allocation, prep, solved_bytes: int) -> None:
+    """The written recipe, planned like convert plans it, must give the allocation's bytes and choices."""
+    recipe = parse_recipe(alloc.text, "<allocation>")
+    plan = prep.plan_with(recipe)
+    if recipe.dtype != prep.dtype or plan.total_bytes != alloc.total_bytes or plan.total_bytes != solved_bytes:
+        raise MixqError(f"internal: the allocated recipe plans to {plan.total_bytes} bytes at {recipe.dtype}, "
+                        f"allocated {solved_bytes} at {prep.dtype}")
     for t in plan.tensors:
         want = alloc.choices.get(t.name, "absent")
         got = (t.spec.bits, t.spec.group_size) if t.spec else None
@@ -297,19 +300,40 @@ def _fmt_spec(c) -> str:
     return "keep" if c is None else f"{c[0]}-bit g{c[1]}"
 
 
-def recipe_text(alloc: Allocation, measurement: dict, measurement_path, items) -> str:
-    """The allocation as an ordinary recipe TOML: one exact rule per tensor, its damage in a comment."""
-    from collections import Counter
+def rules_text(choices: dict, damages: dict, items: dict) -> str:
+    """One exact [[rule]] per allocated tensor, its damage and its alternatives' in a comment."""
+    lines = []
+    for name, c in choices.items():
+        alts = ", ".join(f"{_fmt_spec(o[0])}={o[2]:.3g}" for o in sorted(items[name], key=lambda o: -o[1])
+                         if o[0] is not None and o[0] != c)
+        lines.append(f"[[rule]]  # damage {damages[name]:.4g} at {_fmt_spec(c)}; others: {alts}")
+        lines.append(f'pattern = "{name.removesuffix(".weight")}"')
+        lines += ["keep = true"] if c is None else [f"bits = {c[0]}", f"group_size = {c[1]}"]
+        lines.append("")
+    return "\n".join(lines)
 
+
+def _recipe_table(name: str, description: str, dtype: str | None) -> str:
+    lines = ["[recipe]", f'name = "{name}"', f'description = "{description}"',
+             "keep = true  # default for anything not named below (every quantizable tensor has its own rule)"]
+    if dtype is not None:
+        lines.append(f'dtype = "{dtype}"  # scales, biases and kept tensors: the dtype the sizes above count')
+    return "\n".join(lines) + "\n\n"
+
+
+def recipe_text(alloc: Allocation, measurement: dict, measurement_path, rules: str) -> str:
+    """The allocation as an ordinary recipe TOML: a header with the plan's size, [recipe], the rules."""
     bpw = alloc.bits_per_weight
     counts = Counter(c for c in alloc.choices.values())
     summary = ", ".join(f"{_fmt_spec(c)}: {n}" for c, n in counts.most_common())
+    stored = f"stored as {alloc.dtype}" if alloc.dtype else "each tensor stored in its source dtype"
     lines = [
-        f"# Written by `mixq plan` for {alloc.model}: per-tensor bits chosen to minimise the summed measured",
+        f"# Written by `mixq plan` for {alloc.model}: per-tensor bits allocated to minimise the summed measured",
         "# damage (KL divergence when that tensor alone is quantized) under the size budget.",
         f"# target: {alloc.target_bytes:,} bytes ({alloc.target_bytes * 8 / alloc.total_params:.4f} bpw)",
-        f"# planned size: {alloc.total_bytes:,} bytes = {bpw:.4f} bits per weight (scales, biases and kept "
-        "tensors included)",
+        f"# planned size: {alloc.total_bytes:,} bytes = {bpw:.4f} bits per weight ({stored}; scales, biases and "
+        "kept tensors included)",
+        "#   = the size of `mixq convert` with this recipe and of MODEL@RECIPE (unless --dtype overrides the dtype)",
         f"# predicted KLD (sum of the per-tensor damages, additive model): {alloc.predicted_kld:.6g}",
         f"#   (lower bound for any allocation at this size, Lagrangian: {alloc.lower_bound:.6g})",
         f"# measurement: {measurement_path or '?'} (method {measurement.get('method', '?')}, "
@@ -319,25 +343,11 @@ def recipe_text(alloc: Allocation, measurement: dict, measurement_path, items) -
            else ""),
         f"# tensors: {summary}",
         "",
-        "[recipe]",
-        f'name = "plan-{_slug(alloc.model)}-{bpw:.2f}bpw"',
-        f'description = "mixq plan: measured sensitivity, {bpw:.2f} bpw, predicted KLD {alloc.predicted_kld:.4g}"',
-        "keep = true  # default for anything not named below (every quantizable tensor has its own rule)",
-        "",
     ]
-    for name, c in alloc.choices.items():
-        path = name[: -len(".weight")] if name.endswith(".weight") else name
-        alts = ", ".join(f"{_fmt_spec(o[0])}={o[2]:.3g}" for o in sorted(items[name], key=lambda o: -o[1])
-                         if o[0] is not None and o[0] != c)
-        lines.append(f"[[rule]]  # damage {alloc.damages[name]:.4g} at {_fmt_spec(c)}; others: {alts}")
-        lines.append(f'pattern = "{path}"')
-        if c is None:
-            lines.append("keep = true")
-        else:
-            lines.append(f"bits = {c[0]}")
-            lines.append(f"group_size = {c[1]}")
-        lines.append("")
-    return "\n".join(lines)
+    table = _recipe_table(f"plan-{_slug(alloc.model)}-{bpw:.2f}bpw",
+                          f"mixq plan: measured sensitivity, {bpw:.2f} bpw, predicted KLD {alloc.predicted_kld:.4g}",
+                          alloc.dtype)
+    return "\n".join(lines) + "\n" + table + rules
 
 
 def _tokens_used(measurement: dict):
@@ -349,13 +359,10 @@ def _tokens_used(measurement: dict):
 
 
 def _slug(s: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s).rstrip("/").rsplit("/", 1)[-1]) or "model"
 
 
 def default_measurement_path(model: str) -> Path:
-
     return Path(cache_dir()) / "measurements" / f"{_slug(model)}.json"
 
 
@@ -364,6 +371,9 @@ def add_arguments(p) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--target-bpw", type=float, help="bits per weight of the whole model (as plan-show reports)")
     g.add_argument("--target-size", help="size of the converted model, e.g. 1.2GB, 800MB, 512MiB")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of scales, biases and kept tensors the sizes count, recorded in the recipe "
+                        "(default: the source's, as `mixq convert` stores it)")
     p.add_argument("--measurement", help="measurement file from `mixq measure` (default: measure now, with its "
                                          "defaults, into the cache, resuming if interrupted)")
     p.add_argument("--no-keep", action="store_true", help="never keep a quantizable tensor unquantized")
@@ -371,7 +381,6 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
-
     if args.measurement:
         mpath = Path(args.measurement)
         meas = load_measurement(mpath)
@@ -379,10 +388,11 @@ def cli(args) -> int:
         mpath = default_measurement_path(args.model)
         meas = measure(args.model, out=mpath, resume=True)
     target_bytes = parse_size(args.target_size) if args.target_size else None
-    alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes,
+    alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes, dtype=args.dtype,
                      allow_keep=not args.no_keep, measurement_path=str(mpath))
     out = Path(args.output)
     write_atomic(out, alloc.text)
-    print(f"{out}: {alloc.total_bytes / 1e6:.2f} MB, {alloc.bits_per_weight:.4f} bpw, "
-          f"predicted KLD {alloc.predicted_kld:.5g} (bound {alloc.lower_bound:.5g})")
+    print(f"{out}: {alloc.total_bytes:,} bytes ({alloc.total_bytes / 1e6:.2f} MB), {alloc.bits_per_weight:.4f} bpw "
+          f"stored as {alloc.dtype or 'the source dtypes'}, predicted KLD {alloc.predicted_kld:.5g} "
+          f"(bound {alloc.lower_bound:.5g})")
     return 0

@@ -1,6 +1,6 @@
 """`mixq measure`: how much each tensor's quantization moves the model's output.
 
-For every quantizable tensor (per recipe.plan_model under a uniform recipe of each candidate) and
+For every quantizable tensor (per quant.plan.plan_model under a uniform recipe of each candidate) and
 every candidate `(bits, group_size)`, the damage is the mean per-token KL divergence
 KL(base || perturbed) of the next-token distribution on calibration text, where *perturbed* is the
 unquantized model with that one tensor replaced by its MLX quantize -> dequantize round trip (in
@@ -9,7 +9,7 @@ the tensor's stored dtype, exactly what `mixq convert` writes).
 Two methods:
 * `fisher` (default): the second-order estimate KL ~= 1/2 dW^T F dW with the Fisher information F
   sampled by gradients of log p(y) for labels y drawn from the base's own distribution (see
-  `fisher_damages`). One forward and `--draws` backward passes per calibration window give the
+  `measure_fisher`). One forward and `--draws` backward passes per calibration window give the
   estimate for every tensor and candidate at once: the cost does not grow with tensors x candidates.
 * `direct`: one perturbed forward per tensor and candidate (`--direct all`), or at anchor candidates
   with the others scaled by the tensor's activation-weighted quantization error (`--direct anchors`).
@@ -33,21 +33,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model
+from mixq.eval.head import output_head
 from mixq.eval.perplexity import _kld_rows, make_windows
 from mixq.io.files import write_atomic
-from mixq.quant.plan import plan_model
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize, quantize
-from mixq.quant.recipe import parse_recipe
+from mixq.quant.recipe import uniform_recipe
+from mixq.quant.tensors import layer_index, module_path
+from mixq.threads import available_cores, torch_threads
 
 FORMAT = "mixq-measurement/1"
 VOCAB_FULL_MAX = 65536
@@ -86,34 +90,48 @@ def calib_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
 # The model-side machinery
 
 
-class _Stub:
+def _round_trip(w, bits: int, group_size: int, name: str):
+    """`w` quantized to (bits, group_size) and dequantized again, in w's dtype (what convert stores, read back)."""
+    return dequantize(*quantize(w, bits, group_size, name=name), bits, group_size, name=name)
+
+
+def _parameters(model, names) -> dict:
+    """name -> parameter of `model` for every name; a user error for the first one the model lacks."""
+    params = dict(model.named_parameters())
+    for name in names:
+        if name not in params:
+            raise MixqError(f"tensor {name}: not a parameter of the loaded model; `mixq measure` supports dense "
+                            f"architectures whose MLX and Hugging Face tensor names agree")
+    return {name: params[name] for name in names}
+
+
+class _Stub(torch.nn.Module):
     """Stand-in for a decoder layer below the one being perturbed: returns a cached tensor or its input."""
 
-    def __new__(cls, cached=None):
-        import torch
+    def __init__(self, cached=None):
+        super().__init__()
+        self.cached = cached
 
-        class Stub(torch.nn.Module):
-            def __init__(self, cached):
-                super().__init__()
-                self.cached = cached
-
-            def forward(self, hidden_states=None, *args, **kwargs):
-                if hidden_states is None:
-                    hidden_states = kwargs.get("hidden_states")
-                return self.cached if self.cached is not None else hidden_states
-
-        return Stub(cached)
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if hidden_states is None:
+            hidden_states = kwargs.get("hidden_states")
+        return self.cached if self.cached is not None else hidden_states
 
 
 def _lse(logits):
-    import torch
-
     return torch.cat([torch.logsumexp(c.double(), dim=-1) for c in logits.split(256)])
 
 
-def _layer_of(name: str) -> int | None:
-    m = re.search(r"\blayers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+def _save_input(store: dict, key, module, args, kwargs=None) -> None:
+    """Forward pre-hook (bound with functools.partial): keep a copy of the module's hidden-state input."""
+    hs = args[0] if args else kwargs["hidden_states"]
+    store[key] = hs.detach().clone()
+
+
+def _add_gram(store: dict, key, module, args) -> None:
+    """Forward pre-hook (bound with functools.partial): accumulate X^T X of the module's input in float64."""
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    store[key] = store[key] + x.T @ x if key in store else x.T @ x
 
 
 @dataclass
@@ -131,79 +149,57 @@ class Measurer:
     """Perturb one tensor at a time and return the mean per-token KLD against the base."""
 
     def __init__(self, model, input_ids, *, full_vocab: bool = False, topk: int = TOPK, hessians: bool = True):
-        import torch
-
-        self.torch = torch
         self.model = model
         model.requires_grad_(False)
         self.inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers = self.inner.layers
         self.n_layers = len(self.layers)
-        self.head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.head = output_head(model)
+        if self.head is None:
+            raise MixqError("`mixq measure` needs a model with a linear output head (lm_head)")
         self.params = dict(model.named_parameters())
         self.modules = dict(model.named_modules())
         self.cal = self._calibrate(input_ids, full_vocab, topk, hessians)
 
     # -- base pass ----------------------------------------------------------------------------
-    def _calibrate(self, input_ids, full_vocab, topk, want_h):
-        torch = self.torch
+    def _base_pass(self, input_ids, want_h: bool):
+        """(input of every decoder layer and of the final norm, X^T X sums of the layers' linear inputs, last
+        hidden state) of one unperturbed forward."""
         inputs: dict[int, torch.Tensor] = {}
-        hess: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def layer_hook(i):
-            def pre(mod, args, kwargs):
-                hs = args[0] if args else kwargs["hidden_states"]
-                inputs[i] = hs.detach().clone()
-            return pre
-
-        for i, layer in enumerate(self.layers):
-            handles.append(layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
-        handles.append(self.inner.norm.register_forward_pre_hook(
-            lambda mod, args: inputs.__setitem__(self.n_layers, args[0].detach().clone())))
+        grams: dict[str, torch.Tensor] = {}
+        handles = [layer.register_forward_pre_hook(partial(_save_input, inputs, i), with_kwargs=True)
+                   for i, layer in enumerate(self.layers)]
+        handles.append(self.inner.norm.register_forward_pre_hook(partial(_save_input, inputs, self.n_layers)))
         if want_h:
-            for name, mod in self.modules.items():
-                if isinstance(mod, torch.nn.Linear) and _layer_of(name) is not None:
-                    def lin_hook(mod, args, name=name):
-                        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                        h = x.T @ x
-                        hess[name] = hess[name] + h if name in hess else h
-                    handles.append(mod.register_forward_pre_hook(lin_hook))
+            handles += [mod.register_forward_pre_hook(partial(_add_gram, grams, name))
+                        for name, mod in self.modules.items()
+                        if isinstance(mod, torch.nn.Linear) and layer_index(name) is not None]
         try:
             with torch.no_grad():
                 hidden = self.inner(input_ids=input_ids, use_cache=False).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
+        return [inputs[i] for i in range(self.n_layers + 1)], grams, hidden
+
+    def _calibrate(self, input_ids, full_vocab, topk, want_h) -> Calibrated:
+        layer_inputs, grams, hidden = self._base_pass(input_ids, want_h)
         ntok = input_ids.numel()
-        hess = {k: v / ntok for k, v in hess.items()}
-        hess["__final__"] = (hidden.reshape(-1, hidden.shape[-1]).double().T
-                             @ hidden.reshape(-1, hidden.shape[-1]).double()) / ntok
+        hess = {k: v / ntok for k, v in grams.items()}
+        flat = hidden.reshape(-1, hidden.shape[-1]).double()
+        hess["__final__"] = (flat.T @ flat) / ntok
         vocab = None
-        full = self._logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]), None)
+        full = self.head.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
         if not full_vocab and full.shape[-1] > VOCAB_FULL_MAX:
             vocab = torch.unique(full.topk(topk, dim=-1).indices.reshape(-1))
             full = full[:, vocab]
-        base_logp = (full, _lse(full))
-        counts = torch.bincount(input_ids.reshape(-1), minlength=self.head.weight.shape[0]).double()
-        layer_inputs = [inputs[i] for i in range(self.n_layers + 1)]
-        return Calibrated(input_ids, layer_inputs, vocab, base_logp, hess, counts)
-
-    def _logits(self, hidden, vocab):
-        w = self.head.weight if vocab is None else self.head.weight[vocab]
-        logits = hidden @ w.T
-        bias = getattr(self.head, "bias", None)
-        if bias is not None:
-            logits = logits + (bias if vocab is None else bias[vocab])
-        if self.softcap:
-            logits = self.torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        counts = torch.bincount(input_ids.reshape(-1), minlength=self.head.vocab_size).double()
+        return Calibrated(input_ids, layer_inputs, vocab, (full, _lse(full)), hess, counts)
 
     # -- perturbed passes ---------------------------------------------------------------------
     def start_layer(self, name: str) -> int:
         """The first decoder layer whose output a change of `name` can affect."""
-        i = _layer_of(name)
+        i = layer_index(name)
         if i is not None:
             return i
         if name.endswith("embed_tokens.weight") or "embed" in name:
@@ -213,7 +209,6 @@ class Measurer:
     def forward_from(self, start: int):
         """(logits over the vocabulary subset at the scored positions, their lse), re-running decoder
         layers start.. on the cached inputs."""
-        torch = self.torch
         saved = []
         try:
             for j in range(start):
@@ -221,7 +216,7 @@ class Measurer:
                 self.layers[j] = _Stub(self.cal.layer_inputs[start] if j == start - 1 else None)
             with torch.no_grad():
                 hidden = self.inner(input_ids=self.cal.input_ids, use_cache=False).last_hidden_state
-                logits = self._logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.cal.vocab)
+                logits = self.head.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1]), rows=self.cal.vocab)
                 return logits, _lse(logits)
         finally:
             for j, layer in enumerate(saved):
@@ -236,13 +231,10 @@ class Measurer:
 
     def damage(self, name: str, src_dtype, bits: int, group_size: int) -> tuple[float, float]:
         """(KLD with `name` quantized to (bits, group_size), proxy error tr(dW H dW^T)) ; weights restored after."""
-        torch = self.torch
-
         p = self.params[name]
         orig = p.data.clone()
         try:
-            w = orig.to(src_dtype)
-            deq = dequantize(*quantize(w, bits, group_size, name=name), bits, group_size, name=name)
+            deq = _round_trip(orig.to(src_dtype), bits, group_size, name)
             p.data.copy_(deq.to(p.dtype))
             d = self.kld(self.forward_from(self.start_layer(name)))
             err = self.proxy_error(name, (deq.to(torch.float64) - orig.to(torch.float64)))
@@ -250,12 +242,17 @@ class Measurer:
             p.data.copy_(orig)
         return d, err
 
+    def proxy_only(self, name: str, src_dtype, bits: int, group_size: int) -> float:
+        """The proxy error of `name` quantized to (bits, group_size), without a forward pass."""
+        orig = self.params[name].data
+        deq = _round_trip(orig.to(src_dtype), bits, group_size, name)
+        return self.proxy_error(name, deq.to(torch.float64) - orig.to(torch.float64))
+
     def proxy_error(self, name: str, dw) -> float:
         """Activation-weighted quantization error of tensor `name` for weight change dw."""
-        mod = name[: -len(".weight")] if name.endswith(".weight") else name
-        h = self.cal.hessians.get(mod)
+        h = self.cal.hessians.get(module_path(name))
         if h is None and dw.shape[-1] == self.cal.hessians["__final__"].shape[0] and \
-                self.head is not None and self.head.weight.data_ptr() == self.params[name].data_ptr():
+                self.head.weight.data_ptr() == self.params[name].data_ptr():
             h = self.cal.hessians["__final__"]    # tied embedding: its output-head role dominates
         if h is None and "embed" in name:          # untied input embedding: rows weighted by token counts
             c = self.cal.token_counts[: dw.shape[0]]
@@ -270,17 +267,13 @@ class Measurer:
 
 
 def candidate_table(prep, specs) -> dict[str, tuple[str, list[tuple[int, int]]]]:
-    """name -> (stored dtype, candidates): for each candidate, what recipe.plan_model assigns under a
+    """name -> (stored dtype, candidates): for each candidate, what quant.plan.plan_model assigns under a
     uniform recipe of that spec (tensors it never quantizes drop out; forced specs, e.g. 8-bit MoE
     routers, replace the candidate)."""
 
-    dtype = prep.plan.tensors[0].dtype if prep.store_dtype is not None and prep.plan.tensors else None
     out: dict[str, tuple[str, list]] = {}
     for bits, gs in specs:
-        plan = plan_model([info for info, _ in prep.items], uniform_recipe(bits, gs), prep.config, dtype=dtype)
-        for tp in plan.tensors:
-            if tp.spec is None:
-                continue
+        for tp in prep.plan_with(uniform_recipe(bits, gs)).quantized:
             c = (tp.spec.bits, tp.spec.group_size)
             entry = out.setdefault(tp.name, (tp.dtype, []))
             if c not in entry[1]:
@@ -288,185 +281,170 @@ def candidate_table(prep, specs) -> dict[str, tuple[str, list[tuple[int, int]]]]
     return out
 
 
-def uniform_recipe(bits: int, group_size: int):
-    """A Recipe quantizing everything quantizable to (bits, group_size)."""
-
-    name = f"uniform-{bits}-{group_size}"
-    text = f'[recipe]\nname = "{name}"\nbits = {bits}\ngroup_size = {group_size}\n'
-    return parse_recipe(text, f"<{name}>", name)
+# Settings a resumed measurement must share with the file it continues.
+_RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab")
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1))
+class MeasurementFile:
+    """A measurement document and its file: opened new or resumed, rewritten atomically by `save`."""
 
+    def __init__(self, path, header: dict, resume: bool):
+        self.path = Path(path)
+        self.doc = None
+        if self.path.exists():
+            if not resume:
+                raise MixqError(f"{self.path} exists; pass --resume to continue it, or remove it")
+            self.doc = load_measurement(self.path)
+            for k in _RESUME_KEYS:
+                if self.doc.get(k) != header.get(k):
+                    raise MixqError(f"{self.path} was measured with another {k} ({self.doc.get(k)!r}, now "
+                                    f"{header.get(k)!r}); use another -o file or the same settings")
+        if self.doc is None:
+            self.doc = {**header, "complete": False, "tensors": {}, "seconds": 0.0}
+        self.t0 = time.time()
 
-def measure_model(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,
-                  header: dict, method: str = "fisher", draws: int = 8, direct: str = "anchors",
-                  anchors=DEFAULT_ANCHORS, full_vocab: bool = False, resume: bool = False,
-                  progress: bool = True) -> dict:
-    """Measure `tensors` (name -> (stored dtype, candidates)) on `windows` (perplexity.Windows) and
-    write the measurement to `out`, updated after every window (fisher) or tensor (direct), so an
-    interrupted run resumes with `resume=True`."""
-    import torch
-    from tqdm import tqdm
-
-    out = Path(out)
-    if method == "fisher":
-        header = {"format": FORMAT, **header, "method": "fisher", "draws": draws}
-    elif method == "direct":
-        header = {"format": FORMAT, **header, "method": "direct", "direct": direct,
-                  "anchors": [spec_key(*a) for a in anchors] if direct != "all" else None,
-                  "vocab": "full" if full_vocab else f"top{TOPK}-union if V>{VOCAB_FULL_MAX}"}
-    else:
-        raise MixqError(f"unknown measurement method {method!r}: use fisher or direct")
-    doc = None
-    if out.exists():
-        if not resume:
-            raise MixqError(f"{out} exists; pass --resume to continue it, or remove it")
-        doc = load_measurement(out)
-        for k in ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab"):
-            if doc.get(k) != header.get(k):
-                raise MixqError(f"{out} was measured with another {k} ({doc.get(k)!r}, now {header.get(k)!r}); "
-                                f"use another -o file or the same settings")
-    if doc is None:
-        doc = {**header, "complete": False, "tensors": {}, "seconds": 0.0}
-    t0 = [time.time()]
-
-    def save():
+    def save(self) -> None:
+        """Add the seconds spent since the last save, write the file (atomically)."""
         now = time.time()
-        doc["seconds"] = doc.get("seconds", 0.0) + (now - t0[0])
-        t0[0] = now
-        _atomic_write_json(out, doc)
+        self.doc["seconds"] = self.doc.get("seconds", 0.0) + (now - self.t0)
+        self.t0 = now
+        write_atomic(self.path, json.dumps(self.doc, indent=1))
 
-    if method == "fisher":
-        def records(dam, done):
-            return {n: {"shape": list(model.get_parameter(n).shape), "dtype": tensors[n][0], "damage": dam[n]}
-                    for n in dam}
 
-        def on_window(state):
-            scale = 1.0 / (2.0 * (windows.ids.shape[1] - 1) * state["windows_done"] * draws)
-            dam = {n: {spec_key(*c): v * scale for c, v in zip(tensors[n][1], sums)}
-                   for n, sums in state["sums"].items()}
-            doc["fisher_state"] = state
-            doc["tensors"] = records(dam, state["windows_done"])
-            doc["windows_done"] = state["windows_done"]
-            doc["complete"] = state["windows_done"] >= windows.ids.shape[0]
-            save()
-
-        if not doc.get("complete"):
-            fisher_damages(model, tensors, windows, draws=draws, progress=progress,
-                           state=doc.get("fisher_state"), on_window=on_window)
-        return doc
-
-    todo = [n for n in tensors if n not in doc["tensors"]]
-    if not todo:
-        doc["complete"] = True
-        return doc
-    m = Measurer(model, windows.ids, full_vocab=full_vocab)
-    doc["vocab_subset_size"] = None if m.cal.vocab is None else int(m.cal.vocab.numel())
-    n_fwd = sum(len(tensors[n][1]) if direct == "all" else
-                max(1, sum(1 for a in anchors if a in tensors[n][1])) for n in todo)
-    bar = tqdm(total=n_fwd, desc="measure (direct)", unit="fwd", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    for name in todo:
+def _candidate_deltas(params: dict, tensors, progress: bool) -> dict:
+    """name -> every candidate's weight change dequant(quant(W)) - W, stacked (bfloat16: ample for a dot product)."""
+    dws = {}
+    for name in tqdm(params, desc="quantize candidates", unit="tensor", disable=not progress, file=sys.stderr,
+                     leave=False):
         dtype_name, cands = tensors[name]
-        if name not in m.params:
-            raise MixqError(f"tensor {name}: not a parameter of the loaded model; `mixq measure` supports dense "
-                            f"architectures whose MLX and Hugging Face tensor names agree")
-        src_dtype = getattr(torch, dtype_name)
-        rec = {"shape": list(m.params[name].shape), "dtype": dtype_name, "damage": {}, "proxy": {}, "direct": []}
-        if direct == "all":
-            chosen = list(cands)
-        else:
-            chosen = [c for c in anchors if c in cands] or [min(cands, key=lambda c: (abs(c[0] - 4), c[1]))]
-        for c in cands:
-            key = spec_key(*c)
-            if c in chosen:
-                d, e = m.damage(name, src_dtype, *c)
-                rec["damage"][key] = d
-                rec["direct"].append(key)
-                bar.update(1)
-            else:
-                e = _proxy_only(m, name, src_dtype, *c)
-            rec["proxy"][key] = e
-        if direct != "all":
-            _fill_from_proxy(rec)
-        doc["tensors"][name] = rec
-        doc["complete"] = len(doc["tensors"]) >= len(tensors)
-        save()
-    bar.close()
-    return doc
+        w = params[name].detach()
+        rows = [(_round_trip(w.to(getattr(torch, dtype_name)), bits, gs, name).float() - w.float())
+                .reshape(-1).to(torch.bfloat16) for bits, gs in cands]
+        dws[name] = torch.stack(rows)
+    return dws
 
 
-def fisher_damages(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, draws: int = 8,
-                   seed: int = 0, progress: bool = True, state: dict | None = None, on_window=None
-                   ) -> dict[str, dict[str, float]]:
-    """Second-order (Fisher) estimate of every tensor's damage for every candidate, all at once.
+def _fisher_window(model, ids, params: dict, dws: dict, acc: dict, *, draws: int, generator, bar) -> None:
+    """Add one window's squared projections (g . dW)^2 to `acc`, for `draws` label draws from the base."""
+    names = list(params)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.detach().exp()
+    for d in range(draws):
+        y = torch.multinomial(probs, 1, generator=generator)
+        grads = torch.autograd.grad(logp.gather(-1, y).sum(), [params[n] for n in names], retain_graph=d < draws - 1)
+        for n, g in zip(names, grads):
+            a = (dws[n] @ g.reshape(-1).to(torch.bfloat16).unsqueeze(-1)).squeeze(-1).double()
+            acc[n] += a * a
+        bar.update(1)
+
+
+def fisher_estimates(tensors, state: dict, scored_per_window: int, draws: int) -> dict[str, dict[str, float]]:
+    """name -> {candidate key: damage} from the accumulated squared projections of a Fisher measurement."""
+    scale = 1.0 / (2.0 * scored_per_window * max(int(state["windows_done"]), 1) * draws)
+    return {n: {spec_key(*c): float(v) * scale for c, v in zip(tensors[n][1], sums)}
+            for n, sums in state["sums"].items()}
+
+
+def measure_fisher(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,
+                   header: dict, draws: int = 8, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
+    """Second-order (Fisher) estimate of every tensor's damage for every candidate, all at once; the
+    measurement is written to `out` after every window (resumable with `resume=True`).
 
     KL(p || p_dW) ~= 1/2 dW^T F dW, F the Fisher information of the next-token distributions. With
     labels y_t drawn from the base's own distribution at every position of a window, the gradient
     g = grad sum_t log p_t(y_t) has E[(g . dW)^2] = dW^T F_window dW (cross-position terms vanish),
     so mean (g . dW)^2 / (2 * tokens) is an unbiased estimate of the mean per-token KLD to second
     order. One forward and `draws` backward passes per window give g for every tensor; the dot
-    products with every candidate's dW = dequant(quant(W)) - W are cheap.
-
-    Resumable: `state` ({"windows_done", "sums"}) continues an earlier run; `on_window(state)` is
-    called after every window (the caller saves it). Window i draws its labels with seed + i.
+    products with every candidate's dW = dequant(quant(W)) - W are cheap. Window i draws its labels
+    with seed + i.
     """
-    import torch
-    from tqdm import tqdm
-
-
-    params = dict(model.named_parameters())
-    names = [n for n in tensors if n in params]
-    missing = [n for n in tensors if n not in params]
-    if missing:
-        raise MixqError(f"tensor {missing[0]}: not a parameter of the loaded model; `mixq measure` supports dense "
-                        f"architectures whose MLX and Hugging Face tensor names agree")
-    # every candidate's weight change, stacked per tensor (bfloat16: ample for a dot product)
-    dws: dict[str, torch.Tensor] = {}
-    for name in tqdm(names, desc="quantize candidates", unit="tensor", disable=not progress, file=sys.stderr,
-                     leave=False):
-        dtype_name, cands = tensors[name]
-        w = params[name].detach()
-        rows = []
-        for bits, gs in cands:
-            deq = dequantize(*quantize(w.to(getattr(torch, dtype_name)), bits, gs, name=name), bits, gs, name=name)
-            rows.append((deq.float() - w.float()).reshape(-1).to(torch.bfloat16))
-        dws[name] = torch.stack(rows)
-    model.requires_grad_(False)
-    for n in names:
-        params[n].requires_grad_(True)
-    state = state or {"windows_done": 0, "sums": {}}
-    acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in names}
-    ids = windows.ids
-    n_win, ctx = ids.shape
+    mf = MeasurementFile(out, {"format": FORMAT, **header, "method": "fisher", "draws": draws}, resume)
+    doc = mf.doc
+    if doc.get("complete"):
+        return doc
+    params = _parameters(model, tensors)
+    dws = _candidate_deltas(params, tensors, progress)
+    state = doc.get("fisher_state") or {"windows_done": 0, "sums": {}}
+    acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in params}
+    n_win, ctx = windows.ids.shape
     done = int(state["windows_done"])
     bar = tqdm(total=n_win * draws, initial=done * draws, desc="measure (fisher)", unit="sample",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
     try:
         for wi in range(done, n_win):
-            gen = torch.Generator().manual_seed(seed + wi)
-            logits = model(input_ids=ids[wi:wi + 1], use_cache=False).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            probs = logp.detach().exp()
-            for d in range(draws):
-                y = torch.multinomial(probs, 1, generator=gen)
-                loss = logp.gather(-1, y).sum()
-                grads = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=d < draws - 1)
-                for n, g in zip(names, grads):
-                    a = (dws[n] @ g.reshape(-1).to(torch.bfloat16).unsqueeze(-1)).squeeze(-1).double()
-                    acc[n] += a * a
-                bar.update(1)
-            del logits, logp, probs
-            state = {"windows_done": wi + 1, "sums": {n: acc[n].tolist() for n in names}}
-            if on_window:
-                on_window(state)
+            _fisher_window(model, windows.ids[wi:wi + 1], params, dws, acc, draws=draws,
+                           generator=torch.Generator().manual_seed(seed + wi), bar=bar)
+            state = {"windows_done": wi + 1, "sums": {n: acc[n].tolist() for n in params}}
+            damages = fisher_estimates(tensors, state, ctx - 1, draws)
+            doc["fisher_state"] = state
+            doc["tensors"] = {n: {"shape": list(params[n].shape), "dtype": tensors[n][0], "damage": damages[n]}
+                              for n in damages}
+            doc["windows_done"] = wi + 1
+            doc["complete"] = wi + 1 >= n_win
+            mf.save()
     finally:
         bar.close()
         model.requires_grad_(False)
-    scale = 1.0 / (2.0 * (ctx - 1) * max(int(state["windows_done"]), 1) * draws)
-    return {n: {spec_key(*c): float(v) * scale for c, v in zip(tensors[n][1], acc[n])} for n in names}
+    return doc
+
+
+def _direct_choices(cands, direct: str, anchors) -> list[tuple[int, int]]:
+    """The candidates measured by a perturbed forward: all, or the anchors (else the one nearest 4 bits)."""
+    if direct == "all":
+        return list(cands)
+    return [c for c in anchors if c in cands] or [min(cands, key=lambda c: (abs(c[0] - 4), c[1]))]
+
+
+def _direct_record(m: Measurer, name: str, dtype_name: str, cands, chosen, bar) -> dict:
+    """One tensor's measurement: the chosen candidates by a perturbed forward, the others from the proxy."""
+    src_dtype = getattr(torch, dtype_name)
+    rec = {"shape": list(m.params[name].shape), "dtype": dtype_name, "damage": {}, "proxy": {}, "direct": []}
+    for c in cands:
+        key = spec_key(*c)
+        if c in chosen:
+            rec["damage"][key], rec["proxy"][key] = m.damage(name, src_dtype, *c)
+            rec["direct"].append(key)
+            bar.update(1)
+        else:
+            rec["proxy"][key] = m.proxy_only(name, src_dtype, *c)
+    if len(rec["direct"]) < len(cands):
+        _fill_from_proxy(rec)
+    return rec
+
+
+def measure_direct(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,
+                   header: dict, direct: str = "anchors", anchors=DEFAULT_ANCHORS, full_vocab: bool = False,
+                   resume: bool = False, progress: bool = True) -> dict:
+    """Each tensor's damage by perturbed forwards (all candidates, or the anchors with the others scaled by
+    the proxy error); the measurement is written to `out` after every tensor (resumable with `resume=True`)."""
+    header = {"format": FORMAT, **header, "method": "direct", "direct": direct,
+              "anchors": [spec_key(*a) for a in anchors] if direct != "all" else None,
+              "vocab": "full" if full_vocab else f"top{TOPK}-union if V>{VOCAB_FULL_MAX}"}
+    mf = MeasurementFile(out, header, resume)
+    doc = mf.doc
+    todo = [n for n in tensors if n not in doc["tensors"]]
+    if not todo:
+        doc["complete"] = True
+        return doc
+    _parameters(model, todo)
+    m = Measurer(model, windows.ids, full_vocab=full_vocab)
+    doc["vocab_subset_size"] = None if m.cal.vocab is None else int(m.cal.vocab.numel())
+    chosen = {n: _direct_choices(tensors[n][1], direct, anchors) for n in todo}
+    bar = tqdm(total=sum(map(len, chosen.values())), desc="measure (direct)", unit="fwd", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for name in todo:
+            dtype_name, cands = tensors[name]
+            doc["tensors"][name] = _direct_record(m, name, dtype_name, cands, chosen[name], bar)
+            doc["complete"] = len(doc["tensors"]) >= len(tensors)
+            mf.save()
+    finally:
+        bar.close()
+    return doc
 
 
 def _fill_from_proxy(rec: dict) -> None:
@@ -483,14 +461,6 @@ def _fill_from_proxy(rec: dict) -> None:
     for key, e in rec["proxy"].items():
         if key not in rec["damage"]:
             rec["damage"][key] = math.exp(icpt + slope * math.log(max(e, 1e-30)))
-
-
-def _proxy_only(m: Measurer, name, src_dtype, bits, group_size) -> float:
-
-    torch = m.torch
-    orig = m.params[name].data
-    deq = dequantize(*quantize(orig.to(src_dtype), bits, group_size, name=name), bits, group_size, name=name)
-    return m.proxy_error(name, deq.to(torch.float64) - orig.to(torch.float64))
 
 
 def smoothed_damages(doc: dict) -> dict[str, dict[str, float]]:
@@ -520,6 +490,13 @@ def smoothed_damages(doc: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def measurement_damages(doc: dict) -> dict[str, dict[str, float]]:
+    """The per-candidate damages allocation works with: smoothed (a Fisher measurement) or as measured (direct)."""
+    if doc.get("method") == "fisher":
+        return smoothed_damages(doc)
+    return {name: rec["damage"] for name, rec in doc["tensors"].items()}
+
+
 def load_measurement(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -538,9 +515,8 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), calib=Non
             direct: str = "anchors", full_vocab: bool = False, progress: bool = True,
             only: list[str] | None = None) -> dict:
     """`mixq measure`: load `ref` (float32), measure every quantizable tensor, write `out`."""
-    import torch
-
-
+    if method not in ("fisher", "direct"):
+        raise MixqError(f"unknown measurement method {method!r}: use fisher or direct")
     specs = [(b, g) for b in levels for g in group_sizes]
     prep = prepare(ref, uniform_recipe(*specs[0]))
     table = candidate_table(prep, specs)
@@ -548,13 +524,16 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), calib=Non
         table = {k: v for k, v in table.items() if k in set(only)}
     if not table:
         raise MixqError(f"{ref}: no tensor can be quantized with {specs}")
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    lm = load_model(ref, dtype="float32", progress=progress)
-    windows, calib_info = calib_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
-    header = {"model": str(ref), "source": str(prep.path), "candidates": [spec_key(*c) for c in specs],
-              "calib": calib_info, "metric": "mean per-token KL(base || one tensor quantized), nats"}
-    return measure_model(lm.model, table, windows, out=out, header=header, method=method, draws=draws,
-                         direct=direct, full_vocab=full_vocab, resume=resume, progress=progress)
+    with torch_threads(available_cores(), at_most=True):
+        lm = load_model(ref, dtype="float32", progress=progress)
+        windows, calib_info = calib_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
+        header = {"model": str(ref), "source": str(prep.path), "candidates": [spec_key(*c) for c in specs],
+                  "calib": calib_info, "metric": "mean per-token KL(base || one tensor quantized), nats"}
+        if method == "fisher":
+            return measure_fisher(lm.model, table, windows, out=out, header=header, draws=draws, resume=resume,
+                                  progress=progress)
+        return measure_direct(lm.model, table, windows, out=out, header=header, direct=direct,
+                              full_vocab=full_vocab, resume=resume, progress=progress)
 
 
 def _ints(s: str) -> tuple[int, ...]:
