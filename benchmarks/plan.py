@@ -40,14 +40,14 @@ from mixq.quant.quantize import dequantize, quantize  # noqa: E402
 from mixq.quant.recipe import keep_recipe, load_recipe, parse_recipe  # noqa: E402
 from mixq.threads import torch_threads  # noqa: E402
 from mixq.tune.allocate import allocate  # noqa: E402
-from mixq.tune.measure import Measurer, calib_windows, load_measurement, measurement_damages  # noqa: E402
+from mixq.tune.measure import Measurer, calib_windows, key_of, load_measurement, measurement_damages  # noqa: E402
 
 NAMED = ["q4-hi", "mixed_3_6", "mixed_4_6", "q5-hi", "qx64-hi", "qx65-hi", "q6-hi", "qx85-hi", "qx86-hi", "q8-hi"]
 MORE = ["q4", "q5", "q6", "q8"]  # add with --named
 TARGET_FROM = ["q4-hi", "q5-hi", "q6-hi", "qx86-hi", "q8-hi"]
 
 
-_DEQ: dict = {}  # (tensor, bits, group) -> dequantized weights in the stored dtype (shared across recipes)
+_DEQ: dict = {}  # (tensor, bits, group, mode) -> dequantized weights (shared across recipes)
 
 
 def apply_plan(model, plan, originals):
@@ -61,11 +61,11 @@ def apply_plan(model, plan, originals):
             if tp.spec is None:
                 params[tp.name].copy_(w)
                 continue
-            b, g = tp.spec.bits, tp.spec.group_size
-            key = (tp.name, b, g)
+            b, g, m = tp.spec.bits, tp.spec.group_size, tp.spec.mode
+            key = (tp.name, b, g, m)
             if key not in _DEQ:
                 src = w.to(getattr(torch, tp.dtype))
-                _DEQ[key] = dequantize(*quantize(src, b, g, name=tp.name), b, g)
+                _DEQ[key] = dequantize(*quantize(src, b, g, mode=m, name=tp.name), b, g, mode=m)
             params[tp.name].copy_(_DEQ[key].to(w.dtype))
 
 
@@ -77,7 +77,7 @@ def additive_prediction(plan, meas) -> float | None:
     for tp in plan.tensors:
         if tp.spec is None or tp.name not in dmg:
             continue
-        d = dmg[tp.name].get(f"{tp.spec.bits}:{tp.spec.group_size}")
+        d = dmg[tp.name].get(key_of(tp.spec))
         if d is None:
             return None
         total += d

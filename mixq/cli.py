@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from mixq.errors import MixqError
+from mixq.io.files import os_error
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,8 +31,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the option, what is wrong, where to look (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixq", description="Mixed-precision MLX quantization toolkit")
+    parser = Parser(prog="mixq", description="Mixed-precision MLX quantization toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -51,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except MixqError as e:
         print(f"mixq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk or permission problem no module turned into a MixqError: still one line
+        print(f"mixq {args.command}: error: {os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixq {args.command}: interrupted (partial output removed; re-run to resume where supported)",

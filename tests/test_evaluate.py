@@ -56,6 +56,7 @@ def setup(tmp_path_factory, tiny_model):
 def _run(model, out, setup, **kw):
     _, data, text = setup
     kw.setdefault("tasks", TASKS)
+    kw.setdefault("device", "cpu")  # the same numbers on a machine with a GPU
     return evaluate(str(model), kw.pop("tasks"), out, data_dir=data, ppl_file=text, ctx=16, windows=3,
                     progress=False, **kw)
 
@@ -70,19 +71,29 @@ def test_parse_tasks():
 def test_config_options_and_resume_keys(tmp_path):
     """The options results.json records keep their names (old run folders resume); the ones that do not
     change a number (threads, batch size, progress, where to write) are not resume keys."""
-    assert RESUME_KEYS == ("model", "recipe", "dtype", "limit", "sample", "seed", "data_dir", "base", "ppl_file",
-                           "ctx", "windows", "kld_topk")
+    assert RESUME_KEYS == ("model", "recipe", "dtype", "device", "limit", "sample", "seed", "data_dir", "base",
+                           "ppl_file", "ctx", "windows", "kld_topk")
     text = tmp_path / "t.txt"
     text.write_text("x")
     cfg = EvalConfig(model=tmp_path / "m", tasks="boolq,ppl", out=tmp_path / "run", ppl_file=text, ctx=0, windows=0,
-                     kld_topk=0, threads=3, batch_size=5)
-    assert cfg.options() == {"model": str(tmp_path / "m"), "recipe": None, "dtype": "float32", "limit": None,
+                     kld_topk=0, threads=3, batch_size=5, device="cpu")
+    assert cfg.options() == {"model": str(tmp_path / "m"), "recipe": None, "dtype": "float32", "device": "cpu",
+                             "limit": None,
                              "sample": None, "seed": 0, "data_dir": None, "base": None, "ppl_file": str(text.resolve()),
                              "ctx": 512, "windows": None, "kld_topk": None, "tasks": ["boolq", "ppl"]}
     assert EvalConfig(model="m", tasks="boolq", out="r", ppl_file=text).ppl_file is None  # no text task
     assert cfg.kld_form == "exact" and EvalConfig(model="m", tasks="boolq", out="r", kld_topk=64).kld_form == 64
     with pytest.raises(MixqError, match="-o RUN_DIR"):
         EvalConfig(model="m", tasks="boolq")
+    # a run folder from before --device ran on the CPU: it resumes on the CPU, not elsewhere
+    from mixq.eval.evaluate import _check_resumable
+
+    old = {k: v for k, v in cfg.options().items() if k != "device"}
+    _check_resumable(tmp_path / "run", {"options": old}, cfg)
+    with pytest.raises(MixqError, match="device"):
+        _check_resumable(tmp_path / "run", {"options": {**old, "device": "cuda"}}, cfg)
+    with pytest.raises(MixqError, match="--device"):
+        EvalConfig(model="m", tasks="boolq", out="r", device="tpu")
 
 
 def test_run_folder_schema_and_self_kld(tmp_path, setup):
@@ -265,3 +276,25 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, setup):
         with pytest.raises(MixqError, match="another mixq process"):
             _run(str(setup[0]), out, setup, tasks="arc_easy")
     assert not out.exists()
+
+
+def test_memory_budget_gives_identical_documents(tmp_path, setup, capsys):
+    """`--max-memory 0` (weights packed, dequantized per forward) and the default (dense copies) score every
+    document identically, on `--device cpu` given explicitly; the output states the peak memory."""
+    from mixq.cli import main
+
+    model, data, text = setup
+    runs = {}
+    for name, extra in (("packed", ["--max-memory", "0"]), ("auto", [])):
+        out = tmp_path / name
+        args = ["eval", f"{model}@q4-hi", "--tasks", TASKS + ",ppl", "--data-dir", str(data), "--ppl-file", str(text),
+                "--ctx", "16", "--windows", "3", "--device", "cpu", "-o", str(out), *extra]
+        assert main(args) == 0
+        assert "peak memory:" in capsys.readouterr().out
+        runs[name] = (json.loads((out / "results.json").read_text()), read_samples(out))
+    (packed, packed_docs), (auto, auto_docs) = runs["packed"], runs["auto"]
+    assert len(packed_docs) == N_DOCS and packed_docs == auto_docs
+    assert packed["ppl"]["ppl"] == auto["ppl"]["ppl"]
+    assert packed["options"]["device"] == "cpu" and packed["dtype"] == "float32"
+    assert packed["weights_bytes"] < 0.5 * auto["weights_bytes"]
+    assert packed["peak_memory_bytes"]["rss"] > 0

@@ -40,9 +40,14 @@ def test_measure_tiny_model_gives_monotone_damages(tiny, method):
     # every quantizable 2-D weight: embed + 7 per layer (tied head: no lm_head)
     assert len(doc["tensors"]) == 1 + 7 * 2
     assert doc["calib"]["n_windows"] == 2 and doc["calib"]["ctx"] == 64
+    modes = {"mxfp4", "nvfp4", "mxfp8"}   # the float modes are candidates by default
+    assert doc["candidates"] == [f"{b}:{g}" for b in (3, 4, 8) for g in groups] + ["mxfp4", "nvfp4", "mxfp8"]
     for r in doc["tensors"].values():
-        assert set(r["damage"]) == {f"{b}:{g}" for b in (3, 4, 8) for g in groups}
+        assert set(r["damage"]) == {f"{b}:{g}" for b in (3, 4, 8) for g in groups} | modes
         assert all(math.isfinite(v) and v >= 0 for v in r["damage"].values())
+    # 8-bit floats damage less than 4-bit floats
+    assert sum(r["damage"]["mxfp8"] < r["damage"]["mxfp4"] for r in doc["tensors"].values()) \
+        >= 0.8 * len(doc["tensors"])
     # fewer bits -> more damage, on average and for most tensors
     assert _mean_damage(doc, 3) > _mean_damage(doc, 4) > _mean_damage(doc, 8) > 0
     ordered = sum(r["damage"]["3:32"] > r["damage"]["4:32"] > r["damage"]["8:32"] for r in doc["tensors"].values())

@@ -13,13 +13,14 @@ from safetensors.torch import load_file, save_file
 from mixq.cli import main
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model
-from mixq.quant.artifact import read_artifact
+from mixq.quant.artifact import module_spec, read_artifact
 from mixq.quant.convert import convert
 from mixq.quant.plan import plan_model
 from mixq.quant.prepare import prepare
 from mixq.quant.recipe import load_recipe
+from mixq.quant.spec import Spec
 from mixq.tune.allocate import allocate, parse_size, solve_mck
-from mixq.tune.measure import FORMAT, candidate_table, spec_key
+from mixq.tune.measure import FORMAT, candidate_table, key_of, parse_key
 
 
 def brute_force_mck(costs, damages, budget: int) -> tuple[list[int], float] | None:
@@ -100,15 +101,21 @@ def test_knapsack_infeasible_budget_is_a_user_error():
 
 # ---------------------------------------------------------------- recipes from a measurement
 
-def _fake_measurement(prep, specs, seed=0):
-    """Damages like real ones: ~ 4^-bits, larger groups worse, a per-tensor sensitivity spread over decades."""
+def _fake_damage(s, c: Spec, mode_factor=1.0):
+    return s * 4.0 ** -c.bits * (1 + c.group_size / 128) * (mode_factor if c.mode != "affine" else 1.0)
+
+
+def _fake_measurement(prep, specs, seed=0, mode_factor=1.0):
+    """Damages like real ones: ~ 4^-bits, larger groups worse, a per-tensor sensitivity spread over decades
+    (float modes: times `mode_factor`)."""
     rng = np.random.default_rng(seed)
+    specs = [parse_key(c) if isinstance(c, str) else Spec(*c) for c in specs]
     table = candidate_table(prep, specs)
     tensors = {}
     for name, (dtype, cands) in table.items():
         s = 10 ** rng.uniform(-3, 1)
-        tensors[name] = {"dtype": dtype, "damage": {spec_key(b, g): s * 4.0 ** -b * (1 + g / 128) for b, g in cands}}
-    return {"format": FORMAT, "model": "tiny", "candidates": [spec_key(*c) for c in specs], "complete": True,
+        tensors[name] = {"dtype": dtype, "damage": {key_of(c): _fake_damage(s, c, mode_factor) for c in cands}}
+    return {"format": FORMAT, "model": "tiny", "candidates": [key_of(c) for c in specs], "complete": True,
             "method": "fake", "calib": {}, "tensors": tensors}
 
 
@@ -139,11 +146,8 @@ def test_planned_recipe_roundtrips_through_convert_with_predicted_size(tiny_src,
     assert read_artifact(out).size_bytes == alloc.total_bytes
     q = json.loads((out / "config.json").read_text())["quantization"]
     for name, c in alloc.choices.items():
-        path = name.removesuffix(".weight")
-        if c is None:
-            continue
-        spec = q.get(path, {"bits": q["bits"], "group_size": q["group_size"]})
-        assert (spec["bits"], spec["group_size"]) == c
+        if c is not None:
+            assert Spec(*module_spec(q, name.removesuffix(".weight"))) == c
 
 
 def test_plan_more_budget_never_predicts_more_damage(tiny_src):
@@ -241,3 +245,47 @@ def test_plan_dtype_option_is_checked(tiny_src, tmp_path):
     argv = ["plan", str(tiny_src), "--target-bpw", "6", "--measurement", str(mfile), "-o", str(tmp_path / "p.toml")]
     with pytest.raises(SystemExit):
         main(argv + ["--dtype", "float8"])
+
+
+# ---------------------------------------------------------------- issue 14: modes among the candidates
+
+def test_plan_chooses_among_modes(tiny_src, tmp_path, capsys):
+    """With the float modes measured, the knapsack takes mxfp4 where it is cheaper for the same damage
+    (4.25 bpw vs 4-bit g32's 4.5 at bfloat16), writes `mode = ...` rules, and the recipe converts to them."""
+    prep = prepare(str(tiny_src), "bf16")
+    specs = [(b, g) for b in (3, 4, 6, 8) for g in (32, 64)] + ["mxfp4", "nvfp4", "mxfp8"]
+    meas = _fake_measurement(prep, specs, mode_factor=1.0)   # mxfp4 damage = 4-bit g32's, at fewer bytes
+    alloc = allocate(str(tiny_src), meas, target_bpw=5.0, prep=prep)
+    chosen = {c for c in alloc.choices.values() if c is not None}
+    assert Spec(4, 32, "mxfp4") in chosen and Spec(4, 32) not in chosen   # dominated by mxfp4
+    assert 'mode = "mxfp4"' in alloc.text and "# parameters: " in alloc.text and "mxfp4" in alloc.text
+    recipe = tmp_path / "p.toml"
+    recipe.write_text(alloc.text)
+    plan = prepare(str(tiny_src), str(recipe)).plan
+    assert plan.total_bytes == alloc.total_bytes and plan.total_bytes <= alloc.target_bytes
+    out = convert(str(tiny_src), tmp_path / "out", recipe=str(recipe), progress=False)
+    art = read_artifact(out)
+    assert art.size_bytes == alloc.total_bytes
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    for name, c in alloc.choices.items():
+        if c is not None:
+            assert Spec(*module_spec(q, name.removesuffix(".weight"))) == c
+            assert art.spec(name).mode == c.mode
+    # modes that cost more for the same damage are never taken
+    worse = _fake_measurement(prep, specs, mode_factor=100.0)
+    a2 = allocate(str(tiny_src), worse, target_bpw=5.0, prep=prep)
+    assert all(c is None or c.mode == "affine" for c in a2.choices.values())
+    # the CLI reports the chosen mix
+    mfile = tmp_path / "m.json"
+    mfile.write_text(json.dumps(meas))
+    assert main(["plan", str(tiny_src), "--target-bpw", "5", "--measurement", str(mfile), "-o",
+                 str(tmp_path / "r.toml")]) == 0
+    assert re.search(r"chosen mix \(share of the parameters\): .*mxfp4 \d", capsys.readouterr().out)
+
+
+def test_measurement_keys_round_trip():
+    assert key_of(Spec(4, 64)) == "4:64" and parse_key("4:64") == Spec(4, 64)
+    for m in ("mxfp4", "nvfp4", "mxfp8"):
+        assert key_of(parse_key(m)) == m and parse_key(m).mode == m
+    with pytest.raises(MixqError, match="neither bits:group nor a mode"):
+        parse_key("fp4")

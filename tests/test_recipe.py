@@ -46,7 +46,8 @@ def write(tmp_path, text, name="r.toml"):
 def test_builtins_listed_and_loadable():
     names = builtin_recipes()
     expected = ["bf16"] + [f"q{b}" for b in (2, 3, 4, 5, 6, 8)] + [f"q{b}-hi" for b in (2, 3, 4, 5, 6, 8)] \
-        + ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "qx64-hi", "qx65-hi", "qx85-hi", "qx86-hi"]
+        + ["mxfp4", "nvfp4", "mxfp8"] \
+        + ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "qx64-hi", "qx65-hi", "qx85-hi", "qx86-hi", "qx86-mx"]
     assert list(names) == expected
     for n in names:
         r = load_recipe(n)

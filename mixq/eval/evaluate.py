@@ -21,15 +21,25 @@ perplexity comes from the KLD pass (same forward, same definition), so it costs 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.eval.data import load_docs
-from mixq.eval.engine import ModelInfo, _tokenizer, load_model
+from mixq.eval.data import check_data_dir, load_docs
+from mixq.eval.engine import (
+    DTYPES,
+    ModelInfo,
+    _tokenizer,
+    add_device_arguments,
+    default_dtype,
+    load_model,
+    parse_memory,
+    peak_memory,
+    peak_memory_line,
+    resolve_device,
+)
 from mixq.eval.perplexity import (
     DEFAULT_CTX,
     DEFAULT_KLD,
@@ -46,7 +56,7 @@ from mixq.eval.perplexity import (
 from mixq.eval.runs import RESULTS_FILE, SAMPLES_FILE, read_results, read_samples, samples_by_task
 from mixq.eval.scoring import DEFAULT_BATCH_SIZE, ScoreOptions, score_docs, task_metrics
 from mixq.eval.tasks import TASK_NAMES, TASKS
-from mixq.io.files import output_lock, write_atomic
+from mixq.io.files import os_error, output_lock, write_atomic
 from mixq.sources.resolve import ResolvedModel, resolve
 from mixq.threads import torch_threads
 from mixq.version import __version__
@@ -96,7 +106,8 @@ class EvalConfig:
     """
     model: str = field(metadata=_DECIDING)    # any model reference
     recipe: str | None = _deciding()          # applied on the fly
-    dtype: str = _deciding("float32")         # compute dtype
+    dtype: str | None = _deciding()           # compute dtype (None: float32 on the CPU, bfloat16 on a GPU)
+    device: str = _deciding("auto")           # cpu, cuda, mps (auto: cuda when torch sees one)
     limit: int | None = _deciding()           # first N documents per task
     sample: int | None = _deciding()          # a seeded random subset of N documents per task
     seed: int = _deciding(0)
@@ -112,9 +123,12 @@ class EvalConfig:
     force: bool = False
     batch_size: int | None = None             # documents per forward batch (None: scoring's default)
     threads: int | None = None                # torch threads (None: all cores)
+    max_memory: str | float | None = "auto"   # GB for the weights (engine.parse_memory); never changes a number
     progress: bool = True
 
     def __post_init__(self):
+        """Normalize, and validate every setting before anything is loaded or written (a bad value is a
+        one-line error naming the option, and the run folder is not touched)."""
         if self.out is None:
             raise MixqError("no run folder given: pass -o RUN_DIR")
         self.model = str(self.model)
@@ -123,13 +137,42 @@ class EvalConfig:
             raise MixqError("task kld needs the unquantized model to compare with: pass --base MODEL")
         self.base = str(self.base) if self.base else None
         self.data_dir = str(self.data_dir) if self.data_dir else None
+        self._check_numbers()
+        parse_memory(self.max_memory)
         self.ctx = self.ctx or DEFAULT_CTX
         self.windows = self.windows or None
         self.kld_topk = self.kld_topk or None
+        self.device = resolve_device(self.device)
+        self.dtype = self.dtype or default_dtype(self.device)
+        if self.dtype not in DTYPES:
+            raise MixqError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.data_dir is not None:
+            for task in self.tasks:
+                if task not in EXTRA:
+                    check_data_dir(task, self.data_dir)
         if not self.wants_text:
             self.ppl_file = None
         else:
             self.ppl_file = str(Path(self.ppl_file).resolve()) if self.ppl_file else str(default_text_file())
+            _check_text_file(self.ppl_file, "--ppl-file")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise MixqError(f"{out}: exists and is not a folder; choose another -o RUN_DIR")
+
+    def _check_numbers(self) -> None:
+        """Counts are whole numbers in range: None (or 0 where 0 means "the default") or positive."""
+        rules = (("limit", 1, "a positive number of documents"), ("sample", 1, "a positive number of documents"),
+                 ("ctx", 0, "2 or more tokens (0: the default 512)"), ("windows", 0, "0 (the whole file) or more"),
+                 ("kld_topk", 0, "a positive number of logits (0: exact KL)"),
+                 ("batch_size", 1, "a positive number of documents"), ("threads", 1, "a positive number of threads"))
+        for name, low, what in rules:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or (name == "ctx" and v == 1):
+                raise MixqError(f"--{name.replace('_', '-')} {v!r}: must be {what}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MixqError(f"--seed {self.seed!r}: must be a whole number")
 
     @property
     def wants_text(self) -> bool:
@@ -145,6 +188,7 @@ class EvalConfig:
 
 
 RESUME_KEYS = tuple(f.name for f in fields(EvalConfig) if f.metadata.get("resume"))
+_BEFORE = {"device": "cpu"}  # what a run folder from before an option was added ran with
 
 
 def evaluate(model_ref, tasks="all", out_dir=None, **settings) -> dict:
@@ -155,11 +199,49 @@ def evaluate(model_ref, tasks="all", out_dir=None, **settings) -> dict:
     return run(EvalConfig(model=model_ref, tasks=tasks, out=out_dir, **settings))
 
 
+def _check_text_file(path: str, option: str) -> None:
+    """A readable UTF-8 text file (checked on its first MiB), before anything is loaded."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise MixqError(f"{option} {os_error(e, path)}") from None
+    if not head.strip():
+        raise MixqError(f"{option} {path}: the file is empty; give a text file")
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise MixqError(f"{option} {path}: a binary file (NUL byte at {nul}); give a plain text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (len(head) == 1 << 20 and e.start >= len(head) - 3):  # not just a character cut by the 1 MiB
+            raise MixqError(f"{option} {path}: not UTF-8 text (byte {e.start}: {e.reason}); give a plain text "
+                            "file") from None
+
+
+def _check_context(cfg: EvalConfig, model: ResolvedModel, what: str = "") -> None:
+    """--ctx must fit the model's context (config.json max_position_embeddings): longer windows would be
+    scored past what the model was built for, and the numbers would be wrong without any error."""
+    if not cfg.wants_text:
+        return
+    try:
+        config = json.loads((Path(model.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # loading the model reports it
+    n = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if isinstance(n, int) and not isinstance(n, bool) and cfg.ctx > n:
+        raise MixqError(f"--ctx {cfg.ctx}: longer than the context of {what or model.ref} ({n} tokens, config.json "
+                        f"max_position_embeddings); use --ctx {n} or less")
+
+
 def run(cfg: EvalConfig) -> dict:
-    """Carry out the evaluation `cfg` describes; return the results dict (also in its run folder)."""
+    """Carry out the evaluation `cfg` describes; return the results dict (also in its run folder).
+
+    Nothing is written before the model (and the base) loaded: a failure before that leaves the run folder
+    as it was (absent, or the previous run's)."""
     out = Path(cfg.out)
     with output_lock(out):  # one writer per run folder: a second `mixq eval -o` into it is refused
-        prev, prev_samples = _prepare_run_dir(out, cfg)
+        prev, prev_samples = _check_run_dir(out, cfg)
         if prev and prev.get("complete") and all(t in prev.get("tasks", {}) or t in prev for t in cfg.tasks):
             return prev  # nothing left to do
         with torch_threads(cfg.threads):
@@ -171,12 +253,20 @@ def _run(cfg: EvalConfig, out: Path, prev: dict | None, prev_samples: list[dict]
     then the model alone: tasks, kld, ppl."""
     t_start = time.time()
     model = resolve(cfg.model, progress=cfg.progress)
+    _check_context(cfg, model)
+    if "kld" in cfg.tasks and not (prev and "kld" in prev):
+        _check_context(cfg, resolve(cfg.base, progress=cfg.progress), f"the base {cfg.base}")
     win = _text_windows(cfg, model) if cfg.wants_text else None
     base_d = _base_distributions(cfg, win) if "kld" in cfg.tasks and not (prev and "kld" in prev) else None
-    lm = load_model(model, recipe=cfg.recipe, dtype=cfg.dtype, progress=cfg.progress)
+    finished = (prev or {}).get("tasks", {})
+    docs = {t: load_docs(t, data_dir=cfg.data_dir, limit=cfg.limit, sample=cfg.sample, seed=cfg.seed,
+                         progress=cfg.progress) for t in cfg.tasks if t not in EXTRA and t not in finished}
+    lm = load_model(model, recipe=cfg.recipe, dtype=cfg.dtype, progress=cfg.progress, device=cfg.device,
+                    max_memory=parse_memory(cfg.max_memory))
+    _start_run_dir(out, cfg, prev, prev_samples)
     results = _new_results(cfg, lm.info, prev)
     _write_json(out / RESULTS_FILE, results)
-    _score_tasks(cfg, lm, out, results, samples_by_task(prev_samples))
+    _score_tasks(cfg, lm, out, results, samples_by_task(prev_samples), docs)
     if "kld" in cfg.tasks and "kld" not in results:
         _kld_step(cfg, lm.model, win, base_d, results)
         _write_json(out / RESULTS_FILE, results)
@@ -184,6 +274,7 @@ def _run(cfg: EvalConfig, out: Path, prev: dict | None, prev_samples: list[dict]
         _ppl_step(cfg, lm.model, win, results)
         _write_json(out / RESULTS_FILE, results)
     results["seconds"] = round(time.time() - t_start, 3)
+    results["peak_memory_bytes"] = peak_memory()
     results["complete"] = True
     _write_json(out / RESULTS_FILE, results)
     return results
@@ -214,37 +305,82 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "numpy": numpy.__version__}
 
 
-def _prepare_run_dir(out: Path, cfg: EvalConfig) -> tuple[dict | None, list[dict]]:
-    """Create/check the run folder; return (previous results, previous sample records) when resuming."""
+def _run_files(out: Path) -> list[Path]:
+    """What `mixq eval` writes in a run folder (and the temporary files of its atomic writes)."""
+    return [p for p in out.iterdir() if p.name in (RESULTS_FILE, SAMPLES_FILE)
+            or (p.name.startswith((f".{RESULTS_FILE}.", f".{SAMPLES_FILE}.")) and p.name.endswith(".tmp"))]
+
+
+def _check_run_dir(out: Path, cfg: EvalConfig) -> tuple[dict | None, list[dict]]:
+    """Check the run folder, writing nothing; return (previous results, previous sample records) when resuming."""
     if out.exists() and not out.is_dir():
         raise MixqError(f"{out}: exists and is not a folder; choose another -o RUN_DIR")
     exists = out.exists() and any(out.iterdir())
     if exists and not cfg.resume:
-        _replace_run_dir(out, cfg.force)
-    out.mkdir(parents=True, exist_ok=True)
+        _check_replaceable_run(out, cfg.force)
     if not (cfg.resume and exists):
         return None, []
     prev = read_results(out) if (out / RESULTS_FILE).exists() else None
     if prev is not None:
         _check_resumable(out, prev, cfg)
     samples = read_samples(out)
-    # drop a cut last line so appends start on a clean line
-    write_atomic(out / SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in samples))
+    if prev is not None:
+        _reopen_short_tasks(out, prev, samples, cfg)
     return prev, samples
 
 
-def _replace_run_dir(out: Path, force: bool) -> None:
+def _reopen_short_tasks(out: Path, prev: dict, samples: list[dict], cfg: EvalConfig) -> None:
+    """A finished task whose documents are not all in samples.jsonl (a cut or lost line) is scored again
+    for the missing ones instead of being kept with fewer documents than its results say."""
+    held = samples_by_task(samples)
+    for task, entry in list(prev.get("tasks", {}).items()):
+        n = entry.get("n") if isinstance(entry, dict) else None
+        if isinstance(n, int) and len(held.get(task, {})) < n:
+            del prev["tasks"][task]
+            prev["complete"] = False
+            if cfg.progress:
+                print(f"mixq eval: {out / SAMPLES_FILE} holds {len(held.get(task, {}))} of the {n} documents of "
+                      f"{task}: scoring the missing ones again", file=sys.stderr)
+
+
+def _check_replaceable_run(out: Path, force: bool) -> None:
     if not force:
         raise MixqError(f"{out}: run folder exists; use --resume to continue it or --force to start over")
-    if not ((out / RESULTS_FILE).exists() or (out / SAMPLES_FILE).exists()):
-        raise MixqError(f"{out}: is not a mixq run folder (no {RESULTS_FILE}); --force only replaces run folders")
-    shutil.rmtree(out)
+    results = out / RESULTS_FILE
+    mine = (out / SAMPLES_FILE).exists()
+    if results.exists():
+        try:
+            mine = "mixq_version" in json.loads(results.read_text())
+        except (OSError, ValueError, TypeError):
+            mine = False
+    if not mine:
+        raise MixqError(f"{out}: is not a mixq run folder (no {RESULTS_FILE} written by mixq); --force only "
+                        "replaces run folders: choose another -o RUN_DIR")
+
+
+def _start_run_dir(out: Path, cfg: EvalConfig, prev: dict | None, samples: list[dict]) -> None:
+    """Now that the model loaded: start the run folder over (--force removes only the files eval wrote),
+    create it, or (resuming) rewrite samples.jsonl without a cut last line so appends start on a clean line."""
+    try:
+        if out.exists() and not cfg.resume and any(out.iterdir()):
+            _check_replaceable_run(out, cfg.force)
+            for p in _run_files(out):
+                p.unlink()
+        elif out.exists():  # temporary files of a killed run's atomic writes (we hold the run folder's lock)
+            for p in _run_files(out):
+                if p.name.endswith(".tmp"):
+                    p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (samples or (out / SAMPLES_FILE).exists()):
+            write_atomic(out / SAMPLES_FILE, "".join(json.dumps(r) + "\n" for r in samples))
+    except OSError as e:
+        raise os_error(e, out) from None
 
 
 def _check_resumable(out: Path, prev: dict, cfg: EvalConfig) -> None:
     """Refuse to resume with other deciding options, or tasks whose definition changed since."""
     old, new = prev.get("options", {}), cfg.options()
-    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    diff = [k for k in RESUME_KEYS if old.get(k, _BEFORE.get(k)) != new.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise MixqError(f"{out}: cannot resume with different options ({shown}); use the same options or --force")
@@ -275,6 +411,7 @@ def _new_results(cfg: EvalConfig, info: ModelInfo, prev: dict | None) -> dict:
         "size_bytes": info.size_bytes, "n_params": info.n_params, "bits_per_weight": info.bits_per_weight,
         "bits_per_weight_quantized": info.bits_per_weight_quantized,
         "memory_bytes_estimate": info.size_bytes,  # weights as MLX holds them (activations/KV cache not counted)
+        "weights_bytes": info.weights_bytes,  # what the weights held (packed + dense copies within --max-memory)
         "tasks": {}, "task_versions": {}, "options": cfg.options(), "versions": _versions(), "complete": False,
     }
     if prev:
@@ -299,38 +436,41 @@ def _record_line(rec: dict) -> str:
     return json.dumps(rec, default=_json_default) + "\n"
 
 
-def _score_tasks(cfg: EvalConfig, lm, out: Path, results: dict, done: dict[str, dict[int, dict]]) -> None:
+def _score_tasks(cfg: EvalConfig, lm, out: Path, results: dict, done: dict[str, dict[int, dict]],
+                 docs: dict[str, tuple]) -> None:
     """Score every multiple-choice task not finished yet (`done`: task -> doc_id -> record already in
-    samples.jsonl), rewriting results.json after each."""
+    samples.jsonl; `docs`: task -> `load_docs` result, read before the run folder was touched), rewriting
+    results.json after each."""
     with open(out / SAMPLES_FILE, "a") as sf:
         for task in cfg.tasks:
             if task in EXTRA or task in results["tasks"]:
                 continue  # results["tasks"] holds only what the interrupted run finished
-            results["tasks"][task] = _eval_task(cfg, lm, task, sf, done.get(task, {}))
+            results["tasks"][task] = _eval_task(cfg, lm, task, sf, done.get(task, {}), docs[task])
             _write_json(out / RESULTS_FILE, results)
 
 
-def _eval_task(cfg: EvalConfig, lm, task: str, samples_file, done: dict) -> dict:
-    """Score one task's documents not in `done` (doc_id -> record); return its metrics entry."""
+def _eval_task(cfg: EvalConfig, lm, task: str, samples_file, done: dict, loaded: tuple) -> dict:
+    """Score one task's documents (`loaded`: `load_docs`' result) not in `done` (doc_id -> record); return its
+    metrics entry."""
     from tqdm import tqdm
 
     t0 = time.time()
-    docs, src = load_docs(task, data_dir=cfg.data_dir, limit=cfg.limit, sample=cfg.sample, seed=cfg.seed,
-                          progress=cfg.progress)
+    docs, src = loaded
     todo = [(i, d) for i, d in docs if i not in done]
     records = dict(done)
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=task, unit="doc", disable=not cfg.progress,
                dynamic_ncols=True)
     opts = ScoreOptions(batch_size=DEFAULT_BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
                         threads=cfg.threads, progress=False)
-    if todo:
-        for rec in score_docs(lm.model, lm.tokenizer, task, todo, options=opts):
+    try:
+        for rec in score_docs(lm.model, lm.tokenizer, task, todo, options=opts) if todo else ():
             rec = {"task": task, **rec}
             samples_file.write(_record_line(rec))
             samples_file.flush()
             records[rec["doc_id"]] = rec
             bar.update(1)
-    bar.close()
+    finally:
+        bar.close()  # also on Ctrl-C: a message after it starts on its own line
     metrics = dict(task_metrics([records[i] for i, _ in docs]))
     metrics.update(version=TASKS[task].version, source=src.get("source"), split=src.get("split"),
                    seconds=round(time.time() - t0, 3), n_scored_now=len(todo))
@@ -347,7 +487,7 @@ def _text_windows(cfg: EvalConfig, model: ResolvedModel) -> Windows:
 def _base_distributions(cfg: EvalConfig, win: Windows) -> BaseDists:
     """The base's distributions on the windows: from the cache, else the base is loaded and run once."""
     base_d, hit = cached_base_dists(resolve(cfg.base, progress=cfg.progress), win, dtype=cfg.dtype, k=cfg.kld_form,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, device=cfg.device, max_memory=parse_memory(cfg.max_memory))
     if cfg.progress:
         print(f"kld base {cfg.base}: {'cached' if hit else 'computed and cached'}", file=sys.stderr)
     return base_d
@@ -420,7 +560,7 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="first N documents of each task")
     p.add_argument("--sample", type=int, help="a seeded random subset of N documents per task")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    add_device_arguments(p)
     p.add_argument("--data-dir", help="local JSONL/parquet/arrow files of the task splits")
     p.add_argument("--ppl-file", help="text file for ppl/kld (default: WikiText-2 test, or $MIXQ_WIKITEXT)")
     p.add_argument("--ctx", type=int, default=512, help="context length of the ppl/kld windows (default 512)")
@@ -451,4 +591,5 @@ def cli(args) -> int:
         return 130
     print_table(results)
     print(f"results: {Path(args.out) / RESULTS_FILE}")
+    print(f"{peak_memory_line()} (weights held: {results.get('weights_bytes', 0) / 1e9:.2f} GB)")
     return 0

@@ -3,19 +3,24 @@
 Scoring, perplexity/KLD and sensitivity measurement all compute logits from hidden states with
 `OutputHead.logits`, bit-exact with the model's own forward (transformers: `lm_head`, then Gemma-2-style
 `tanh(x / cap) * cap` when `final_logit_softcapping` is set), optionally for a slice of the vocabulary.
+A packed head (mixq.eval.packed) is dequantized only for the vocabulary rows a call asks for: the same
+numbers as the dense head's rows (dequantization is row-wise), never the whole [V, d] matrix at once
+unless a call asks for all of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from mixq.eval.packed import JitParam, Packed, jit_param
+
 
 @dataclass
 class OutputHead:
-    weight: torch.Tensor               # [V, d]
+    weight: torch.Tensor | JitParam    # [V, d]: dense, or packed (rows dequantized on demand)
     bias: torch.Tensor | None          # [V]
     softcap: float | None              # final_logit_softcapping
 
@@ -23,10 +28,33 @@ class OutputHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
+    def to(self, device) -> "OutputHead":
+        """This head computing on `device` (itself if it is there; a packed head stays packed where it is)."""
+        device = torch.device(device)
+        w = self.weight
+        if w.device.type == device.type if isinstance(w, torch.Tensor) else w.device == device:
+            return self
+        bias = None if self.bias is None else self.bias.to(device)
+        if isinstance(w, torch.Tensor):
+            return OutputHead(w.to(device), bias, self.softcap)
+        return OutputHead(replace(w, device=device), bias, self.softcap)
+
+    def dense(self) -> "OutputHead":
+        """This head with its whole weight dequantized (itself if it is dense): for many calls in a row, e.g. a
+        scoring batch's chunks; costs the dense [V, d] weight in memory while it is held."""
+        if isinstance(self.weight, torch.Tensor):
+            return self
+        return OutputHead(self.weight.dense(), self.bias, self.softcap)
+
+    def rows(self, a: int = 0, b: int | None = None, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight's rows a..b, or the rows `rows` (an index tensor), dense in the compute dtype."""
+        index = slice(a, b) if rows is None else rows
+        return self.weight[index] if isinstance(self.weight, torch.Tensor) else self.weight.rows(index)
+
     def logits(self, h: torch.Tensor, a: int = 0, b: int | None = None, *,
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of hidden states `h` [..., d]: vocabulary columns a..b, or the columns `rows` (an index tensor)."""
-        w = self.weight[a:b] if rows is None else self.weight[rows]
+        w = self.rows(a, b, rows=rows)
         bias = None if self.bias is None else (self.bias[a:b] if rows is None else self.bias[rows])
         x = F.linear(h, w, bias)
         if self.softcap:
@@ -42,5 +70,31 @@ def output_head(model) -> OutputHead | None:
     if lm_head is None or not hasattr(lm_head, "weight"):
         return None
     bias = getattr(lm_head, "bias", None)
-    return OutputHead(lm_head.weight.detach(), None if bias is None else bias.detach(),
+    packed = jit_param(model, lm_head, "weight")
+    weight = packed if packed is not None else lm_head.weight.detach()
+    return OutputHead(weight, None if bias is None else bias.detach(),
                       getattr(model.config, "final_logit_softcapping", None))
+
+
+def head_state(head: OutputHead) -> dict:
+    """The head as a dict of tensors and numbers (for `torch.save`; `torch.load(weights_only=True)` reads it
+    back): a packed head stays packed."""
+    w = head.weight
+    if isinstance(w, torch.Tensor):
+        return {"weight": w, "bias": head.bias, "softcap": head.softcap}
+    (p,) = w.parts
+    if not isinstance(p, Packed) or w.build is not None:
+        return {"weight": w.dense(), "bias": head.bias, "softcap": head.softcap}
+    return {"weight": None, "bias": head.bias, "softcap": head.softcap, "dtype": str(w.dtype).removeprefix("torch."),
+            "packed": {"wq": p.wq, "scales": p.scales, "biases": p.biases, "bits": p.bits,
+                       "group_size": p.group_size, "name": p.name, **p.extra}}
+
+
+def head_from_state(d: dict) -> OutputHead:
+    """The inverse of `head_state`."""
+    if d.get("weight") is not None:
+        return OutputHead(d["weight"], d.get("bias"), d.get("softcap"))
+    q = dict(d["packed"])
+    p = Packed(q.pop("wq"), q.pop("scales"), q.pop("biases"), q.pop("bits"), q.pop("group_size"), q.pop("name"), q)
+    jp = JitParam("lm_head.weight", [p], None, p.shape, getattr(torch, d["dtype"]), device=torch.device("cpu"))
+    return OutputHead(jp, d.get("bias"), d.get("softcap"))

@@ -49,7 +49,7 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model, model_fingerprint
-from mixq.eval.head import OutputHead, output_head
+from mixq.eval.head import OutputHead, head_from_state, head_state, output_head
 from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.io.files import cache_dir
 from mixq.sources.resolve import ResolvedModel
@@ -115,6 +115,8 @@ def tokenize_file(tokenizer, path: Path) -> "torch.Tensor":  # noqa: F821
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise MixqError(f"{path}: cannot read the text file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise MixqError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a plain text file") from None
     if not text.strip():
         raise MixqError(f"{path}: the text file is empty")
     verbosity = transformers.utils.logging.get_verbosity()
@@ -154,14 +156,23 @@ def _window_logits(model, ids):
     import torch
 
     ctx = ids.shape[1]
-    keep = torch.arange(ctx - 1)
+    ids = ids.to(model.device)
+    keep = torch.arange(ctx - 1, device=ids.device)
     try:
         logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
     except TypeError:
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     logits = logits.float().flatten(0, 1)
-    lse = torch.cat([torch.logsumexp(c.double(), dim=-1) for c in logits.split(_ROWS)])  # chunked: bounded memory
+    acc = _acc_device(logits.device)
+    lse = torch.cat([torch.logsumexp(c.to(acc).double(), dim=-1) for c in logits.split(_ROWS)])  # bounded memory
     return logits, lse
+
+
+def _acc_device(device):
+    """Where the float64 sums run: the model's device, but the CPU for an Apple GPU (MPS has no float64)."""
+    import torch
+
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 _ROWS = 64  # rows per float64 chunk
@@ -178,9 +189,9 @@ class VocabWalk:
 
 
 def _head_inputs(model, ids):
-    """The output head's inputs [b*(ctx-1), d] at positions 0..ctx-2 of each window."""
+    """The output head's inputs [b*(ctx-1), d] at positions 0..ctx-2 of each window (on the model's device)."""
     inner = getattr(model, model.base_model_prefix)
-    return inner(input_ids=ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+    return inner(input_ids=ids.to(model.device), use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
 
 
 def walk_vocab(head: OutputHead, h, targets, base_head: OutputHead | None = None, base_h=None,
@@ -191,22 +202,27 @@ def walk_vocab(head: OutputHead, h, targets, base_head: OutputHead | None = None
     which is KL's definition with log p = b - lse_b, log q = q - lse_q, summed in float64. Memory and
     time do not depend on the vocabulary held at once: a 262k vocabulary costs what its matmul costs.
     The same slices and calls on the same inputs give bit-identical logits (a model against itself: 0).
+    The heads run where `h` is (the base's head and inputs are moved there); the results come back on the CPU.
     """
     import torch
 
     n, vocab = h.shape[0], head.vocab_size
     f64 = torch.float64
-    m = torch.full((n,), -math.inf, dtype=f64)  # running max (its index: top1)
-    s = torch.zeros(n, dtype=f64)
-    top1 = torch.zeros(n, dtype=torch.long)
-    target = torch.zeros(n, dtype=f64)
-    kl_sum = torch.zeros(n, dtype=f64)
-    p_sum = torch.zeros(n, dtype=f64)
-    rows = torch.arange(n)
+    dev = _acc_device(h.device)
+    m = torch.full((n,), -math.inf, dtype=f64, device=dev)  # running max (its index: top1)
+    s = torch.zeros(n, dtype=f64, device=dev)
+    top1 = torch.zeros(n, dtype=torch.long, device=dev)
+    target = torch.zeros(n, dtype=f64, device=dev)
+    kl_sum = torch.zeros(n, dtype=f64, device=dev)
+    p_sum = torch.zeros(n, dtype=f64, device=dev)
+    rows = torch.arange(n, device=dev)
+    targets = targets.to(dev)
+    if base_head is not None:
+        base_head, base_h, base_lse = base_head.to(h.device), base_h.to(h.device), base_lse.to(dev)
     # fixed slices, whatever the rows: the base's logits are recomputed exactly as first computed
     for a in range(0, vocab, _SLICE):
         b = min(vocab, a + _SLICE)
-        q = head.logits(h, a, b).float()
+        q = head.logits(h, a, b).float().to(dev)
         i = q.argmax(-1)
         v = q[rows, i].double()
         top1 = torch.where(v > m, i + a, top1)
@@ -217,17 +233,19 @@ def walk_vocab(head: OutputHead, h, targets, base_head: OutputHead | None = None
         inside = (targets >= a) & (targets < b)
         target[inside] = qd[inside, targets[inside] - a]
         if base_head is not None:
-            bd = base_head.logits(base_h, a, b).float().double()
+            bd = base_head.logits(base_h, a, b).float().to(dev).double()
             p = torch.exp(bd - base_lse[:, None])
             kl_sum += (p * (bd - qd)).sum(-1)
             p_sum += p.sum(-1)
     lse = m + torch.log(s)
-    kl = kl_sum + (lse - base_lse) * p_sum if base_head is not None else None
-    return VocabWalk(lse, target, top1, kl)
+    kl = (kl_sum + (lse - base_lse) * p_sum).cpu() if base_head is not None else None
+    return VocabWalk(lse.cpu(), target.cpu(), top1.cpu(), kl)
 
 
 def _logits_walk(logits, lse, targets) -> VocabWalk:
-    """What `walk_vocab` gives, from a whole [rows, V] block of logits (a model whose head cannot be walked)."""
+    """What `walk_vocab` gives, from a whole [rows, V] block of logits (a model whose head cannot be walked),
+    on the CPU."""
+    logits, lse = logits.cpu(), lse.cpu()
     return VocabWalk(lse, logits.gather(-1, targets[:, None])[:, 0].double(), logits.argmax(-1), None)
 
 
@@ -376,9 +394,9 @@ def base_dists(model, windows: Windows, *, k: int | str | None = DEFAULT_KLD, ba
             if exact:
                 h = _head_inputs(model, w)
                 walk = walk_vocab(head, h, targets)
-                hidden.append(h.clone())
+                hidden.append(h.to("cpu", copy=True))
             else:
-                logits, lse = _window_logits(model, w)
+                logits, lse = (t.cpu() for t in _window_logits(model, w))
                 walk = _logits_walk(logits, lse, targets)
                 if k is None or k >= logits.shape[-1]:
                     logits_out.append(logits)
@@ -401,8 +419,7 @@ def _save_base(base: BaseDists, path: Path, head_path: Path, meta: dict) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     if base.head is not None and not head_path.exists():
         tmp = head_path.with_name(head_path.name + f".tmp{os.getpid()}")
-        h = base.head
-        torch.save({"weight": h.weight, "bias": h.bias, "softcap": h.softcap}, tmp)  # a plain dict: weights_only loads
+        torch.save(head_state(base.head), tmp)  # a plain dict (a packed head stays packed): weights_only loads
         os.replace(tmp, head_path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save({"logits": base.logits, "ids": base.ids, "lse": base.lse, "target_logp": base.target_logp,
@@ -418,8 +435,7 @@ def _load_base(path: Path, head_path: Path) -> BaseDists | None:
         d = torch.load(path, weights_only=True)
         head = None
         if d.get("hidden") is not None:
-            h = torch.load(head_path, weights_only=True)
-            head = OutputHead(h["weight"], h.get("bias"), h.get("softcap"))
+            head = head_from_state(torch.load(head_path, weights_only=True))
         return BaseDists(d["logits"], d["ids"], d["lse"], d["target_logp"], d["top1"], d["digest"], d["k"],
                          d.get("hidden"), head)
     except Exception:  # noqa: BLE001 - a damaged or partial cache entry is recomputed
@@ -436,25 +452,31 @@ def base_cache_path(base_id: str, windows: Windows, k) -> tuple[Path, Path]:
 
 def cached_base_dists(base_ref: str | ResolvedModel, windows: Windows, *, dtype: str = "float32",
                       k: int | str | None = DEFAULT_KLD, batch_size: int = 1, progress: bool = True,
-                      base_model=None) -> tuple[BaseDists, bool]:
+                      base_model=None, device: str = "cpu", max_memory: int | None = None) -> tuple[BaseDists, bool]:
     """The base's distributions on `windows`, from the disk cache or computed (and cached) once.
 
     `base_ref`: a reference, or the base already resolved. `base_model`: an already loaded
-    `LoadedModel` of the base (else it is loaded only on a cache miss). Returns (dists, hit).
+    `LoadedModel` of the base (else it is loaded only on a cache miss, on `device`, within `max_memory`).
+    The cache key holds the device (a GPU's numbers are not the CPU's). Returns (dists, hit).
     """
     name = base_ref.ref if isinstance(base_ref, ResolvedModel) else str(base_ref)
-    base_id = model_fingerprint(base_ref, dtype=dtype)
+    base_id = model_fingerprint(base_ref, dtype=dtype, device=device)
     path, head_path = base_cache_path(base_id, windows, k)
     if path.exists():
         base = _load_base(path, head_path)
         if base is not None and base.digest == windows.digest:
             return base, True
-    lm = base_model or load_model(base_ref, dtype=dtype, progress=progress)
+        # damaged or foreign: removed, so that the entry computed now is written in its place (a damaged head
+        # kept would make every later run miss the cache and compute the base again)
+        path.unlink(missing_ok=True)
+        if head_path.exists() and base is None:
+            head_path.unlink(missing_ok=True)
+    lm = base_model or load_model(base_ref, dtype=dtype, progress=progress, device=device, max_memory=max_memory)
     check = lm.tokenizer(_probe_text(), add_special_tokens=False)["input_ids"]
     if windows.tokenizer_probe is not None and check != windows.tokenizer_probe:
         raise MixqError(f"{name}: its tokenizer differs from the evaluated model's; KLD needs the same vocabulary")
     base = base_dists(lm.model, windows, k=k, batch_size=batch_size, progress=progress)
-    _save_base(base, path, head_path, {"base": name, "dtype": dtype, "file": windows.file,
+    _save_base(base, path, head_path, {"base": name, "dtype": dtype, "device": device, "file": windows.file,
                                        "ctx": windows.ctx})
     return base, False
 
@@ -511,15 +533,16 @@ def token_stats(model, windows: Windows, base: BaseDists, *, batch_size: int = 1
     kls, agree, dp, nllq, tails = [], [], [], [], []
     row = 0
     head = _walkable(model, windows.ids) if base.hidden is not None else None
+    base_head = base.head.to(model.device) if head is not None else None  # moved once, not per window
     with torch.inference_mode():
         for w in _batches(windows, batch_size, progress, "kld"):
             targets = w[:, 1:].reshape(-1)
             sl = slice(row, row + targets.numel())
             if head is not None:  # exact base: walk both heads over the vocabulary together
-                walk = walk_vocab(head, _head_inputs(model, w), targets, base.head, base.hidden[sl], base.lse[sl])
+                walk = walk_vocab(head, _head_inputs(model, w), targets, base_head, base.hidden[sl], base.lse[sl])
                 kl, tail = walk.kl, torch.zeros(targets.numel(), dtype=torch.float64)
             else:
-                logits, lse = _window_logits(model, w)
+                logits, lse = (t.cpu() for t in _window_logits(model, w))
                 walk = _logits_walk(logits, lse, targets)
                 kl, tail = _kld_rows(logits, lse, base.window_logits(sl, w.shape[0]), base.lse[sl],
                                      None if base.ids is None else base.ids[sl])

@@ -166,7 +166,7 @@ def _masks(pos, br, doc, dtype, windows):
 
     def make(window):
         a = allowed if window is None else allowed & (pq - pk < window)
-        return torch.zeros(a.shape, dtype=dtype).masked_fill_(~a, neg)[:, None]
+        return torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill_(~a, neg)[:, None]
 
     if isinstance(windows, dict):
         made = {}
@@ -228,11 +228,12 @@ def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[fl
     import torch
 
     with torch.inference_mode():
-        lay = _layout(lines, pad_id)
+        lay = _on_device(_layout(lines, pad_id), model.device)
         if tree:
             head = output_head(model)
             if head is None:
                 raise ValueError("the model has no linear output head")  # _check_tree falls back to plain scoring
+            head = head.dense()  # a packed head: dequantized once per batch, not once per chunk
             base = getattr(model, model.base_model_prefix)
             if _is_causal(lines):
                 hidden = base(input_ids=lay.ids, use_cache=False).last_hidden_state
@@ -249,19 +250,26 @@ def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[fl
 
             def logits_at(li, si):
                 return logits_all[li, si]
-        logp = _target_logps(logits_at, lay, model.config.get_text_config().vocab_size)
+        logp = _target_logps(logits_at, lay, model.config.get_text_config().vocab_size, model.device)
         sums = [[0.0] * len(r.targets) for line in lines for r in line]
         for (i, j), lp in zip(lay.owner, logp):
             sums[i][j] += lp
         return sums
 
 
-def _target_logps(logits_at, lay: _Layout, vocab: int) -> list[float]:
+def _on_device(lay: _Layout, device) -> _Layout:
+    """The layout's tensors on the model's device (the same object on the CPU)."""
+    if device.type == "cpu":
+        return lay
+    return replace(lay, ids=lay.ids.to(device), pos=lay.pos.to(device), br=lay.br.to(device), doc=lay.doc.to(device))
+
+
+def _target_logps(logits_at, lay: _Layout, vocab: int, device=None) -> list[float]:
     """Log-prob of each scored token, from `logits_at(lines, slots)`, in chunks: bounded memory for
     large vocabularies."""
     import torch
 
-    li, si, ti = torch.tensor(lay.lines_of), torch.tensor(lay.slots), torch.tensor(lay.toks)
+    li, si, ti = (torch.tensor(x, device=device) for x in (lay.lines_of, lay.slots, lay.toks))
     chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
     logp = []
     for a in range(0, len(lay.toks), chunk):

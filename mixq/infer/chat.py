@@ -10,10 +10,13 @@ from __future__ import annotations
 import sys
 from typing import Iterator
 
+from mixq.errors import MixqError
+from mixq.eval.engine import parse_memory
 from mixq.infer.generate import (
     GenerationResponse,
     add_model_arguments,
     apply_chat_template,
+    check_generation,
     has_chat_template,
     hf_tokenizer,
     load,
@@ -75,7 +78,9 @@ def _read(prompt: str) -> str | None:
 
 
 def cli(args) -> int:
-    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype)
+    check_generation(args.max_tokens, args.temp, args.top_p, args.seed)
+    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype,
+                            device=args.device, max_memory=parse_memory(args.max_memory))
     chat = Chat(model, tokenizer, system=args.system, chat_template=not args.no_chat_template)
     gen = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
     print(f"[chat with {args.model}: {HELP}]", file=sys.stderr)
@@ -98,6 +103,10 @@ def cli(args) -> int:
         except KeyboardInterrupt:
             stream.close()
             sys.stdout.write("\n[stopped]")
+        except MixqError as e:  # e.g. the conversation outgrew the context: say so, forget the turn, go on
+            del chat.messages[-2:]
+            print(f"[error: {e}]", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         if last is not None and args.verbose:

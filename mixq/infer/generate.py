@@ -12,6 +12,7 @@ decoded token by token with transformers' KV cache. "mlx": `mlx_lm` on an MLX or
 from __future__ import annotations
 
 import inspect
+import math
 import platform
 import resource
 import sys
@@ -21,7 +22,15 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model
+from mixq.eval.engine import (
+    add_device_arguments,
+    default_dtype,
+    load_model,
+    parse_memory,
+    peak_memory,
+    resolve_device,
+)
+from mixq.eval.packed import weight_bytes
 from mixq.sources.resolve import resolve
 
 BACKENDS = ("auto", "torch", "mlx")
@@ -73,21 +82,27 @@ def _check_ref(ref: str) -> None:
                         f"an embedded model name (see `mixq models`) or NAME@RECIPE")
 
 
-def load(path_or_ref, backend: str = "auto", recipe: str | None = None, dtype: str = "float32"):
-    """Load a model for generation: `model, tokenizer = load("folder" | "x.gguf" | "name" | "name@recipe")`."""
+def load(path_or_ref, backend: str = "auto", recipe: str | None = None, dtype: str | None = None,
+         device: str = "auto", max_memory: int | None = None):
+    """Load a model for generation: `model, tokenizer = load("folder" | "x.gguf" | "name" | "name@recipe")`.
+
+    torch backend: on `device` (auto: cuda when torch sees one), in `dtype` (None: float32 on the CPU,
+    bfloat16 on a GPU); quantized weights kept dense while they fit `max_memory` bytes (None: auto, see
+    `mixq.eval.engine.load_model`), packed beyond."""
     ref = str(path_or_ref)
     _check_ref(ref)
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise MixqError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if pick_backend(backend) == "mlx":
         return _load_mlx(ref, recipe)
-    return _load_torch(ref, recipe, dtype)
+    device = resolve_device(device)
+    return _load_torch(ref, recipe, dtype or default_dtype(device), device, max_memory)
 
 
-def _load_torch(ref: str, recipe: str | None, dtype: str):
+def _load_torch(ref: str, recipe: str | None, dtype: str, device: str = "cpu", max_memory: int | None = None):
 
     try:
-        loaded = load_model(ref, recipe=recipe, dtype=dtype)
+        loaded = load_model(ref, recipe=recipe, dtype=dtype, device=device, max_memory=max_memory)
     except OSError as e:  # transformers' "can't load ..." for a folder that is not a model
         raise MixqError(f"{ref}: cannot load the model ({str(e).splitlines()[0]})") from None
     model, info = loaded.model, loaded.info
@@ -99,17 +114,13 @@ def _load_torch(ref: str, recipe: str | None, dtype: str):
 
 
 def param_bytes(model) -> int:
-    """Bytes held by a torch model's parameters and buffers (tied weights counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes held by a torch model's weights: parameters and buffers (tied weights counted once), and packed
+    weights as stored (`mixq.eval.packed`)."""
+    return weight_bytes(model)
 
 
 def dequantized_note(model, info) -> str | None:
-    """One line saying quantized weights were dequantized at load, if that costs memory."""
+    """One line saying quantized weights are held dequantized (dense copies for speed), if that costs memory."""
     bpw_q = getattr(info, "bits_per_weight_quantized", None) or 0
     recipe = getattr(info, "recipe", None)
     quantized = 0 < bpw_q < 16 and (getattr(info, "kind", None) == "mlx" or recipe not in (None, "bf16"))
@@ -117,12 +128,12 @@ def dequantized_note(model, info) -> str | None:
     if not quantized or not size:
         return None
     mem = param_bytes(model)
-    if mem <= size:
+    if mem <= 1.05 * size:  # packed (buffers and placeholders aside)
         return None
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     return (f"note: torch backend: quantized weights ({bpw_q:.2f} bits/weight) dequantized to {dtype} at load: "
-            f"{mem / 1e9:.2f} GB in memory vs {size / 1e9:.2f} GB quantized ({mem / size:.1f}x); "
-            f"the mlx backend runs them quantized")
+            f"{mem / 1e9:.2f} GB in memory vs {size / 1e9:.2f} GB quantized ({mem / size:.1f}x), kept dense for "
+            f"speed (--max-memory 0 keeps them packed, slower); the mlx backend runs them quantized")
 
 
 def _mlx_folder(ref: str, recipe: str | None) -> Path:
@@ -164,7 +175,16 @@ def has_chat_template(tokenizer) -> bool:
 
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered by the tokenizer's chat template, with the generation prompt."""
-    out = hf_tokenizer(tokenizer).apply_chat_template(messages, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    tok = hf_tokenizer(tokenizer)
+    try:
+        out = tok.apply_chat_template(messages, add_generation_prompt=True)
+    except TemplateError as e:  # a template with an error, or one the sandbox refuses to run
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise MixqError(f"{getattr(tok, 'name_or_path', '') or 'the tokenizer'}: its chat template fails "
+                        f"({type(e).__name__}: {first}); fix chat_template in tokenizer_config.json or pass "
+                        "--no-chat-template") from None
     if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding by default
         out = out["input_ids"]
     return [int(t) for t in out]
@@ -253,6 +273,27 @@ class StreamDetokenizer:
 
 # --- sampling and memory ----------------------------------------------------------------------
 
+def check_generation(max_tokens=256, temp=0.0, top_p=1.0, seed=None) -> None:
+    """Refuse sampling settings that would fail mid-generation or sample garbage (NaN temperature, empty
+    nucleus), naming the option."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise MixqError(f"--max-tokens {max_tokens!r}: must be a positive number of tokens")
+    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp >= 0):
+        raise MixqError(f"--temp {temp!r}: must be a finite number >= 0 (0: greedy)")
+    if not (isinstance(top_p, (int, float)) and math.isfinite(top_p) and 0 < top_p <= 1):
+        raise MixqError(f"--top-p {top_p!r}: must be in (0, 1] (1: off)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise MixqError(f"--seed {seed!r}: must be a whole number >= 0")
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (config max_position_embeddings), if it says."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(getattr(cfg, "text_config", None),
+                                                                 "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def make_generator(seed: int | None):
     import torch
 
@@ -265,9 +306,11 @@ def make_generator(seed: int | None):
 
 
 def sample(logits, temp: float = 0.0, top_p: float = 1.0, generator=None) -> int:
-    """Next token from 1-D logits: greedy at temp 0, else temperature + nucleus (top-p) sampling."""
+    """Next token from 1-D logits: greedy at temp 0, else temperature + nucleus (top-p) sampling (on the CPU:
+    the same draws for a seed whatever the device)."""
     import torch
 
+    logits = logits.cpu()
     if temp <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temp, dim=-1)
@@ -316,7 +359,8 @@ class TorchSession:
         import torch
 
         try:
-            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=True, logits_to_keep=1,
+            out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.model.device), use_cache=True,
+                             logits_to_keep=1,
                              **{self._cache_arg: self.cache})
         except BaseException:  # e.g. Ctrl-C mid-forward: the cache may be half-updated
             self.reset()
@@ -353,6 +397,13 @@ class TorchSession:
                seed: int | None = None) -> Iterator[GenerationResponse]:
         import torch
 
+        check_generation(max_tokens, temp, top_p, seed)
+        ctx = context_length(self.model)
+        if ctx is not None and len(ids) >= ctx:
+            raise MixqError(f"the prompt is {len(ids)} tokens, the model's context is {ctx} (config.json "
+                            "max_position_embeddings): shorten the prompt (in chat: /reset)")
+        if ctx is not None:
+            max_tokens = min(max_tokens, ctx - len(ids))  # stops with finish_reason "length" at the context
         gen = make_generator(seed) if temp > 0 else None
         detok = StreamDetokenizer(self.tokenizer)
         with torch.inference_mode():
@@ -421,6 +472,7 @@ class MlxSession:
 
         if not ids:
             raise MixqError("empty prompt: nothing to generate from")
+        check_generation(max_tokens, temp, top_p, seed)
         if seed is not None:
             mx.random.seed(int(seed))
         self.reused = n = self._reuse(ids)
@@ -478,7 +530,8 @@ def print_stats(r: GenerationResponse | None, file=sys.stderr) -> None:
         return
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens-per-sec", file=file)
     print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens-per-sec", file=file)
-    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+    gpu = peak_memory().get("gpu")
+    print(f"Peak memory: {r.peak_memory:.3f} GB" + (f" (GPU: {gpu / 1e9:.3f} GB)" if gpu else ""), file=file)
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -494,7 +547,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): mlx on Apple silicon, torch elsewhere")
     p.add_argument("--recipe", default=None, help="apply a recipe on the fly (torch backend)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch compute dtype (default float32)")
+    add_device_arguments(p)
 
 
 def add_arguments(p) -> None:
@@ -503,8 +556,12 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
+    check_generation(args.max_tokens, args.temp, args.top_p, args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype)
+    if not prompt.strip():
+        raise MixqError("--prompt is empty: give the text to continue (or '-' to read it from stdin)")
+    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype,
+                            device=args.device, max_memory=parse_memory(args.max_memory))
     last, code = None, 0
     try:
         for r in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp,

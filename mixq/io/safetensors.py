@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 
 from mixq.errors import MixqError
+from mixq.io.files import os_error
 
 # safetensors dtype code <-> torch dtype
 DTYPES = {
@@ -74,6 +75,11 @@ def read_header(file: Path) -> tuple[dict, dict, int]:
         raise MixqError(f"{file}: file not found; the checkpoint is incomplete (re-download or re-export it)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise MixqError(f"{file}: not a valid safetensors file ({e}); re-download or re-export it") from None
+    except OSError as e:  # a link loop, a folder named *.safetensors, no permission...
+        raise os_error(e, file) from None
+    if not isinstance(header, dict):
+        raise MixqError(f"{file}: not a valid safetensors file (its header is not a JSON object); "
+                        "re-download or re-export it")
     metadata = header.pop("__metadata__", None) or {}
     start = 8 + n
     for name, t in header.items():
@@ -97,7 +103,7 @@ def read_headers(files: Iterable[Path]) -> dict[str, tuple[Path, dict, int]]:
         for name, entry in header.items():
             if name in where:
                 raise MixqError(f"{file}: tensor {name} also appears in {where[name][0].name}; "
-                                f"the checkpoint is inconsistent")
+                                f"the checkpoint is inconsistent: remove the extra file or re-download it")
             where[name] = (Path(file), entry, start)
     return where
 

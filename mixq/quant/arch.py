@@ -36,7 +36,8 @@ def check_supported(config: dict) -> str:
     """The config's model_type, or a MixqError listing the supported ones."""
     mt = model_type(config)
     if mt not in SUPPORTED:
-        raise MixqError(f"model_type {mt!r} (config.json) is not supported; supported: {', '.join(SUPPORTED)}")
+        raise MixqError(f"model_type {mt!r} (config.json) is not supported; use a model of a supported type: "
+                        f"{', '.join(SUPPORTED)}")
     return mt
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from mixq.errors import MixqError
 from mixq.io.files import PROVENANCE_FILE
 from mixq.io.safetensors import dtype_name, entry_nbytes, read_header
-from mixq.quant.spec import bits_per_weight
+from mixq.quant.spec import bits_per_weight, spec_error
 from mixq.quant.tensors import module_path
 
 
@@ -25,6 +25,7 @@ class TensorSpec:
     bits: int | None           # None: stored unquantized
     group_size: int | None
     nbytes: int                # bytes on disk (quantized: packed weight + scales + biases)
+    mode: str | None = None    # quantization mode ("affine", "mxfp4", "nvfp4", "mxfp8"); None: unquantized
 
     @property
     def path(self) -> str:
@@ -77,6 +78,11 @@ class Artifact:
         q = self.quantization or {}
         return (int(q["bits"]), int(q["group_size"])) if "bits" in q else None
 
+    @property
+    def default_mode(self) -> str | None:
+        q = self.quantization or {}
+        return q.get("mode", "affine") if "bits" in q else None
+
     def spec(self, name: str) -> TensorSpec:
         for t in self.tensors:
             if t.name == name or t.path == name:
@@ -110,14 +116,15 @@ def quantization_config(config: dict, where) -> dict | None:
     if q is not None and not isinstance(q, dict):
         raise MixqError(f"{where}: 'quantization' is not a dict")
     if q and "quant_method" in q and "bits" not in q:
-        raise MixqError(f"{where}: quantization_config of method {q['quant_method']!r} is not an MLX affine quant")
+        raise MixqError(f"{where}: quantization_config of method {q['quant_method']!r} is not an MLX quant")
     return q or None
 
 
-def module_spec(q: dict | None, module: str, where="") -> tuple[int, int] | None:
-    """(bits, group_size) config.json gives module `module` (its own entry, else the default); None if none.
+def module_spec(q: dict | None, module: str, where="") -> tuple[int, int, str] | None:
+    """(bits, group_size, mode) config.json gives module `module` (its own entry, else the default); None if none.
 
-    Only affine quants are read; another mode is a one-line error naming the module."""
+    As mlx-lm reads it: a module's own entry without "mode" is affine (mlx's `to_quantized` default), the
+    default's missing "mode" too. A combination mlx 0.32 cannot load is a one-line error naming the module."""
     if not q:
         return None
     entry = q.get(module)
@@ -127,9 +134,14 @@ def module_spec(q: dict | None, module: str, where="") -> tuple[int, int] | None
                                                    if "bits" in q else None)
     if not spec:
         return None
-    if spec.get("mode", "affine") != "affine":
-        raise MixqError(f"{where}: {module} uses quantization mode {spec['mode']!r}; mixq reads affine quants only")
-    return int(spec["bits"]), int(spec["group_size"])
+    try:
+        bits, gs, mode = int(spec["bits"]), int(spec["group_size"]), spec.get("mode", "affine")
+    except (KeyError, TypeError, ValueError):
+        raise MixqError(f"{where}: {module}: quantization entry {spec!r} needs integer bits and group_size") from None
+    err = spec_error(bits, gs, mode)
+    if err:
+        raise MixqError(f"{where}: {module}: {err}")
+    return bits, gs, mode
 
 
 def read_artifact(path) -> Artifact:
@@ -158,6 +170,9 @@ def read_artifact(path) -> Artifact:
         module, _, leaf = name.rpartition(".")
         if leaf in ("scales", "biases") and f"{module}.weight" in entries and f"{module}.scales" in entries:
             continue
+        if leaf == "global_scale" and f"{module}.scales" in entries:
+            raise MixqError(f"{path}: {module} has an nvfp4 global scale; mixq does not read those "
+                            f"(mlx_lm.convert does not write them)")
         scales = entries.get(f"{module}.scales") if leaf == "weight" else None
         if scales is None:
             tensors.append(TensorSpec(name, tuple(e["shape"]), dtype_name(e["dtype"]), None, None, entry_nbytes(e)))
@@ -165,15 +180,20 @@ def read_artifact(path) -> Artifact:
         spec = module_spec(q, module, path)
         if not spec:
             raise MixqError(f"{path}: {module} has scales but config.json gives it no quantization spec")
-        bits, gs = spec
+        bits, gs, mode = spec
         packed, n_groups = e["shape"][-1], scales["shape"][-1]
         n = n_groups * gs
         if packed * 32 != n * bits:
             raise MixqError(f"{path}: {module}: packed width {packed} and {n_groups} scale groups do not fit "
                             f"bits={bits}, group_size={gs} from config.json")
+        if (dtype_name(scales["dtype"]) == "uint8") != (mode != "affine") or \
+                (f"{module}.biases" in entries) != (mode == "affine"):
+            raise MixqError(f"{path}: {module}: stored scales ({dtype_name(scales['dtype'])}"
+                            f"{', biases' if f'{module}.biases' in entries else ', no biases'}) do not fit "
+                            f"quantization mode {mode} from config.json")
         biases = entries.get(f"{module}.biases", {"data_offsets": [0, 0]})
         b = entry_nbytes(e) + entry_nbytes(scales) + entry_nbytes(biases)
-        tensors.append(TensorSpec(name, (*e["shape"][:-1], n), dtype_name(scales["dtype"]), bits, gs, b))
+        tensors.append(TensorSpec(name, (*e["shape"][:-1], n), dtype_name(scales["dtype"]), bits, gs, b, mode))
 
     provenance = {}
     prov_file = path / PROVENANCE_FILE

@@ -1,4 +1,4 @@
-"""`mixq convert`: a checkpoint -> an MLX model folder (mixed-precision affine quants) under a recipe.
+"""`mixq convert`: a checkpoint -> an MLX model folder (mixed-precision quants, any mlx mode) under a recipe.
 
 Streaming: tensors are read, quantized and written one at a time into shards whose headers are
 planned up front, so memory stays a few times the largest tensor. The folder is built beside OUT
@@ -7,7 +7,6 @@ under a temporary name and renamed at the end; any error or Ctrl-C removes it.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -18,8 +17,10 @@ from pathlib import Path
 import torch
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, sha256_file, staged_dir
+from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, os_error, sha256_file, staged_dir
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
+from mixq.quant.artifact import read_artifact
+from mixq.quant.checkpoint import check_against_config
 from mixq.quant.plan import Plan, TensorPlan
 from mixq.quant.plan_show import print_plan
 from mixq.quant.prepare import DTYPES, Prepared, prepare
@@ -34,6 +35,8 @@ QUANT_CHUNK = 1 << 20  # elements quantized per call: bounds the quantizer's tem
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                  "chat_template*", "generation_config.json", "*.tiktoken", "spiece.model", "LICENSE*",
                  "NOTICE*", "USE_POLICY*")
+# The files a tokenizer is built from (one of them must be there: mlx_lm.load loads the tokenizer too).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "*.tiktoken")
 
 Stored = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -47,6 +50,9 @@ def stored_tensors(tp: TensorPlan) -> list[Stored]:
     base = tp.name.removesuffix(".weight")
     bits, gs = tp.spec.bits, tp.spec.group_size
     *lead, n = shape
+    if not tp.spec.has_biases:  # float modes: uint8 scales, no biases
+        return [(f"{base}.weight", (*lead, n * bits // 32), torch.uint32),
+                (f"{base}.scales", (*lead, n // gs), torch.uint8)]
     return [(f"{base}.weight", (*lead, n * bits // 32), torch.uint32),
             (f"{base}.scales", (*lead, n // gs), dt),
             (f"{base}.biases", (*lead, n // gs), dt)]
@@ -71,6 +77,12 @@ def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, 
     `advance(k)` is called with the number of source elements done.
     """
     t = load()
+    if t.numel() == 0:
+        raise MixqError(f"tensor {tp.name} has no elements (shape {list(t.shape)}); the checkpoint is broken: "
+                        "fix or re-download it")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise MixqError(f"tensor {tp.name} holds NaN or infinite values; the checkpoint is corrupt: "
+                        "fix or re-download it")
     outs = stored_tensors(tp)
     if tp.spec is None:
         if store_dtype is not None and t.is_floating_point() and t.dtype != store_dtype:
@@ -86,14 +98,15 @@ def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, 
         chunk = rows[a:a + step]
         if store_dtype is not None and chunk.dtype != store_dtype:
             chunk = chunk.to(store_dtype)
-        wq, s, b = quantize(chunk, tp.spec.bits, tp.spec.group_size, name=tp.name)
+        wq, s, b = quantize(chunk, tp.spec.bits, tp.spec.group_size, mode=tp.spec.mode, name=tp.name)
         writer.write_rows(outs[0][0], wq)
         scales.append(s)
         biases.append(b)
         advance(chunk.numel())
     del t, rows
     writer.write(outs[1][0], torch.cat(scales).view(outs[1][1]))
-    writer.write(outs[2][0], torch.cat(biases).view(outs[2][1]))
+    if len(outs) > 2:
+        writer.write(outs[2][0], torch.cat(biases).view(outs[2][1]))
     return [o[0] for o in outs]
 
 
@@ -157,6 +170,7 @@ def provenance(prep: Prepared, hashes: dict, copied: list[str]) -> dict:
     plan = prep.plan
     tensors = [{"name": tp.name, "shape": list(tp.shape), "dtype": tp.dtype,
                 "bits": tp.spec.bits if tp.spec else None, "group_size": tp.spec.group_size if tp.spec else None,
+                "mode": tp.spec.mode if tp.spec else None,
                 "bytes": int(tp.nbytes), "reason": tp.reason} for tp in plan.tensors]
     return {
         "mixq_version": __version__,
@@ -237,37 +251,111 @@ def _base_model(prep: Prepared) -> str | None:
     return None
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Refuse a source without a tokenizer that loads: the converted folder would not open in mlx_lm.load."""
+    folder = Path(folder)
+    if not any(any(folder.glob(p)) for p in TOKENIZER_FILES):
+        raise MixqError(f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); mlx_lm.load needs one: copy the "
+                        "tokenizer files of the original model into this folder")
+    import transformers
+    from transformers import AutoTokenizer
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - whatever fails here fails in mlx_lm.load too
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise MixqError(f"{folder}: the tokenizer does not load ({type(e).__name__}: {first}); fix or re-copy "
+                        "the tokenizer files of the original model") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def check_source(prep: Prepared) -> None:
+    """Before writing: the weights cover config.json's architecture exactly and the tokenizer loads."""
+    check_against_config(prep.ckpt)
+    check_tokenizer(prep.path)
+
+
+def check_written(prep: Prepared, folder: Path, out=None) -> None:
+    """After writing: read the folder back (headers, config, index) and refuse it unless it holds every planned
+    tensor with its planned shape, spec and size, nothing else, and a tokenizer. `out`: the name it will have
+    (named in the error instead of the staged folder's)."""
+    out = Path(out) if out is not None else folder
+    try:
+        art = read_artifact(folder)
+    except MixqError as e:
+        raise MixqError(f"{out}: the written folder does not read back ({str(e).replace(str(folder), str(out))}); "
+                        "nothing was written: check the disk and convert again") from None
+    got = {t.name: t for t in art.tensors}
+    wrong = []
+    for tp in prep.plan.tensors:
+        t = got.pop(tp.name, None)
+        spec = (tp.spec.bits, tp.spec.group_size) if tp.spec is not None else (None, None)
+        if t is None:
+            wrong.append(f"{tp.name} missing")
+        elif (tuple(t.shape) != tuple(tp.shape) or (t.bits, t.group_size) != spec or t.nbytes != tp.nbytes
+              or (tp.spec is None and t.dtype != tp.dtype)):
+            wrong.append(f"{tp.name} {list(t.shape)} {t.dtype} bits={t.bits} ({t.nbytes} bytes), planned "
+                         f"{list(tp.shape)} {tp.dtype} bits={spec[0]} ({tp.nbytes} bytes)")
+    wrong += [f"{n} not planned" for n in sorted(got)]
+    stored = {name for tp in prep.plan.tensors for name, _, _ in stored_tensors(tp)}
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        index = None
+    if index is None or set(index) != stored or not all((folder / f).is_file() for f in set(index.values())):
+        wrong.append(f"{INDEX_FILE} does not list exactly the stored tensors")
+    if art.size_bytes != prep.plan.total_bytes:
+        wrong.append(f"{art.size_bytes} bytes of weights, planned {prep.plan.total_bytes}")
+    if not any(any(folder.glob(p)) for p in TOKENIZER_FILES):
+        wrong.append("no tokenizer file")
+    if wrong:
+        raise MixqError(f"{out}: the written folder is not what was planned ({'; '.join(wrong[:3])}"
+                        f"{f'; and {len(wrong) - 3} more' if len(wrong) > 3 else ''}); nothing was written: "
+                        "please report this as a mixq bug")
+
+
 def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: int = SHARD_BYTES,
                      progress: bool = True) -> Path:
-    """Write the prepared conversion to the MLX folder `out` (built beside it, renamed into place)."""
+    """Write the prepared conversion to the MLX folder `out` (built beside it, renamed into place).
+
+    Checked before writing (`check_source`: tensors against config.json, tokenizer) and after, on the
+    folder read back (`check_written`); a failed check leaves nothing behind."""
     out = Path(out)
+    if not (isinstance(shard_bytes, int) and shard_bytes >= 1):
+        raise MixqError(f"shard size {shard_bytes!r} bytes: must be a positive size (--shard-size GiB, default 5)")
     check_output(out, force, protect=[prep.path])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    need = int(prep.plan.total_bytes) + (1 << 20)
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise MixqError(f"{out.parent}: {free / 1e9:.2f} GB free, the converted model needs {need / 1e9:.2f} GB; "
-                        f"free some space or write elsewhere")
+    check_source(prep)
     try:
-        with staged_dir(out, force, protect=[prep.path]) as tmp:
-            hashes: dict = {}
-            hasher = threading.Thread(target=_hash_files, args=(prep.ckpt.source_files(), hashes), daemon=True)
-            hasher.start()
-            # Casting and quantizing run as many small torch ops per chunk; one thread is fastest
-            # (and stays fast when the machine is busy).
-            with torch.no_grad(), torch_threads(1):
-                weight_map = write_weights(prep, tmp, shard_bytes, progress)
-            write_index(prep.plan, tmp, weight_map)
-            write_config(prep, tmp)
-            copied = copy_side_files(prep.path, tmp)
-            hasher.join()
-            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(prep, hashes, copied), indent=2))
-            (tmp / "README.md").write_text(_readme(prep, out.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MixqError(f"{out.parent}: disk full while writing the converted model; "
-                            "free space and retry") from None
-        raise
+        raise os_error(e, out) from None
+    need = int(prep.plan.total_bytes) + (1 << 20)
+    if free < need:
+        raise MixqError(f"{out.parent}: {_size(free)} free, the converted model needs {_size(need)}; "
+                        f"free some space or write elsewhere")
+    with staged_dir(out, force, protect=[prep.path]) as tmp:
+        hashes: dict = {}
+        hasher = threading.Thread(target=_hash_files, args=(prep.ckpt.source_files(), hashes), daemon=True)
+        hasher.start()
+        # Casting and quantizing run as many small torch ops per chunk; one thread is fastest
+        # (and stays fast when the machine is busy).
+        with torch.no_grad(), torch_threads(1):
+            weight_map = write_weights(prep, tmp, shard_bytes, progress)
+        write_index(prep.plan, tmp, weight_map)
+        write_config(prep, tmp)
+        copied = copy_side_files(prep.path, tmp)
+        hasher.join()
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(prep, hashes, copied), indent=2))
+        (tmp / "README.md").write_text(_readme(prep, out.name))
+        check_written(prep, tmp, out)
     return out
 
 
@@ -295,12 +383,17 @@ def add_arguments(p):
 
 
 def cli(args):
+    if not (math.isfinite(args.shard_size) and args.shard_size > 0):
+        raise MixqError(f"--shard-size {args.shard_size}: give a positive size in GiB (default 5)")
+    if not args.dry_run:
+        check_output(Path(args.out), args.force)  # before any work (the source is protected again when known)
     prep = prepare(args.source, args.recipe, args.dtype)
     if args.dry_run:
+        check_source(prep)
         print_plan(prep.plan, source=args.source)
         return 0
     t0 = time.time()
-    out = write_mlx_folder(prep, args.out, force=args.force, shard_bytes=int(args.shard_size * 2**30))
+    out = write_mlx_folder(prep, args.out, force=args.force, shard_bytes=max(1, int(args.shard_size * 2**30)))
     plan = prep.plan
     print(f"wrote {out} ({plan.total_bytes / 1e9:.3f} GB, {plan.bits_per_weight:.3f} bpw, "
           f"recipe {prep.recipe.name}) in {time.time() - t0:.1f}s")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mixq.errors import MixqError
 from mixq.quant.recipe import Recipe, load_recipe
-from mixq.quant.spec import DTYPE_BYTES, QUANT_DTYPES, Spec, bits_per_weight, precision, quantized_nbytes
+from mixq.quant.spec import DTYPE_BYTES, QUANT_DTYPES, Spec, bits_per_weight, precision, spec_nbytes
 from mixq.quant.tensors import TensorInfo, is_experts, is_norm, layer_index, module_path
 
 # model_type -> suffix of the router module path, as in mlx-lm's per-model quant_predicate
@@ -108,26 +108,30 @@ class Plan:
 
     def quantization_config(self) -> dict | None:
         """config.json "quantization" (also written as "quantization_config"), as mlx_lm writes and reads it:
-        the default spec, plus `module_path: {group_size, bits}` for every quantized module that differs."""
+        the default spec with its mode, plus `module_path: {group_size, bits[, mode]}` for every quantized
+        module that differs (mlx-lm reads an entry without "mode" as affine, whatever the default's mode)."""
         if not self.quantized:
             return None
         d = self.default_spec()
-        cfg = {"group_size": d.group_size, "bits": d.bits, "mode": "affine"}
+        cfg = {"group_size": d.group_size, "bits": d.bits, "mode": d.mode}
         for t in self.quantized:
             if t.spec != d:
-                cfg[t.module_path] = {"group_size": t.spec.group_size, "bits": t.spec.bits}
+                cfg[t.module_path] = t.spec.config()
         return cfg
 
     def specs(self) -> dict[str, dict | None]:
-        """tensor name -> {"bits", "group_size"} or None (kept): for provenance files."""
-        return {t.name: ({"bits": t.spec.bits, "group_size": t.spec.group_size} if t.spec else None)
-                for t in self.tensors}
+        """tensor name -> {"bits", "group_size"[, "mode"]} or None (kept): for provenance files."""
+        def entry(spec):
+            d = {"bits": spec.bits, "group_size": spec.group_size}
+            return d if spec.mode == "affine" else {**d, "mode": spec.mode}
+        return {t.name: (entry(t.spec) if t.spec else None) for t in self.tensors}
 
     def table_rows(self) -> list[dict]:
-        """One dict per tensor for printing: path, shape, dtype, bits, group_size (None if kept), mb, reason."""
+        """One dict per tensor for printing: path, shape, dtype, bits, group_size, mode (None if kept), mb, reason."""
         return [{"path": t.name, "shape": "x".join(map(str, t.shape)), "dtype": t.dtype,
                  "bits": t.spec.bits if t.spec else None,
                  "group_size": t.spec.group_size if t.spec else None,
+                 "mode": t.spec.mode if t.spec else None,
                  "mb": t.nbytes / 1e6, "reason": t.reason} for t in self.tensors]
 
     def summary(self) -> dict:
@@ -205,8 +209,11 @@ def plan_model(tensors: list[TensorInfo], recipe: Recipe | str, config: dict, *,
             elif shape[-1] % spec.group_size:
                 reason = f"input dim {shape[-1]} not divisible by group {spec.group_size}: kept"
                 spec = None
-        if spec is not None:  # packed words + scales + biases (in the tensor's dtype)
-            nbytes = quantized_nbytes(shape, spec.bits, spec.group_size, nb)
+            elif spec.mode == "nvfp4" and math.prod(shape) % 32:
+                reason = f"nvfp4 needs a multiple of 32 weights in mlx 0.32, {math.prod(shape)} is not: kept"
+                spec = None
+        if spec is not None:  # packed words + scales (+ biases, affine) in the tensor's dtype (float modes: uint8)
+            nbytes = spec_nbytes(shape, spec, nb)
         else:
             nbytes = math.prod(shape) * nb
         out.append(TensorPlan(t.name, shape, dt, spec, reason, nbytes))

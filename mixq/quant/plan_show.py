@@ -12,7 +12,7 @@ def _fmt_shape(shape) -> str:
 
 
 def print_plan(plan, source: str = "", console=None) -> None:
-    """Print the plan as a table (path, shape, bits, group, MB, reason) followed by the totals."""
+    """Print the plan as a table (path, shape, dtype, bits, group, mode, MB, reason) followed by the totals."""
     from rich.console import Console
     from rich.table import Table
 
@@ -21,18 +21,19 @@ def print_plan(plan, source: str = "", console=None) -> None:
         if not console.is_terminal:  # piped: wide enough for the table, not the 80 columns default
             path_w = max((len(tp.name) for tp in plan.tensors), default=10)
             reason_w = max((len(tp.reason) for tp in plan.tensors), default=10)
-            console = Console(width=min(path_w + reason_w + 60, 400))
+            console = Console(width=min(path_w + reason_w + 68, 400))
     table = Table(title=f"{source}  recipe {plan.recipe.name}" if source else f"recipe {plan.recipe.name}",
                   show_lines=False, header_style="bold")
     for col, just in (("path", "left"), ("shape", "right"), ("dtype", "left"), ("bits", "right"),
-                      ("group", "right"), ("MB", "right"), ("reason", "left")):
+                      ("group", "right"), ("mode", "left"), ("MB", "right"), ("reason", "left")):
         table.add_column(col, justify=just, no_wrap=col != "reason")
     for tp in plan.tensors:
         path = tp.name.removesuffix(".weight") if tp.spec else tp.name
         bits = str(tp.spec.bits) if tp.spec else "-"
         group = str(tp.spec.group_size) if tp.spec else "-"
+        mode = tp.spec.mode if tp.spec else "-"
         style = None if tp.spec else "dim"
-        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group,
+        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group, mode,
                       f"{tp.nbytes / 1e6:.3f}", tp.reason, style=style)
     console.print(table)
     for line in summary_lines(plan):

@@ -1,4 +1,4 @@
-"""MLX affine quantization in torch, bit-exact with `mx.quantize` / `mx.dequantize`.
+"""MLX quantization in torch (affine and the float modes), bit-exact with `mx.quantize` / `mx.dequantize`.
 
 The algorithm (established by experiment against mlx 0.32 on CPU, see tests/test_quantize.py):
 
@@ -19,6 +19,34 @@ The algorithm (established by experiment against mlx 0.32 on CPU, see tests/test
 
 Packed weights are `torch.uint32`; safetensors >= 0.4.3 saves and loads them (dtype "U32") and
 `mx.load` reads them back as `mx.uint32`, so no conversion is needed.
+
+The float modes (`mode="mxfp4" | "nvfp4" | "mxfp8"`), also established by experiment against mlx
+0.32 on CPU (tests/test_modes.py). `T` is the weight's dtype; M is 6 (E2M1's largest) or 448 (E4M3's).
+
+* Per group: `amax = max|w|`; `s = amax / M` computed in T (in float16 it underflows to 0 for
+  small groups, as in mlx).
+* mxfp4 / mxfp8 (group 32, E8M0 scale): the scale is the smallest power of two >= s, 2**n with
+  n = ceil(log2 s) (n = 0 when s is 0). The stored byte is `(n + 127) mod 256`: mlx does not clamp,
+  so a group whose s is below 2**-127 (|w| < 3.5e-38 for mxfp4) stores a wrapped byte (2**-128 is
+  stored as 255, which reads back as inf); its codes use the true 2**n.
+* nvfp4 (group 16, E4M3 scale): the scale is s rounded to E4M3 (nearest, ties to even,
+  saturating at 448; below 2**-10 it is 0, so a group with max |w| < 6 * 2**-10 ~ 0.006 is all
+  zeros, and below 2**-6 the scale is an E4M3 subnormal with fewer bits). A group with |w| > 2**32
+  is refused: with the scale saturated, mlx's own E2M1 rounding of x > 2**25 returns arbitrary
+  codes. No global (per-tensor) scale: mlx_lm.convert never writes one (only
+  `quantize_model(..., global_scale=True)` does, for nvfp4 switch layers); mixq neither writes nor
+  reads it.
+* Codes from `x = w / scale` in float32 (0 when the scale is 0). E2M1 (4 bits: sign, then the
+  magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 as codes 0-7): the nearest magnitude with ties toward
+  zero (0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3, 5 -> 4; x > 5 -> 6), and a zero code never has its sign
+  bit set. E4M3 (8 bits): PyTorch's float8_e4m3fn rounding (nearest, ties to even) after clamping to
+  +-448; the sign of a zero is kept (-1e-9 -> 0x80).
+* Packing: as affine (4-bit codes little-endian, 8 per uint32 word; 8-bit codes 4 per word).
+  Scales are uint8 [..., in/group]; there are no biases (`quantize` returns None for them).
+* Dequantization in a dtype D (mlx's default, and `dequantize`'s, is bfloat16): the scale
+  (E8M0 byte b: 2**(b - 127), b = 0 -> 2**-127, b = 255 -> inf; or the E4M3 value) and the code's
+  value are each cast to D, then multiplied in D. In bfloat16 and float32 this is the exact product
+  for any scale a real weight gets; in float16 small scales underflow to 0, as in mlx.
 """
 
 from __future__ import annotations
@@ -28,7 +56,7 @@ import math
 import torch
 
 from mixq.errors import MixqError
-from mixq.quant.spec import BITS, GROUP_SIZES
+from mixq.quant.spec import spec_error
 from mixq.threads import torch_threads
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,11 +74,15 @@ def _label(name):
     return f"tensor {name}" if name else "tensor"
 
 
-def _check_spec(bits, group_size, name=None):
-    if bits not in BITS:
-        raise MixqError(f"{_label(name)}: bits={bits} not supported; use one of {list(BITS)}")
-    if group_size not in GROUP_SIZES:
-        raise MixqError(f"{_label(name)}: group_size={group_size} not supported; use one of {list(GROUP_SIZES)}")
+def _check_spec(bits, group_size, name=None, mode="affine"):
+    err = spec_error(bits, group_size, mode)
+    if err is None:
+        return
+    if mode == "affine" and err.startswith("bits"):
+        raise MixqError(f"{_label(name)}: bits={bits} not supported; use one of [2, 3, 4, 5, 6, 8]")
+    if mode == "affine" and err.startswith("group_size"):
+        raise MixqError(f"{_label(name)}: group_size={group_size} not supported; use one of [32, 64, 128]")
+    raise MixqError(f"{_label(name)}: {err}")
 
 
 def _row_chunks(rows, cols):
@@ -91,9 +123,11 @@ def _unpack(wq: torch.Tensor, bits: int) -> torch.Tensor:
     return x.view(torch.uint8).view(r, n)
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = None):
-    """Quantize `w` [..., in] -> (packed uint32 [..., in*bits/32], scales, biases [..., in/group]) like mx.quantize."""
-    _check_spec(bits, group_size, name)
+def quantize(w: torch.Tensor, bits: int, group_size: int, *, mode: str = "affine", name: str | None = None):
+    """Quantize `w` [..., in] -> (packed uint32 [..., in*bits/32], scales, biases [..., in/group]) like mx.quantize.
+
+    Affine: scales and biases in w's dtype. Float modes: scales uint8, biases None."""
+    _check_spec(bits, group_size, name, mode)
     if not isinstance(w, torch.Tensor) or w.dtype not in DTYPES:
         dt = getattr(w, "dtype", type(w).__name__)
         raise MixqError(f"{_label(name)}: dtype {dt} cannot be quantized; use float32, float16 or bfloat16")
@@ -104,6 +138,8 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = 
         dim = w.shape[-1]
         raise MixqError(f"{_label(name)}: last dimension {dim} (shape {tuple(w.shape)}) is not divisible by "
                         f"group size {group_size}; keep it unquantized or use a smaller group")
+    if mode != "affine":
+        return _quantize_float(w, bits, group_size, mode, name)
     lead, cols = tuple(w.shape[:-1]), w.shape[-1]
     rows = math.prod(lead)
     ng = cols // group_size
@@ -137,12 +173,19 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, *, name: str | None = 
     return (packed.view(*lead, cols * bits // 32), scales.view(*lead, ng), biases.view(*lead, ng))
 
 
-def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int,
-               *, name: str | None = None) -> torch.Tensor:
-    """Inverse of `quantize`, bit-exact with mx.dequantize; returns a tensor in `scales.dtype`."""
-    _check_spec(bits, group_size, name)
+def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None, bits: int, group_size: int,
+               *, mode: str = "affine", name: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `quantize`, bit-exact with mx.dequantize (same `dtype`).
+
+    Affine: computed in `scales.dtype` (then cast to `dtype` if given, as mlx does). Float modes:
+    `biases` must be None; the result is in `dtype`, by default bfloat16 as in mlx."""
+    _check_spec(bits, group_size, name, mode)
     if wq.dtype != torch.uint32:
         raise MixqError(f"{_label(name)}: packed weights must be uint32, got {wq.dtype}")
+    if mode != "affine":
+        return _dequantize_float(wq, scales, biases, bits, group_size, mode, name, dtype)
+    if biases is None:
+        raise MixqError(f"{_label(name)}: affine quantization needs biases")
     if scales.dtype not in DTYPES or biases.dtype != scales.dtype:
         raise MixqError(f"{_label(name)}: scales/biases must share a float dtype, got {scales.dtype}/{biases.dtype}")
     lead, words = tuple(wq.shape[:-1]), wq.shape[-1]
@@ -165,4 +208,99 @@ def dequantize(wq: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bit
             o = out[a:b].view(b - a, ng, group_size)
             torch.mul(q, s2[a:b], out=o)
             o.add_(b2[a:b])  # two roundings, as mlx (no fma)
+    out = out.view(*lead, cols)
+    return out if dtype is None or dtype == dt else out.to(dtype)
+
+
+# ---------------------------------------------------------------- float modes (mxfp4, nvfp4, mxfp8)
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# E2M1 rounding: magnitude code k + 1 for x > _E2M1_UP[k] (ties go toward zero)
+_E2M1_UP = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_FP_MAX = {4: 6.0, 8: 448.0}
+# nvfp4 groups with |w| above this are refused: their E4M3 scale saturates at 448, and mlx's E2M1 rounding of
+# w / 448 goes wrong above about 2**25 (measured: codes 4, 7 and 0 instead of the saturated 7)
+_NVFP4_MAX = 2.0 ** 32
+
+
+def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> E2M1 codes (uint8, 0-15) as mlx rounds: nearest, ties toward zero, no sign on a zero code."""
+    a = x.abs()
+    c = torch.zeros(x.shape, dtype=torch.uint8)
+    for thr in _E2M1_UP:
+        c += a > thr
+    return c | ((x < 0) & (c != 0)).to(torch.uint8) << 3
+
+
+def _e4m3_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> E4M3 bytes: nearest, ties to even, saturating at +-448 (sign of zero kept)."""
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _quantize_float(w: torch.Tensor, bits: int, group_size: int, mode: str, name):
+    lead, cols = tuple(w.shape[:-1]), w.shape[-1]
+    rows = math.prod(lead)
+    ng = cols // group_size
+    w2 = w.reshape(rows, cols)
+    packed = torch.empty(rows, cols * bits // 32, dtype=torch.uint32)
+    scales = torch.empty(rows, ng, dtype=torch.uint8)
+    fmax = _FP_MAX[bits]
+    with torch_threads(_THREADS, at_most=True):
+        for a, b in _row_chunks(rows, cols):
+            g = w2[a:b].view(b - a, ng, group_size)
+            amax = g.abs().amax(-1, keepdim=True)
+            if not bool(torch.isfinite(amax).all()):
+                raise MixqError(f"{_label(name)}: holds NaN or Inf values; "
+                                f"fix the checkpoint or keep this tensor unquantized")
+            if mode == "nvfp4" and bool((amax > _NVFP4_MAX).any()):
+                raise MixqError(f"{_label(name)}: holds values above {_NVFP4_MAX:.3g} in magnitude, which mlx's "
+                                f"nvfp4 quantizer mis-rounds; keep this tensor unquantized or use another mode")
+            s = (amax / fmax).float()   # in w's dtype, as mlx
+            if mode == "nvfp4":
+                sbyte = _e4m3_bytes(s)
+                scale = sbyte.view(torch.float8_e4m3fn).float()
+            else:  # E8M0: the smallest power of two >= s; byte n + 127 without clamping (as mlx)
+                m, e = torch.frexp(s)
+                n = torch.where(m == 0.5, e - 1, e).masked_fill_(s == 0, 0)
+                sbyte = (n + 127).bitwise_and_(0xFF).to(torch.uint8)
+                # 2**n as float32 bits (s >= 2**-149, so -149 <= n <= 126; below -126 it is subnormal)
+                scale = torch.where(n >= -126, (n + 127) << 23, 1 << (n + 149).clamp_(min=0)).view(torch.float32)
+            x = g.to(torch.float32, copy=True).div_(scale).masked_fill_(scale == 0, 0.0)
+            q = _fp4_codes(x) if bits == 4 else _e4m3_bytes(x)
+            _pack_into(packed[a:b], q.view(b - a, cols), bits)
+            scales[a:b] = sbyte.view(b - a, ng)
+    return packed.view(*lead, cols * bits // 32), scales.view(*lead, ng), None
+
+
+def _dequantize_float(wq, scales, biases, bits: int, group_size: int, mode: str, name, dtype):
+    if biases is not None:
+        raise MixqError(f"{_label(name)}: mode {mode} has no biases (got a biases tensor)")
+    if scales.dtype != torch.uint8:
+        raise MixqError(f"{_label(name)}: mode {mode} scales must be uint8, got {scales.dtype}")
+    dt = torch.bfloat16 if dtype is None else dtype
+    if dt not in DTYPES:
+        raise MixqError(f"{_label(name)}: cannot dequantize to {dt}; use float32, float16 or bfloat16")
+    lead, words = tuple(wq.shape[:-1]), wq.shape[-1]
+    cols = words * 32 // bits
+    ng = cols // group_size
+    if cols % group_size or tuple(scales.shape) != (*lead, ng):
+        raise MixqError(f"{_label(name)}: packed shape {tuple(wq.shape)} does not match scales "
+                        f"{tuple(scales.shape)} for mode {mode} (bits={bits}, group_size={group_size})")
+    if bits == 4:
+        values = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32).to(dt)
+    else:
+        values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().to(dt)
+    sb = scales.reshape(-1, ng)
+    if mode == "nvfp4":
+        sv = sb.view(torch.float8_e4m3fn).float()
+    else:  # E8M0: byte b -> 2**(b - 127) as float32 bits (b = 0: 2**-127, b = 255: inf)
+        sv = torch.where(sb == 0, 2.0 ** -127, (sb.to(torch.int32) << 23).view(torch.float32))
+    sv = sv.to(dt).view(-1, ng, 1)
+    rows = math.prod(lead)
+    wq2 = wq.reshape(rows, words)
+    out = torch.empty(rows, cols, dtype=dt)
+    with torch_threads(_THREADS, at_most=True):
+        for a, b in _row_chunks(rows, cols):
+            q = values[_unpack(wq2[a:b], bits).long()].view(b - a, ng, group_size)
+            torch.mul(sv[a:b], q, out=out[a:b].view(b - a, ng, group_size))
     return out.view(*lead, cols)

@@ -7,6 +7,7 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     description = "one line"
     bits = 6                # default spec for every quantizable tensor ...
     group_size = 32
+    # mode = "mxfp4"        # ... or a float mode instead of bits/group_size ...
     # keep = true           # ... or keep them all unquantized by default
     # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins;
                             # `mixq plan` writes the dtype its sizes count)
@@ -21,7 +22,15 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
                                       #   first = K: layer < K;  last = K: layer >= n - K
                                       #   layers = [0, 5, 9];  layer_range = [a, b]: a <= layer < b
     bits = 8                          # spec (group_size defaults to the recipe's, else 64) ...
+    # mode = "mxfp8"                  # ... or a quantization mode (below) ...
     # keep = true                     # ... or keep the tensor unquantized
+
+Modes (mlx 0.32's `mx.quantize(..., mode=)`; a spec's mode is "affine" unless it says otherwise, a rule
+does not inherit the default's): "affine" (bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128: a scale and a
+bias per group in the tensor's dtype) and the float modes, each with one bits/group_size pair, which
+may be left out: "mxfp4" (4 bits, group 32: 4.25 bits per weight), "nvfp4" (4, 16: 4.5) and "mxfp8"
+(8, 32: 8.25), one uint8 scale per group, no bias. Another bits/group_size with a float mode is an
+error naming the rule. An affine rule's group_size defaults to the recipe's if affine allows it, else 64.
 
 Selector values are integers or expressions in `n`, the model's layer count, using + - * // %
 (e.g. first = "n // 8"). The layer of a module is the first all-digit component of its path
@@ -58,14 +67,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from mixq.errors import MixqError
-from mixq.quant.spec import BITS, GROUP_SIZES, QUANT_DTYPES, Spec
+from mixq.quant.spec import BITS, FLOAT_MODES, GROUP_SIZES, MODES, QUANT_DTYPES, Spec
 from mixq.quant.tensors import layer_index
 
-RECIPE_KEYS = {"name", "description", "bits", "group_size", "keep", "dtype", "tied_head"}
+RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dtype", "tied_head"}
 RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "layer_range",
-             "bits", "group_size", "keep"}
+             "bits", "group_size", "mode", "keep"}
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
-_BUILTIN_ORDER = ("bf16", "q", "mixed", "qx")
+_BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 
 
 # ---------------------------------------------------------------- layer selector expressions
@@ -97,9 +106,14 @@ class _Expr:
     """An integer, or an expression in n (the model's layer count)."""
     text: str
     tree: object
+    where: str = ""
 
     def __call__(self, n):
-        return _eval(self.tree, n)
+        try:
+            return _eval(self.tree, n)
+        except ZeroDivisionError:
+            raise MixqError(f"{self.where}: {self.text!r} divides by zero for a model of {n} layers; "
+                            "change the expression") from None
 
 
 def _expr(value, where: str) -> _Expr:
@@ -113,7 +127,7 @@ def _expr(value, where: str) -> _Expr:
             _eval(tree, n)
     except (SyntaxError, ValueError, ZeroDivisionError) as e:
         raise MixqError(f"{where}: bad layer expression {value!r} ({e})") from None
-    return _Expr(value, tree)
+    return _Expr(value, tree, where)
 
 
 # ---------------------------------------------------------------- rules and recipes
@@ -215,11 +229,21 @@ def _spec(table: dict, where: str, default_group: int) -> Spec | None:
     if not isinstance(keep, bool):
         raise MixqError(f"{where}: keep must be true or false, got {keep!r}")
     if keep:
-        if "bits" in table or "group_size" in table:
-            raise MixqError(f"{where}: give either keep = true or bits/group_size, not both")
+        if "bits" in table or "group_size" in table or "mode" in table:
+            raise MixqError(f"{where}: give either keep = true or bits/group_size/mode, not both")
         return None
+    mode = table.get("mode", "affine")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise MixqError(f"{where}: mode {mode!r} not in {{{', '.join(MODES)}}}")
+    if mode in FLOAT_MODES:
+        b, g = FLOAT_MODES[mode]
+        bits, gs = table.get("bits", b), table.get("group_size", g)
+        if (bits, gs) != (b, g) or type(bits) is not int or type(gs) is not int:
+            raise MixqError(f"{where}: mode {mode} takes bits = {b} and group_size = {g} only (mlx 0.32), "
+                            f"got bits = {bits!r}, group_size = {gs!r}")
+        return Spec(b, g, mode)
     if "bits" not in table:
-        raise MixqError(f"{where}: needs bits (and optionally group_size) or keep = true")
+        raise MixqError(f"{where}: needs bits (and optionally group_size), a mode, or keep = true")
     bits, gs = table["bits"], table.get("group_size", default_group)
     if type(bits) is not int or bits not in BITS:
         raise MixqError(f"{where}: bits {bits!r} not in {{2, 3, 4, 5, 6, 8}}")
@@ -272,7 +296,7 @@ def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> R
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise MixqError(f"{src}: not valid TOML ({e})") from None
+        raise MixqError(f"{src}: not valid TOML ({e}); fix the recipe file") from None
     unknown = sorted(set(data) - {"recipe", "rule"})
     if unknown:
         raise MixqError(f"{src}: unknown key {unknown[0]!r} (a recipe has a [recipe] table and [[rule]] entries)")
@@ -295,16 +319,21 @@ def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> R
     rules = data.get("rule", [])
     if not isinstance(rules, list):
         raise MixqError(f"{src}: rules must be written as [[rule]] entries")
-    group = default.group_size if default else 64
+    group = default.group_size if default and default.group_size in GROUP_SIZES else 64
     return Recipe(name=head.get("name") or name or Path(src).stem, description=head.get("description", ""),
                   text=text, default=default, rules=[_rule(i + 1, r, src, group) for i, r in enumerate(rules)],
                   path=src, dtype=dtype, tied_head=tied_head)
 
 
-def uniform_recipe(bits: int, group_size: int) -> Recipe:
-    """A recipe quantizing every quantizable tensor to (bits, group_size)."""
-    name = f"uniform-{bits}-{group_size}"
-    return parse_recipe(f'[recipe]\nname = "{name}"\nbits = {bits}\ngroup_size = {group_size}\n', f"<{name}>", name)
+def uniform_recipe(bits: int, group_size: int, mode: str = "affine") -> Recipe:
+    """A recipe quantizing every quantizable tensor to (bits, group_size) in `mode`."""
+    if mode == "affine":
+        name = f"uniform-{bits}-{group_size}"
+        text = f'[recipe]\nname = "{name}"\nbits = {bits}\ngroup_size = {group_size}\n'
+    else:
+        name = f"uniform-{mode}"
+        text = f'[recipe]\nname = "{name}"\nmode = "{mode}"\nbits = {bits}\ngroup_size = {group_size}\n'
+    return parse_recipe(text, f"<{name}>", name)
 
 
 def keep_recipe() -> Recipe:
@@ -318,11 +347,11 @@ def _builtin_dir():
 
 def _builtin_key(name: str):
     fam = "mixed" if name.startswith("mixed") else "qx" if name.startswith("qx") else \
-        "q" if name.startswith("q") else name
-    hi = name.endswith("-hi")
+        "q" if name.startswith("q") else "fp" if name.startswith(("mxfp", "nvfp")) else name
+    variant = 1 if name.endswith("-hi") else 2 if name.endswith("-mx") else 0
     digits = [int(c) for c in name if c.isdigit()]
     rank = _BUILTIN_ORDER.index(fam) if fam in _BUILTIN_ORDER else len(_BUILTIN_ORDER)
-    return (rank, hi, digits, name)
+    return (rank, variant, digits, name)
 
 
 @lru_cache(maxsize=None)

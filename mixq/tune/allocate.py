@@ -1,7 +1,8 @@
 """`mixq plan`: allocate each tensor's bits and group size to minimise measured damage under a size budget.
 
 The allocation is a multiple-choice knapsack: every quantizable tensor takes exactly one option
-(a candidate `(bits, group_size)` or *keep*), each with a size in bytes and a damage (the KL
+(a measured candidate spec: affine `(bits, group_size)` or a float mode, mxfp4 / nvfp4 / mxfp8; or
+*keep*), each with a size in bytes and a damage (the KL
 divergence measured by `mixq measure` when that tensor alone is quantized so). We minimise the
 summed damage subject to the total size <= budget. The result is written as an ordinary recipe.
 
@@ -29,10 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from mixq.errors import MixqError
+from mixq.eval.engine import peak_memory_line
 from mixq.io.files import cache_dir, write_atomic
 from mixq.quant.plan import Plan
 from mixq.quant.prepare import DTYPES, prepare
 from mixq.quant.recipe import keep_recipe, parse_recipe, uniform_recipe
+from mixq.quant.spec import Spec
 from mixq.tune.measure import load_measurement, measure, measurement_damages, parse_key
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ class Allocation:
     target_bytes: int
     predicted_kld: float       # sum of the chosen options' measured damages (additive model)
     lower_bound: float         # Lagrangian bound: no allocation under this budget predicts less
-    choices: dict              # tensor name -> (bits, group_size) or None (keep)
+    choices: dict              # tensor name -> Spec or None (keep)
     damages: dict              # tensor name -> damage of the chosen option
     plan: Plan                 # the recipe's per-tensor plan: what convert writes and MODEL@RECIPE applies
     text: str = ""             # the recipe TOML
@@ -223,11 +226,11 @@ def _options(prep, measurement: dict, allow_keep: bool):
     the model's parameter count; every size from the plans at the prepared storage dtype."""
     keep_plan = prep.plan_with(keep_recipe())
     keep_bytes = {t.name: t.nbytes for t in keep_plan.tensors}
-    sized: dict[tuple[int, int], dict] = {}
+    sized: dict[Spec, dict] = {}
     for key in measurement["candidates"]:
         c = parse_key(key)
-        sized[c] = {t.name: t.nbytes for t in prep.plan_with(uniform_recipe(*c)).quantized
-                    if (t.spec.bits, t.spec.group_size) == c}
+        sized[c] = {t.name: t.nbytes for t in prep.plan_with(uniform_recipe(c.bits, c.group_size, c.mode)).quantized
+                    if t.spec == c}
     damages = measurement_damages(measurement)
     items, fixed = {}, 0
     for t in keep_plan.tensors:
@@ -245,6 +248,16 @@ def _options(prep, measurement: dict, allow_keep: bool):
     return items, fixed, keep_plan.total_params
 
 
+def check_target(target_bpw: float | None, target_bytes: int | None) -> None:
+    """Exactly one target, and a positive one (a NaN or zero target is an error, before any measuring)."""
+    if (target_bpw is None) == (target_bytes is None):
+        raise MixqError("give exactly one of --target-bpw or --target-size")
+    if target_bpw is not None and not (math.isfinite(target_bpw) and target_bpw > 0):
+        raise MixqError(f"--target-bpw {target_bpw}: must be a positive number of bits per weight")
+    if target_bytes is not None and not target_bytes > 0:
+        raise MixqError(f"--target-size {target_bytes}: must be a positive size")
+
+
 def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, target_bytes: int | None = None,
              dtype: str | None = None, allow_keep: bool = True, buckets: int = 100_000,
              measurement_path: str | None = None, prep=None, allow_incomplete: bool = False) -> Allocation:
@@ -252,8 +265,7 @@ def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, 
 
     Sizes are counted at storage dtype `dtype` (default: the source's, as `mixq convert` stores it), or
     at `prep`'s when a `prepare(model, ...)` result is given; the recipe records that dtype."""
-    if (target_bpw is None) == (target_bytes is None):
-        raise MixqError("give exactly one of --target-bpw or --target-size")
+    check_target(target_bpw, target_bytes)
     if not measurement.get("complete", True) and not allow_incomplete:
         raise MixqError(f"measurement {measurement_path or ''} is incomplete; finish it with `mixq measure --resume`")
     prep = prep or prepare(model, keep_recipe(), dtype)
@@ -291,13 +303,21 @@ def _check_roundtrip(alloc: Allocation, prep, solved_bytes: int) -> None:
                         f"allocated {solved_bytes} at {prep.dtype}")
     for t in plan.tensors:
         want = alloc.choices.get(t.name, "absent")
-        got = (t.spec.bits, t.spec.group_size) if t.spec else None
+        got = t.spec
         if want != "absent" and want != got:
             raise MixqError(f"internal: tensor {t.name} planned as {got}, chosen {want}")
 
 
 def _fmt_spec(c) -> str:
-    return "keep" if c is None else f"{c[0]}-bit g{c[1]}"
+    return "keep" if c is None else str(c)
+
+
+def _spec_lines(c: Spec | None) -> list[str]:
+    if c is None:
+        return ["keep = true"]
+    if c.mode != "affine":
+        return [f'mode = "{c.mode}"']
+    return [f"bits = {c.bits}", f"group_size = {c.group_size}"]
 
 
 def rules_text(choices: dict, damages: dict, items: dict) -> str:
@@ -308,7 +328,7 @@ def rules_text(choices: dict, damages: dict, items: dict) -> str:
                          if o[0] is not None and o[0] != c)
         lines.append(f"[[rule]]  # damage {damages[name]:.4g} at {_fmt_spec(c)}; others: {alts}")
         lines.append(f'pattern = "{name.removesuffix(".weight")}"')
-        lines += ["keep = true"] if c is None else [f"bits = {c[0]}", f"group_size = {c[1]}"]
+        lines += _spec_lines(c)
         lines.append("")
     return "\n".join(lines)
 
@@ -342,12 +362,19 @@ def recipe_text(alloc: Allocation, measurement: dict, measurement_path, rules: s
         + ("; damages per tensor and group size fitted to c / (2^bits - 1)^2" if measurement.get("method") == "fisher"
            else ""),
         f"# tensors: {summary}",
+        f"# parameters: {mix_text(alloc.plan)}",
         "",
     ]
     table = _recipe_table(f"plan-{_slug(alloc.model)}-{bpw:.2f}bpw",
                           f"mixq plan: measured sensitivity, {bpw:.2f} bpw, predicted KLD {alloc.predicted_kld:.4g}",
                           alloc.dtype)
     return "\n".join(lines) + "\n" + table + rules
+
+
+def mix_text(plan: Plan) -> str:
+    """The chosen mix as shares of the parameters, largest first ("mxfp4 52.1%, 6-bit g32 30.0%, ...")."""
+    by = plan.summary()["by_spec"]
+    return ", ".join(f"{k} {e['share']:.1%}" for k, e in by.items())
 
 
 def _tokens_used(measurement: dict):
@@ -381,6 +408,7 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
+    check_target(args.target_bpw, parse_size(args.target_size) if args.target_size else None)
     if args.measurement:
         mpath = Path(args.measurement)
         meas = load_measurement(mpath)
@@ -395,4 +423,6 @@ def cli(args) -> int:
     print(f"{out}: {alloc.total_bytes:,} bytes ({alloc.total_bytes / 1e6:.2f} MB), {alloc.bits_per_weight:.4f} bpw "
           f"stored as {alloc.dtype or 'the source dtypes'}, predicted KLD {alloc.predicted_kld:.5g} "
           f"(bound {alloc.lower_bound:.5g})")
+    print(f"chosen mix (share of the parameters): {mix_text(alloc.plan)}")
+    print(peak_memory_line())
     return 0

@@ -1,7 +1,8 @@
 """`mixq measure`: how much each tensor's quantization moves the model's output.
 
 For every quantizable tensor (per quant.plan.plan_model under a uniform recipe of each candidate) and
-every candidate `(bits, group_size)`, the damage is the mean per-token KL divergence
+every candidate spec (affine `(bits, group_size)`, or a float mode: mxfp4, nvfp4, mxfp8; keys
+"bits:group" and the mode's name), the damage is the mean per-token KL divergence
 KL(base || perturbed) of the next-token distribution on calibration text, where *perturbed* is the
 unquantized model with that one tensor replaced by its MLX quantize -> dequantize round trip (in
 the tensor's stored dtype, exactly what `mixq convert` writes).
@@ -12,7 +13,8 @@ Two methods:
   `measure_fisher`). One forward and `--draws` backward passes per calibration window give the
   estimate for every tensor and candidate at once: the cost does not grow with tensors x candidates.
 * `direct`: one perturbed forward per tensor and candidate (`--direct all`), or at anchor candidates
-  with the others scaled by the tensor's activation-weighted quantization error (`--direct anchors`).
+  (and every float-mode candidate) with the other affine ones scaled by the tensor's
+  activation-weighted quantization error (`--direct anchors`).
   The inputs of every decoder layer are cached from one base pass, so perturbing a tensor of layer i
   re-runs layers i.. only (layers below are pass-through stubs; the model's own mask/rope code runs
   unchanged). Large vocabularies (> VOCAB_FULL_MAX) use the union of the base's top-TOPK tokens as
@@ -43,29 +45,48 @@ import torch
 from tqdm import tqdm
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model
+from mixq.eval.engine import load_model, peak_memory_line
 from mixq.eval.head import output_head
 from mixq.eval.perplexity import _kld_rows, make_windows
 from mixq.io.files import write_atomic
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize, quantize
 from mixq.quant.recipe import uniform_recipe
+from mixq.quant.spec import FLOAT_MODES, Spec
 from mixq.quant.tensors import layer_index, module_path
 from mixq.threads import available_cores, torch_threads
 
 FORMAT = "mixq-measurement/1"
 VOCAB_FULL_MAX = 65536
 TOPK = 32
-DEFAULT_ANCHORS = ((4, 64), (6, 64))
+DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))
+DEFAULT_MODES = ("mxfp4", "nvfp4", "mxfp8")
 
 
-def spec_key(bits: int, group_size: int) -> str:
-    return f"{bits}:{group_size}"
+def spec_key(bits: int, group_size: int, mode: str = "affine") -> str:
+    """A candidate's key in a measurement: "bits:group" (affine) or the float mode's name."""
+    return f"{bits}:{group_size}" if mode == "affine" else mode
 
 
-def parse_key(key: str) -> tuple[int, int]:
-    b, g = key.split(":")
-    return int(b), int(g)
+def key_of(spec: Spec) -> str:
+    return spec_key(spec.bits, spec.group_size, spec.mode)
+
+
+def parse_key(key: str) -> Spec:
+    """The candidate spec of a measurement key ("4:64" -> 4-bit g64 affine, "mxfp4" -> mxfp4)."""
+    if key in FLOAT_MODES:
+        return Spec(*FLOAT_MODES[key], key)
+    try:
+        b, g = key.split(":")
+        return Spec(int(b), int(g))
+    except ValueError:
+        raise MixqError(f"measurement candidate {key!r} is neither bits:group nor a mode "
+                        f"({', '.join(FLOAT_MODES)})") from None
+
+
+def as_spec(c) -> Spec:
+    """A candidate given as a Spec or a (bits, group_size[, mode]) tuple."""
+    return c if isinstance(c, Spec) else Spec(*c)
 
 
 def calib_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
@@ -90,9 +111,11 @@ def calib_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
 # The model-side machinery
 
 
-def _round_trip(w, bits: int, group_size: int, name: str):
-    """`w` quantized to (bits, group_size) and dequantized again, in w's dtype (what convert stores, read back)."""
-    return dequantize(*quantize(w, bits, group_size, name=name), bits, group_size, name=name)
+def _round_trip(w, spec: Spec, name: str):
+    """`w` quantized to `spec` and dequantized again (what convert stores, read back as the engine reads it:
+    affine in w's dtype, the float modes in bfloat16, exact for them), in w's dtype."""
+    b, g, m = spec.bits, spec.group_size, spec.mode
+    return dequantize(*quantize(w, b, g, mode=m, name=name), b, g, mode=m, name=name).to(w.dtype)
 
 
 def _parameters(model, names) -> dict:
@@ -229,12 +252,13 @@ class Measurer:
         kl, _ = _kld_rows(q, q_lse, b, b_lse, None)
         return float(kl.clamp_min(0).mean())
 
-    def damage(self, name: str, src_dtype, bits: int, group_size: int) -> tuple[float, float]:
-        """(KLD with `name` quantized to (bits, group_size), proxy error tr(dW H dW^T)) ; weights restored after."""
+    def damage(self, name: str, src_dtype, bits: int, group_size: int, mode: str = "affine") -> tuple[float, float]:
+        """(KLD with `name` quantized to (bits, group_size, mode), proxy error tr(dW H dW^T)); weights restored
+        after."""
         p = self.params[name]
         orig = p.data.clone()
         try:
-            deq = _round_trip(orig.to(src_dtype), bits, group_size, name)
+            deq = _round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
             p.data.copy_(deq.to(p.dtype))
             d = self.kld(self.forward_from(self.start_layer(name)))
             err = self.proxy_error(name, (deq.to(torch.float64) - orig.to(torch.float64)))
@@ -242,10 +266,10 @@ class Measurer:
             p.data.copy_(orig)
         return d, err
 
-    def proxy_only(self, name: str, src_dtype, bits: int, group_size: int) -> float:
-        """The proxy error of `name` quantized to (bits, group_size), without a forward pass."""
+    def proxy_only(self, name: str, src_dtype, bits: int, group_size: int, mode: str = "affine") -> float:
+        """The proxy error of `name` quantized to (bits, group_size, mode), without a forward pass."""
         orig = self.params[name].data
-        deq = _round_trip(orig.to(src_dtype), bits, group_size, name)
+        deq = _round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
         return self.proxy_error(name, deq.to(torch.float64) - orig.to(torch.float64))
 
     def proxy_error(self, name: str, dw) -> float:
@@ -266,18 +290,17 @@ class Measurer:
 # Measurement over a model
 
 
-def candidate_table(prep, specs) -> dict[str, tuple[str, list[tuple[int, int]]]]:
-    """name -> (stored dtype, candidates): for each candidate, what quant.plan.plan_model assigns under a
-    uniform recipe of that spec (tensors it never quantizes drop out; forced specs, e.g. 8-bit MoE
-    routers, replace the candidate)."""
+def candidate_table(prep, specs) -> dict[str, tuple[str, list[Spec]]]:
+    """name -> (stored dtype, candidate Specs): for each candidate (a Spec or a (bits, group_size) tuple),
+    what quant.plan.plan_model assigns under a uniform recipe of that spec (tensors it never quantizes drop
+    out; forced specs, e.g. 8-bit MoE routers, replace the candidate)."""
 
     out: dict[str, tuple[str, list]] = {}
-    for bits, gs in specs:
-        for tp in prep.plan_with(uniform_recipe(bits, gs)).quantized:
-            c = (tp.spec.bits, tp.spec.group_size)
+    for spec in map(as_spec, specs):
+        for tp in prep.plan_with(uniform_recipe(spec.bits, spec.group_size, spec.mode)).quantized:
             entry = out.setdefault(tp.name, (tp.dtype, []))
-            if c not in entry[1]:
-                entry[1].append(c)
+            if tp.spec not in entry[1]:
+                entry[1].append(tp.spec)
     return out
 
 
@@ -318,8 +341,8 @@ def _candidate_deltas(params: dict, tensors, progress: bool) -> dict:
                      leave=False):
         dtype_name, cands = tensors[name]
         w = params[name].detach()
-        rows = [(_round_trip(w.to(getattr(torch, dtype_name)), bits, gs, name).float() - w.float())
-                .reshape(-1).to(torch.bfloat16) for bits, gs in cands]
+        rows = [(_round_trip(w.to(getattr(torch, dtype_name)), c, name).float() - w.float())
+                .reshape(-1).to(torch.bfloat16) for c in cands]
         dws[name] = torch.stack(rows)
     return dws
 
@@ -342,11 +365,11 @@ def _fisher_window(model, ids, params: dict, dws: dict, acc: dict, *, draws: int
 def fisher_estimates(tensors, state: dict, scored_per_window: int, draws: int) -> dict[str, dict[str, float]]:
     """name -> {candidate key: damage} from the accumulated squared projections of a Fisher measurement."""
     scale = 1.0 / (2.0 * scored_per_window * max(int(state["windows_done"]), 1) * draws)
-    return {n: {spec_key(*c): float(v) * scale for c, v in zip(tensors[n][1], sums)}
+    return {n: {key_of(c): float(v) * scale for c, v in zip(tensors[n][1], sums)}
             for n, sums in state["sums"].items()}
 
 
-def measure_fisher(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,
+def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
                    header: dict, draws: int = 8, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
     """Second-order (Fisher) estimate of every tensor's damage for every candidate, all at once; the
     measurement is written to `out` after every window (resumable with `resume=True`).
@@ -392,11 +415,16 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]],
     return doc
 
 
-def _direct_choices(cands, direct: str, anchors) -> list[tuple[int, int]]:
-    """The candidates measured by a perturbed forward: all, or the anchors (else the one nearest 4 bits)."""
+def _direct_choices(cands, direct: str, anchors) -> list[Spec]:
+    """The candidates measured by a perturbed forward: all, or the anchors (else the affine one nearest 4 bits)
+    and every float-mode candidate (their error is not the affine law the proxy scaling assumes)."""
     if direct == "all":
         return list(cands)
-    return [c for c in anchors if c in cands] or [min(cands, key=lambda c: (abs(c[0] - 4), c[1]))]
+    anchors = [as_spec(a) for a in anchors]
+    affine = [c for c in cands if c.mode == "affine"]
+    chosen = [c for c in anchors if c in cands] or \
+        ([min(affine, key=lambda c: (abs(c.bits - 4), c.group_size))] if affine else [])
+    return chosen + [c for c in cands if c.mode != "affine" and c not in chosen]
 
 
 def _direct_record(m: Measurer, name: str, dtype_name: str, cands, chosen, bar) -> dict:
@@ -404,25 +432,25 @@ def _direct_record(m: Measurer, name: str, dtype_name: str, cands, chosen, bar) 
     src_dtype = getattr(torch, dtype_name)
     rec = {"shape": list(m.params[name].shape), "dtype": dtype_name, "damage": {}, "proxy": {}, "direct": []}
     for c in cands:
-        key = spec_key(*c)
+        key = key_of(c)
         if c in chosen:
-            rec["damage"][key], rec["proxy"][key] = m.damage(name, src_dtype, *c)
+            rec["damage"][key], rec["proxy"][key] = m.damage(name, src_dtype, c.bits, c.group_size, c.mode)
             rec["direct"].append(key)
             bar.update(1)
         else:
-            rec["proxy"][key] = m.proxy_only(name, src_dtype, *c)
+            rec["proxy"][key] = m.proxy_only(name, src_dtype, c.bits, c.group_size, c.mode)
     if len(rec["direct"]) < len(cands):
         _fill_from_proxy(rec)
     return rec
 
 
-def measure_direct(model, tensors: dict[str, tuple[str, list[tuple[int, int]]]], windows, *, out: Path,
+def measure_direct(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
                    header: dict, direct: str = "anchors", anchors=DEFAULT_ANCHORS, full_vocab: bool = False,
                    resume: bool = False, progress: bool = True) -> dict:
     """Each tensor's damage by perturbed forwards (all candidates, or the anchors with the others scaled by
     the proxy error); the measurement is written to `out` after every tensor (resumable with `resume=True`)."""
     header = {"format": FORMAT, **header, "method": "direct", "direct": direct,
-              "anchors": [spec_key(*a) for a in anchors] if direct != "all" else None,
+              "anchors": [key_of(as_spec(a)) for a in anchors] if direct != "all" else None,
               "vocab": "full" if full_vocab else f"top{TOPK}-union if V>{VOCAB_FULL_MAX}"}
     mf = MeasurementFile(out, header, resume)
     doc = mf.doc
@@ -469,14 +497,16 @@ def smoothed_damages(doc: dict) -> dict[str, dict[str, float]]:
     Uniform quantization's error variance scales as step^2 = (range / (2^bits - 1))^2, and a small
     damage is quadratic in the error, so per tensor and group size d(bits) = c / (2^bits - 1)^2.
     c is fitted per (tensor, group size) from all measured bit widths (mean of d * (2^bits - 1)^2),
-    which pools their samples; a smaller group never gets a larger c than a bigger one.
+    which pools their samples; a smaller group never gets a larger c than a bigger one. The float modes
+    follow no such law (their step grows with the value): their estimates are kept as measured.
     """
     out = {}
     for name, rec in doc["tensors"].items():
         by_group: dict[int, list[float]] = {}
         for key, d in rec["damage"].items():
-            b, g = parse_key(key)
-            by_group.setdefault(g, []).append(d * (2 ** b - 1) ** 2)
+            spec = parse_key(key)
+            if spec.mode == "affine":
+                by_group.setdefault(spec.group_size, []).append(d * (2 ** spec.bits - 1) ** 2)
         c = {g: sum(v) / len(v) for g, v in by_group.items()}
         prev = None
         for g in sorted(c):
@@ -484,9 +514,9 @@ def smoothed_damages(doc: dict) -> dict[str, dict[str, float]]:
                 c[g] = c[prev] = (c[g] + c[prev]) / 2
             prev = g
         out[name] = {}
-        for key in rec["damage"]:
-            b, g = parse_key(key)
-            out[name][key] = c[g] / (2 ** b - 1) ** 2
+        for key, d in rec["damage"].items():
+            spec = parse_key(key)
+            out[name][key] = c[spec.group_size] / (2 ** spec.bits - 1) ** 2 if spec.mode == "affine" else d
     return out
 
 
@@ -510,15 +540,27 @@ def load_measurement(path) -> dict:
     return doc
 
 
-def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), calib=None, tokens: int = 1024,
-            ctx: int = 256, out, resume: bool = False, method: str = "fisher", draws: int = 8,
+def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEFAULT_MODES, calib=None,
+            tokens: int = 1024, ctx: int = 256, out, resume: bool = False, method: str = "fisher", draws: int = 8,
             direct: str = "anchors", full_vocab: bool = False, progress: bool = True,
             only: list[str] | None = None) -> dict:
-    """`mixq measure`: load `ref` (float32), measure every quantizable tensor, write `out`."""
+    """`mixq measure`: load `ref` (float32), measure every quantizable tensor under every candidate (affine
+    levels x group sizes, plus the float `modes`), write `out`."""
     if method not in ("fisher", "direct"):
         raise MixqError(f"unknown measurement method {method!r}: use fisher or direct")
-    specs = [(b, g) for b in levels for g in group_sizes]
-    prep = prepare(ref, uniform_recipe(*specs[0]))
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+        raise MixqError(f"--ctx {ctx!r}: must be 2 or more tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < ctx:
+        raise MixqError(f"--tokens {tokens!r}: must be at least one window of --ctx {ctx} tokens")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise MixqError(f"--draws {draws!r}: must be a positive number of label draws")
+    if not levels or not group_sizes:
+        raise MixqError("--levels and --group-sizes need at least one value each")
+    bad = [m for m in modes if m not in FLOAT_MODES]
+    if bad:
+        raise MixqError(f"--modes: {bad[0]!r} is not a float mode; use some of {', '.join(FLOAT_MODES)} (or none)")
+    specs = [Spec(b, g) for b in levels for g in group_sizes] + [Spec(*FLOAT_MODES[m], m) for m in modes]
+    prep = prepare(ref, uniform_recipe(specs[0].bits, specs[0].group_size))
     table = candidate_table(prep, specs)
     if only:
         table = {k: v for k, v in table.items() if k in set(only)}
@@ -527,7 +569,7 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), calib=Non
     with torch_threads(available_cores(), at_most=True):
         lm = load_model(ref, dtype="float32", progress=progress)
         windows, calib_info = calib_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
-        header = {"model": str(ref), "source": str(prep.path), "candidates": [spec_key(*c) for c in specs],
+        header = {"model": str(ref), "source": str(prep.path), "candidates": [key_of(c) for c in specs],
                   "calib": calib_info, "metric": "mean per-token KL(base || one tensor quantized), nats"}
         if method == "fisher":
             return measure_fisher(lm.model, table, windows, out=out, header=header, draws=draws, resume=resume,
@@ -547,6 +589,9 @@ def add_arguments(p) -> None:
     p.add_argument("model", help="model to measure: HF folder, .gguf, or embedded name (e.g. smollm2-135m)")
     p.add_argument("--levels", default="3,4,5,6,8", help="candidate bit widths (default 3,4,5,6,8)")
     p.add_argument("--group-sizes", default="32,64", help="candidate group sizes (default 32,64)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"float-mode candidates, each with its fixed bits/group (default {','.join(DEFAULT_MODES)}; "
+                        "none: affine only)")
     p.add_argument("--calib", default=None, help="calibration text file (default: the end of WikiText-2 test)")
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--ctx", type=int, default=256, help="calibration window length (default 256)")
@@ -555,8 +600,9 @@ def add_arguments(p) -> None:
                         "candidates at once; direct: one forward per tensor and candidate")
     p.add_argument("--draws", type=int, default=8, help="fisher: label draws per window (default 8)")
     p.add_argument("--direct", choices=("anchors", "all"), default="anchors",
-                   help="direct: measure every candidate (all) or the anchors 4:64, 6:64 and scale the "
-                        "others by each tensor's activation-weighted quantization error (anchors)")
+                   help="direct: measure every candidate (all) or the anchors 4:64, 6:64 and the float modes "
+                        "and scale the other affine ones by each tensor's activation-weighted quantization "
+                        "error (anchors)")
     p.add_argument("--full-vocab", action="store_true", help="exact KLD over the whole vocabulary (slower for "
                                                               "large vocabularies)")
     p.add_argument("-o", "--output", required=True, help="measurement file to write (JSON)")
@@ -565,10 +611,12 @@ def add_arguments(p) -> None:
 
 def cli(args) -> int:
     levels, groups = _ints(args.levels), _ints(args.group_sizes)
-    doc = measure(args.model, levels=levels, group_sizes=groups, calib=args.calib, tokens=args.tokens,
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "none")
+    doc = measure(args.model, levels=levels, group_sizes=groups, modes=modes, calib=args.calib, tokens=args.tokens,
                   ctx=args.ctx, out=Path(args.output), resume=args.resume, method=args.method,
                   draws=args.draws, direct=args.direct,
                   full_vocab=args.full_vocab)
     print(f"measured {len(doc['tensors'])} tensors x {len(doc['candidates'])} candidates in "
           f"{doc.get('seconds', 0):.0f}s -> {args.output}")
+    print(peak_memory_line())
     return 0

@@ -1,0 +1,350 @@
+"""Packed weights in a transformers model: held as the MLX folder stores them, dequantized just in time.
+
+A quantized tensor stays what `mixq convert` writes (`Packed`: uint32 words, scales, biases, its spec);
+the model's parameter that it becomes is a zero-stride placeholder of the right shape and dtype (4 bytes),
+and the module that owns it gets two forward hooks (torch's `register_forward_pre_hook` /
+`register_forward_hook`, the mechanism accelerate's offloading uses): before the module runs, its
+parameter is set to the dequantized tensor (`mixq.quant.quantize.dequantize`, bit-exact with
+`mx.dequantize`), laid out and cast exactly as the dense engine loads it; after it ran, the placeholder
+is put back. The module's own forward runs unchanged, so logits are bit-identical to a model built from
+the dequantized weights, and memory for weights is the quantized size plus the largest single module's
+dense weight at a time.
+
+* An embedding (`nn.Embedding` and subclasses such as Gemma's scaled embedding) dequantizes only the
+  rows of the tokens it looks up (the ids are remapped onto those rows; dequantization is row-wise, so
+  the rows are the same numbers as the whole table's).
+* A tied output head is the embedding's `Packed` tensor; `output_head` (eval/head.py) asks `JitParam.rows`
+  for vocabulary slices, never the whole head at once.
+* MoE expert stacks (qwen3_moe's `gate_up_proj` = [gate; up], gpt-oss's interleaved, transposed
+  `gate_up_proj` and transposed `down_proj`) are built from their MLX parts with the same layout
+  functions as the dense engine (`mixq.quant.arch`), so the experts' own forward (eager or grouped)
+  sees identical tensors with identical strides.
+
+`keep_dense(model, budget)` replaces the largest packed parameters by dense copies made once (memory for
+speed: a token-by-token decode would otherwise dequantize every weight per token).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mixq.quant import arch
+from mixq.quant.quantize import dequantize
+
+_QWEN3_MOE = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_GPT_OSS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
+ATTR = "mixq_packed"   # the model attribute holding its `PackedWeights`
+
+
+@dataclass
+class Packed:
+    """One quantized tensor as the MLX folder stores it; `shape` is the logical (unpacked) shape."""
+    wq: torch.Tensor                    # uint32 [..., in * bits / 32]
+    scales: torch.Tensor                # [..., in / group_size]
+    biases: torch.Tensor | None         # [..., in / group_size] (affine)
+    bits: int
+    group_size: int
+    name: str = ""
+    extra: dict = field(default_factory=dict)   # further keywords of `dequantize` (e.g. mode)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.wq.shape[:-1], self.wq.shape[-1] * 32 // self.bits)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype `dense()` returns (affine: the scales')."""
+        return self.extra.get("dtype") or (self.scales.dtype if self.scales.is_floating_point() else torch.bfloat16)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.wq, self.scales, self.biases) if t is not None)
+
+    def dense(self, index=None) -> torch.Tensor:
+        """Dequantized (as `mx.dequantize`), whole or the rows `index` (a slice or index tensor) of dim 0."""
+        wq, s, b = self.wq, self.scales, self.biases
+        if index is not None:
+            wq, s, b = wq[index], s[index], (None if b is None else b[index])
+        return dequantize(wq, s, b, bits=self.bits, group_size=self.group_size, name=self.name, **self.extra)
+
+    def to(self, device) -> "Packed":
+        return Packed(self.wq.to(device), self.scales.to(device), None if self.biases is None else
+                      self.biases.to(device), self.bits, self.group_size, self.name, self.extra)
+
+
+def _dense(part, index=None) -> torch.Tensor:
+    if isinstance(part, Packed):
+        return part.dense(index)
+    return part if index is None else part[index]
+
+
+# ---------------------------------------------------------------- MLX tensors -> model parameters
+
+@dataclass
+class Target:
+    """A model parameter (HF module name) made of MLX tensors: `build(tensors)` gives it (stored dtype)."""
+    names: list[str]                     # the MLX tensors, in the order `build` takes them
+    build: Callable | None               # None: the one tensor as it is
+
+
+def targets(config: dict, names) -> dict[str, Target]:
+    """Model parameter -> its MLX tensors, for every weight whose layout differs between MLX and the
+    transformers module (MoE experts); every other MLX tensor is the parameter of the same name."""
+    mt = arch.model_type(config)
+    out: dict[str, Target] = {}
+    for name in names:
+        m = _QWEN3_MOE.match(name) if mt == "qwen3_moe" else _GPT_OSS.match(name) if mt == "gpt_oss" else None
+        if m is None:
+            out[name] = Target([name], None)
+            continue
+        prefix, proj = m.groups()
+        experts = f"{prefix}.experts" if mt == "qwen3_moe" else prefix
+        stem = name.rsplit(".", 2)[0]
+        if proj == "down_proj":
+            key, parts = f"{experts}.down_proj", [name]
+        else:
+            key, parts = f"{experts}.gate_up_proj", [f"{stem}.gate_proj.weight", f"{stem}.up_proj.weight"]
+        out[key] = Target(parts, _qwen3_moe_build(proj) if mt == "qwen3_moe" else _arch_build(parts, key, config))
+    return out
+
+
+def _qwen3_moe_build(proj: str):
+    """qwen3_moe experts: transformers merges the per-expert checkpoint tensors into gate_up_proj =
+    [gate; up] (dim 1) and down_proj: MLX's stacks are those tensors already."""
+    if proj == "down_proj":
+        return None
+    return lambda ts: torch.cat(ts, dim=1)
+
+
+def _arch_build(parts: list[str], key: str, config: dict):
+    """The parameter as the dense engine makes it: `arch.hf_state_dict` of its MLX tensors (same layout, strides)."""
+    def build(ts):
+        return arch.hf_state_dict(list(zip(parts, ts)), config)[key]
+    return build
+
+
+def placeholder(shape, dtype, device="cpu") -> torch.Tensor:
+    """A zero-stride tensor of `shape`: what a packed parameter holds between forwards (one element of memory)."""
+    return torch.zeros((), dtype=dtype, device=device).expand(*shape)
+
+
+def target_shape(target: Target, parts: dict) -> tuple[int, ...]:
+    """The parameter's shape, from its parts' shapes (built on the meta device: no memory)."""
+    metas = [torch.empty(parts[n].shape, dtype=parts[n].dtype, device="meta") for n in target.names]
+    return tuple((target.build or (lambda ts: ts[0]))(metas).shape)
+
+
+# ---------------------------------------------------------------- just-in-time parameters
+
+@dataclass
+class JitParam:
+    """A model parameter made just in time from its parts (Packed or dense tensors, stored dtype)."""
+    key: str                             # model parameter name (first owner)
+    parts: list                          # Packed | torch.Tensor
+    build: Callable | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None     # the compute dtype the model gave this parameter (set by `install`)
+    holder: torch.Tensor | None = None   # the placeholder Parameter the owning modules hold (set by `install`)
+    device: torch.device | None = None   # where the model computes; the parts stay where they are (CPU)
+
+    def dense(self) -> torch.Tensor:
+        """The parameter as the dense engine holds it (dequantized, laid out, cast, on the model's device)."""
+        ts = [_dense(p) for p in self.parts]
+        return (self.build(ts) if self.build else ts[0]).to(device=self.device, dtype=self.dtype)
+
+    def rows(self, index) -> torch.Tensor:
+        """Rows `index` (a slice or index tensor) of dim 0 only (a single-part parameter: embedding, head)."""
+        if self.build is not None or len(self.parts) != 1:
+            return self.dense()[index]
+        part = self.parts[0]
+        if isinstance(index, torch.Tensor):
+            index = index.to(part.wq.device if isinstance(part, Packed) else part.device)
+        return _dense(part, index).to(device=self.device, dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes if isinstance(p, Packed) else p.numel() * p.element_size() for p in self.parts)
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def to(self, device) -> None:
+        self.parts = [p.to(device) for p in self.parts]
+
+
+class _Hooks:
+    """The forward hooks of one module holding packed parameters {attribute: JitParam}."""
+
+    def __init__(self, module: torch.nn.Module, params: dict[str, JitParam]):
+        self.module = module
+        self.params = params
+        self.rows = isinstance(module, torch.nn.Embedding) and list(params) == ["weight"]
+        self.padding_idx = getattr(module, "padding_idx", None)
+        self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
+                        module.register_forward_hook(self.post, always_call=True)]
+
+    def pre(self, module, args, kwargs):
+        if self.rows:
+            return self._pre_rows(module, args, kwargs)
+        for attr, jp in self.params.items():
+            module._parameters[attr] = jp.dense()
+        return None
+
+    def _pre_rows(self, module, args, kwargs):
+        """Embedding lookup: dequantize only the rows of the ids looked up, and look up their positions there."""
+        jp = self.params["weight"]
+        key = None if args else next(k for k in ("input", "input_ids") if k in kwargs)
+        ids = args[0] if args else kwargs[key]
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        if uniq.numel() and (int(uniq[0]) < 0 or int(uniq[-1]) >= jp.shape[0]):
+            raise IndexError(f"index out of range in self (ids {int(uniq[0])}..{int(uniq[-1])}, "
+                             f"{jp.shape[0]} embeddings)")
+        module._parameters["weight"] = jp.rows(uniq)
+        module.padding_idx = None   # only gradients use it; F.embedding checks it against the rows held
+        if args:
+            return (inverse, *args[1:]), kwargs
+        return args, {**kwargs, key: inverse}
+
+    def post(self, module, args, output):
+        for attr, jp in self.params.items():
+            module._parameters[attr] = jp.holder
+        if self.rows:
+            module.padding_idx = self.padding_idx
+        return None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class PackedWeights:
+    """What a packed model holds beside its dense parameters (`model.mixq_packed`)."""
+    params: dict[str, JitParam]                       # parameter name -> JitParam (the packed ones)
+    hooks: list[_Hooks] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(jp.nbytes for jp in self.params.values())
+
+
+def install(model, params: dict[str, JitParam]) -> PackedWeights:
+    """Hook every module that holds one of `params`' placeholders (a tied head holds the embedding's). Each
+    parameter keeps the dtype and device the model gave its placeholder."""
+    owners: dict[str, list[tuple[torch.nn.Module, str]]] = {key: [] for key in params}
+    by_id = {}
+    for key in params:
+        path, _, attr = key.rpartition(".")
+        by_id[id(model.get_submodule(path)._parameters[attr])] = key
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in by_id:
+                owners[by_id[id(p)]].append((module, attr))
+    per_module: dict[int, tuple[torch.nn.Module, dict]] = {}
+    for key, jp in params.items():
+        module, attr = owners[key][0]
+        held = module._parameters[attr]
+        jp.dtype, jp.device = held.dtype, held.device
+        jp.holder = torch.nn.Parameter(placeholder(jp.shape, held.dtype, held.device), requires_grad=False)
+        for module, attr in owners[key]:
+            module._parameters[attr] = jp.holder
+            per_module.setdefault(id(module), (module, {}))[1][attr] = jp
+    state = PackedWeights(params, [_Hooks(m, ps) for m, ps in per_module.values()])
+    setattr(model, ATTR, state)
+    return state
+
+
+def to_device(model, device) -> None:
+    """Move `model` to `device`: dense parameters and buffers move; packed parameters stay packed where they are
+    (CPU memory: `dequantize` runs there) behind placeholders on `device`, and each forward copies the
+    dequantized weight over (one module at a time)."""
+    state = packed_weights(model)
+    owners = [(h.module, attr, jp) for h in state.hooks for attr, jp in h.params.items()] if state else []
+    for module, attr, _ in owners:
+        module._parameters[attr] = None   # not materialized by Module.to
+    model.to(device)
+    for jp in (state.params.values() if state else ()):
+        jp.device = torch.device(device)
+        jp.holder = torch.nn.Parameter(placeholder(jp.shape, jp.dtype, device), requires_grad=False)
+    for module, attr, jp in owners:
+        module._parameters[attr] = jp.holder
+
+
+def packed_weights(model) -> PackedWeights | None:
+    return getattr(model, ATTR, None)
+
+
+def jit_param(model, module, attr: str = "weight") -> JitParam | None:
+    """The JitParam behind `module.attr` of `model`, if that parameter is packed (None: a dense parameter)."""
+    state = packed_weights(model)
+    p = module._parameters.get(attr)
+    if state is None or p is None:
+        return None
+    return next((jp for jp in state.params.values() if jp.holder is p), None)
+
+
+def keep_dense(model, budget_bytes: int) -> int:
+    """Replace packed parameters by dense copies made once, largest first, while the growth of the weights'
+    memory (dense copy less the packed tensors it replaces) fits `budget_bytes` (memory for speed); returns
+    that growth. Embeddings are left packed (they dequantize only the rows a forward looks up), unless they
+    are also a tied head."""
+    state = packed_weights(model)
+    if state is None or budget_bytes <= 0:
+        return 0
+    rows_only = {id(jp) for h in state.hooks if h.rows for jp in h.params.values()}
+    head_too = {id(jp) for h in state.hooks if not h.rows for jp in h.params.values()}
+    used = 0
+    for key, jp in sorted(state.params.items(), key=lambda kv: -kv[1].dense_nbytes):
+        grow = jp.dense_nbytes - jp.nbytes
+        if (id(jp) in rows_only and id(jp) not in head_too) or used + grow > budget_bytes:
+            continue
+        dense = torch.nn.Parameter(jp.dense(), requires_grad=False)
+        for h in state.hooks:
+            for attr, p in list(h.params.items()):
+                if p is jp:
+                    h.module._parameters[attr] = dense
+                    del h.params[attr]
+        del state.params[key]
+        used += grow
+    for h in [h for h in state.hooks if not h.params]:
+        h.remove()
+        state.hooks.remove(h)
+    return used
+
+
+def weight_bytes(model, device=None) -> int:
+    """Bytes the model's weights hold in memory: dense parameters and buffers (each storage once) plus packed
+    parameters as stored; only those on `device` if given."""
+    seen, total = set(), 0
+    dev = None if device is None else torch.device(device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        if (dev is None or t.device.type == dev.type) and (t.device, s.data_ptr()) not in seen:
+            seen.add((t.device, s.data_ptr()))
+            total += s.nbytes()
+    state = packed_weights(model)
+    for jp in state.params.values() if state is not None else ():
+        for p in jp.parts:
+            t = p.wq if isinstance(p, Packed) else p
+            if dev is None or t.device.type == dev.type:
+                total += p.nbytes if isinstance(p, Packed) else p.numel() * p.element_size()
+    return total
+
+
+def dense_state_dict(model) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with every packed parameter dequantized (what the dense engine would hold)."""
+    state = packed_weights(model)
+    sd = dict(model.state_dict())
+    if state is None:
+        return sd
+    by_holder = {id(jp.holder): jp for jp in state.params.values()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in by_holder:
+            sd[name] = by_holder[id(p)].dense()
+    return sd
