@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
+from oracles import mlx_logits, rel_err, source_logits, torch_logits
 from tiny_models import ARCHS
 
 from mixq.errors import MixqError
@@ -17,7 +17,6 @@ from mixq.quant.artifact import is_mlx_folder, read_artifact
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.convert import convert
 from mixq.quant.prepare import prepare
-from mixq.quant.quantize import dequantize
 
 torch.set_num_threads(2)
 try:
@@ -26,66 +25,6 @@ except ImportError:  # tests that need it are marked mlx and skipped
     mx = None
 
 TOKENS = [[5, 17, 42, 99, 3, 250, 7, 12, 64, 31, 200, 11]]  # 12 tokens: past gemma3/gpt_oss's sliding window of 8
-
-
-def mlx_dequantized_named(folder):
-    """(MLX name, torch tensor) of a converted folder, quantized weights dequantized (bit-exact torch code)."""
-    from safetensors.torch import load_file
-
-    art = read_artifact(folder)
-    raw = {}
-    for f in art.files:
-        raw.update(load_file(str(f)))
-    for t in art.tensors:
-        if t.bits:
-            m = t.path
-            yield t.name, dequantize(raw[f"{m}.weight"], raw[f"{m}.scales"], raw[f"{m}.biases"], t.bits, t.group_size)
-        else:
-            yield t.name, raw[t.name]
-
-
-def torch_logits(folder, tokens):
-    """Logits of the transformers model built from the folder's dequantized weights, in float32."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    cfg = json.loads((folder / "config.json").read_text())
-    config = AutoConfig.for_model(**arch.hf_config(cfg))
-    sd = arch.hf_state_dict(mlx_dequantized_named(folder), cfg)
-    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=sd,
-                                                                       dtype=torch.float32).eval()
-    emb = model.get_input_embeddings()
-    if hasattr(emb, "embed_scale"):  # gemma: mlx_lm scales by sqrt(hidden) rounded to bf16 (as transformers in bf16)
-        emb.embed_scale.copy_(emb.embed_scale.to(torch.bfloat16).float())
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def source_logits(folder, tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def mlx_logits(folder, tokens, dequantized=True):
-    """Logits of mlx_lm.load(folder); dequantized=True: weights dequantized by mx.dequantize, run in float32."""
-    from mlx.utils import tree_map
-    from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
-
-    model, _ = load(str(folder))
-    if dequantized:
-        model = dequantize_model(model)
-        model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                              model.parameters()))
-    out = model(mx.array(tokens))
-    return np.array(out.astype(mx.float32))
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.mlx

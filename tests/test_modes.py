@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from oracles import mlx_logits, rel_err, torch_logits
 from tiny_models import ARCHS
 
 from mixq.errors import MixqError
@@ -365,57 +366,6 @@ def test_plan_show_prints_modes(capsys):
 TOKENS = [[5, 17, 42, 99, 3, 250, 7, 12, 64, 31, 200, 11]]
 
 
-def _dequantized_named(folder):
-    from safetensors.torch import load_file
-
-    art = read_artifact(folder)
-    raw = {}
-    for f in art.files:
-        raw.update(load_file(str(f)))
-    for t in art.tensors:
-        if t.bits:
-            m = t.path
-            yield t.name, dequantize(raw[f"{m}.weight"], raw[f"{m}.scales"], raw.get(f"{m}.biases"), t.bits,
-                                     t.group_size, mode=t.mode, dtype=torch.float32)
-        else:
-            yield t.name, raw[t.name]
-
-
-def _torch_logits(folder, tokens):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from mixq.quant import arch
-
-    cfg = json.loads((folder / "config.json").read_text())
-    config = AutoConfig.for_model(**arch.hf_config(cfg))
-    sd = arch.hf_state_dict(_dequantized_named(folder), cfg)
-    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=sd,
-                                                                       dtype=torch.float32).eval()
-    emb = model.get_input_embeddings()
-    if hasattr(emb, "embed_scale"):  # gemma: mlx_lm scales by sqrt(hidden) rounded to bf16
-        emb.embed_scale.copy_(emb.embed_scale.to(torch.bfloat16).float())
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def _mlx_logits(folder, tokens, dequantized=True):
-    from mlx.utils import tree_map
-    from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
-
-    model, _ = load(str(folder))
-    if dequantized:
-        model = dequantize_model(model)
-        model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                              model.parameters()))
-    return np.array(model(mx.array(tokens)).astype(mx.float32))
-
-
-def _rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.mlx
 @pytest.mark.parametrize("arch_name", ARCHS)
 def test_mixed_mode_folder_logits_match(tiny_model, tmp_path, arch_name):
@@ -429,9 +379,9 @@ def test_mixed_mode_folder_logits_match(tiny_model, tmp_path, arch_name):
     modes = {t.mode for t in art.tensors if t.bits}
     assert {"mxfp4", "mxfp8"} <= modes and art.size_bytes == sum(t.nbytes for t in art.tensors)
     assert (art.default_spec, art.default_mode) == ((4, 32), "mxfp4")
-    ref = _torch_logits(out, TOKENS)
-    assert _rel_err(_mlx_logits(out, TOKENS), ref) < 1e-4, arch_name
-    assert _rel_err(_mlx_logits(out, TOKENS, dequantized=False), ref) < 0.08, arch_name
+    ref = torch_logits(out, TOKENS)
+    assert rel_err(mlx_logits(out, TOKENS), ref) < 1e-4, arch_name
+    assert rel_err(mlx_logits(out, TOKENS, dequantized=False), ref) < 0.08, arch_name
 
     from mixq.quant import arch
     from mixq.quant.checkpoint import Checkpoint
@@ -461,7 +411,7 @@ def test_uniform_mode_folder_logits_match(tiny_model, tmp_path, recipe):
     art = read_artifact(out)
     assert {t.mode for t in art.tensors if t.bits} == {recipe}
     assert art.bits_per_weight_quantized == {"nvfp4": 4.5, "mxfp8": 8.25}[recipe]
-    assert _rel_err(_mlx_logits(out, TOKENS), _torch_logits(out, TOKENS)) < 1e-4
+    assert rel_err(mlx_logits(out, TOKENS), torch_logits(out, TOKENS)) < 1e-4
 
 
 @pytest.mark.mlx
