@@ -259,8 +259,27 @@ def test_generate_cli_device_cpu_packed(tiny_model, capsys):
                  "--max-memory", "0", "--backend", "torch"]) == 0
     err = capsys.readouterr().err
     assert "Peak memory:" in err and "dequantized to" not in err  # packed: no dense copies to warn about
+    assert "peak memory:" in err and "RSS" in err
     with pytest.raises(SystemExit):  # argparse: not a choice
         main(["generate", ref, "-p", "x", "--device", "tpu"])
+
+
+def test_chat_cli_device_cpu_packed(tiny_model, capsys, monkeypatch):
+    """`mixq chat --device cpu --max-memory 0` answers as the dense engine and states its peak memory at the end."""
+    import io
+    import sys
+
+    from mixq.cli import main
+
+    ref = f"{tiny_model('llama')}@q4-hi"
+    outs = []
+    for extra in (["--max-memory", "0"], ["--max-memory", "auto"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+        assert main(["chat", ref, "--max-tokens", "6", "--device", "cpu", "--backend", "torch", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert "peak memory:" in err
+        outs.append(out)
+    assert outs[0] == outs[1] and len(outs[0]) > 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where torch sees one)")

@@ -427,21 +427,37 @@ def parse_memory(text: str | float | None) -> int | None:
     return int(gb * 1e9)
 
 
-def add_memory_argument(p) -> None:
-    """The `--max-memory` option of the commands that load a model."""
-    p.add_argument("--max-memory", default="auto", metavar="GB",
-                   help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
-                        "while they fit (faster); 0 = packed only; default auto = half the memory available")
+@dataclass
+class DeviceOptions:
+    """A command's checked `--device` / `--dtype` / `--max-memory` (see `device_options`)."""
+    device: str                    # resolved: cpu, cuda or mps
+    dtype: str                     # compute dtype (given, or `default_dtype(device)`)
+    max_memory: int | None         # bytes for the weights (None: auto)
+
+
+def device_options(args, dtype: bool = True) -> DeviceOptions:
+    """The options `add_device_arguments` added to a command, parsed and checked before anything is loaded or
+    written (a bad value is a one-line error naming the option). dtype=False: the command computes in float32
+    (its own `--dtype`, if any, means something else)."""
+    max_memory = parse_memory(getattr(args, "max_memory", None))
+    device = resolve_device(getattr(args, "device", None))
+    chosen = (getattr(args, "dtype", None) if dtype else "float32") or default_dtype(device)
+    if chosen not in DTYPES:
+        raise MixqError(f"--dtype {chosen!r}: use one of {', '.join(DTYPES)}")
+    return DeviceOptions(device, chosen, max_memory)
 
 
 def add_device_arguments(p, dtype: bool = True) -> None:
-    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory`."""
+    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory` of a command
+    that loads a model; `device_options(args)` reads them back."""
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to compute: auto (default) = cuda when torch sees one, else cpu")
     if dtype:
         p.add_argument("--dtype", default=None, choices=DTYPES,
                        help="compute dtype (default: float32 on cpu, bfloat16 on cuda/mps)")
-    add_memory_argument(p)
+    p.add_argument("--max-memory", default="auto", metavar="GB",
+                   help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
+                        "while they fit (faster); 0 = packed only; default auto = half the memory available")
 
 
 # ---------------------------------------------------------------- entry point

@@ -408,6 +408,7 @@ def _new_results(cfg: EvalConfig, info: ModelInfo, prev: dict | None) -> dict:
     results = {
         "mixq_version": __version__, "model": cfg.model, "recipe": info.recipe, "kind": info.kind,
         "path": str(info.path), "provenance": _short_provenance(info.provenance or {}), "dtype": cfg.dtype,
+        "device": info.device,
         "size_bytes": info.size_bytes, "n_params": info.n_params, "bits_per_weight": info.bits_per_weight,
         "bits_per_weight_quantized": info.bits_per_weight_quantized,
         "memory_bytes_estimate": info.size_bytes,  # weights as MLX holds them (activations/KV cache not counted)
