@@ -280,7 +280,7 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, setup):
 
 def test_memory_budget_gives_identical_documents(tmp_path, setup, capsys, monkeypatch):
     """The dense engine (every weight dequantized at load), `--max-memory` below the model's dense size (some
-    weights packed, dequantized per forward), `--max-memory 0` (all packed) and the default score every document
+    weights packed, dequantized per forward), the default (0: all packed) and `auto` (dense copies) score every document
     identically, on `--device cpu` given explicitly; results.json records device and peak memory, and the
     output states the peak memory."""
     from functools import partial
@@ -302,15 +302,15 @@ def test_memory_budget_gives_identical_documents(tmp_path, setup, capsys, monkey
         return json.loads((out / "results.json").read_text()), read_samples(out)
 
     dense, dense_docs = run("dense", dense=True)
-    packed, packed_docs = run("packed", "--max-memory", "0")
+    packed, packed_docs = run("packed")   # eval's default
     between = (packed["weights_bytes"] + dense["weights_bytes"]) / 2   # below the dense size, above the packed
     part, part_docs = run("part", "--max-memory", f"{between / 1e9:.9f}")
-    auto, auto_docs = run("auto")
+    auto, auto_docs = run("auto", "--max-memory", "auto")   # dense copies: everything fits
     assert len(dense_docs) == N_DOCS
     assert packed_docs == dense_docs and part_docs == dense_docs and auto_docs == dense_docs
     assert packed["ppl"]["ppl"] == part["ppl"]["ppl"] == auto["ppl"]["ppl"] == dense["ppl"]["ppl"]
     assert packed["weights_bytes"] < part["weights_bytes"] <= between < dense["weights_bytes"]
-    assert packed["weights_bytes"] < 0.5 * dense["weights_bytes"]
+    assert packed["weights_bytes"] < 0.5 * dense["weights_bytes"] and auto["weights_bytes"] > part["weights_bytes"]
     for r in (dense, packed, part, auto):
         assert r["device"] == "cpu" and r["options"]["device"] == "cpu" and r["dtype"] == "float32"
         assert r["peak_memory_bytes"]["rss"] > 0

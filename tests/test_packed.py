@@ -113,6 +113,37 @@ def test_moe_routing_and_experts(tiny_model, arch, impl):
     assert experts and all(k.endswith(("gate_up_proj", "down_proj")) for k in experts)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch):
+    """A packed expert stack is dequantized only for the experts the call routes tokens to; the logits stay the
+    dense engine's, bit for bit (one token: top-k experts of each layer; many tokens: most experts)."""
+    from mixq.eval.packed import Packed
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q4-hi")
+    for lm in (dense, packed):
+        lm.model.set_experts_implementation(impl)
+    cfg = dense.model.config
+    n_experts, top_k = getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.num_experts_per_tok
+    made = []
+    real = Packed.dense
+
+    def counting(self, index=None):
+        if self.wq.dim() == 3:  # an expert stack: count the experts made
+            made.append(self.wq.shape[0] if index is None else len(range(self.wq.shape[0])[index])
+                        if isinstance(index, slice) else int(index.numel()))
+        return real(self, index)
+
+    monkeypatch.setattr(Packed, "dense", counting)
+    for n in (1, 40):
+        x = _ids(dense, seed=7, n=n)[:1]
+        made.clear()
+        assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+        assert made and all(k <= min(n * top_k, n_experts) for k in made)
+        if n == 1:
+            assert max(made) == top_k < n_experts
+
+
 def test_converted_folder_packed(tiny_model, tmp_path):
     """A converted MLX folder held packed: the same logits as dequantized at load and as the recipe on the fly."""
     from mixq.quant.convert import convert

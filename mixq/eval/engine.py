@@ -329,7 +329,8 @@ def _build_mlx(config: dict, named, dtype: str, where, packed: bool):
         state[key] = placeholder(shapes[key], _torch_dtype(dtype))
     model = _build(hf_cfg, state, dtype, where)
     del state
-    install(model, {key: JitParam(key, [items[n] for n in t.names], t.build, shapes[key]) for key, t in jit.items()})
+    install(model, {key: JitParam(key, [items[n] for n in t.names], t.build, shapes[key], experts=t.experts)
+                    for key, t in jit.items()})
     return model
 
 
@@ -447,17 +448,19 @@ def device_options(args, dtype: bool = True) -> DeviceOptions:
     return DeviceOptions(device, chosen, max_memory)
 
 
-def add_device_arguments(p, dtype: bool = True) -> None:
-    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory` of a command
-    that loads a model; `device_options(args)` reads them back."""
+def add_device_arguments(p, dtype: bool = True, max_memory: str = "auto") -> None:
+    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory` (default
+    `max_memory`: "auto", or "0" for packed only) of a command that loads a model; `device_options(args)` reads
+    them back."""
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to compute: auto (default) = cuda when torch sees one, else cpu")
     if dtype:
         p.add_argument("--dtype", default=None, choices=DTYPES,
                        help="compute dtype (default: float32 on cpu, bfloat16 on cuda/mps)")
-    p.add_argument("--max-memory", default="auto", metavar="GB",
+    said = "0 (packed only)" if parse_memory(max_memory) == 0 else "auto (half the memory available)"
+    p.add_argument("--max-memory", default=max_memory, metavar="GB",
                    help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
-                        "while they fit (faster); 0 = packed only; default auto = half the memory available")
+                        f"while they fit; 0 = packed only; auto = half the memory available; default {said}")
 
 
 # ---------------------------------------------------------------- entry point
