@@ -1,6 +1,8 @@
 """Packed weights in the engine (mixq.eval.packed): the same logits, bit for bit, as the dense engine, for every
 architecture, uniform and mixed recipes, MoE routing, tied heads; the memory of the quantized size."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,42 @@ def test_converted_folder_packed(tiny_model, tmp_path):
     assert torch.equal(want, _logits(packed.model, x)) and torch.equal(want, _logits(fly.model, x))
     assert packed_weights(packed.model).nbytes == packed_weights(fly.model).nbytes
     assert packed.info.size_bytes == dense.info.size_bytes == fly.info.size_bytes
+
+
+def _mapped_files() -> dict[str, list[tuple[int, int]]]:
+    """file path -> its address ranges mapped into this process (Linux /proc/self/maps)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6:
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            out.setdefault(parts[5], []).append((a, b))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_mlx_folder_is_memory_mapped(tiny_model, tmp_path, arch):
+    """An MLX folder's packed tensors are views of its memory-mapped files (nothing copied): the same tensors as
+    safetensors reads, and the same logits as the dense engine."""
+    from safetensors.torch import load_file
+
+    from mixq.io.safetensors import mapped_tensors
+    from mixq.quant.convert import convert
+
+    out = convert(str(tiny_model(arch)), tmp_path / "m", recipe="q4-hi", shard_bytes=20_000, progress=False)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1  # sharded: every file mapped
+    for f in files:
+        mapped, copied = mapped_tensors(f), load_file(str(f))
+        assert sorted(mapped) == sorted(copied)
+        assert all(mapped[k].dtype == copied[k].dtype and torch.equal(mapped[k], copied[k]) for k in copied)
+    dense, packed = _pair(str(out))
+    x = _ids(dense, seed=11)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    ranges = [r for f in files for r in _mapped_files().get(str(f.resolve()), [])]
+    words = [p.wq for jp in packed_weights(packed.model).params.values() for p in jp.parts if hasattr(p, "wq")]
+    assert words and all(any(a <= w.data_ptr() < b for a, b in ranges) for w in words)
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])

@@ -43,6 +43,7 @@ from mixq.eval.packed import (
     to_device,
     weight_bytes,
 )
+from mixq.io.safetensors import mapped_tensors, read_headers
 from mixq.quant import arch
 from mixq.quant.artifact import module_spec, quantization_config
 from mixq.quant.checkpoint import Checkpoint
@@ -236,24 +237,23 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
 
 def read_mlx_packed(path: Path, config: dict, stats: dict | None = None, progress: bool = False):
     """Yield (MLX tensor name, tensor or `Packed`) of an MLX folder: a quantized weight as stored (uint32 words,
-    scales, biases and its spec from config.json, checked), under its weight's name; the rest as stored.
+    scales, biases and its spec from config.json, checked), under its weight's name; the rest as stored. The
+    tensors are views of the files, memory-mapped (`mixq.io.safetensors.mapped_tensors`): packed weights are
+    read from disk as they are used, and a folder larger than memory can be held.
 
     Fills `stats` (if given) with size_bytes, n_params, q_bytes, q_params as it goes.
     """
-    from safetensors import safe_open
     from tqdm import tqdm
 
     q = quantization_config(config, path / "config.json")
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise MixqError(f"{path}: no .safetensors files in this folder")
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    read_headers(files)  # a tensor in two files is refused
+    where = {name: t for f in files for name, t in mapped_tensors(f).items()}
     stats = {} if stats is None else stats
     stats.update(size_bytes=0, n_params=0, q_bytes=0, q_params=0)
-
-    def get(name):
-        return where[name].get_tensor(name)
+    get = where.__getitem__
 
     for name in tqdm(sorted(where), desc="read", unit="tensor", disable=not progress, leave=False):
         module, _, leaf = name.rpartition(".")
