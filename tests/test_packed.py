@@ -127,13 +127,14 @@ def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch
         lm.model.set_experts_implementation(impl)
     cfg = dense.model.config
     n_experts, top_k = getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.num_experts_per_tok
-    made = []
+    made: dict[str, int] = {}   # expert stack -> experts dequantized in one forward
     real = Packed.dense
 
     def counting(self, index=None):
-        if self.wq.dim() == 3:  # an expert stack: count the experts made
-            made.append(self.wq.shape[0] if index is None else len(range(self.wq.shape[0])[index])
-                        if isinstance(index, slice) else int(index.numel()))
+        if self.wq.dim() == 3:
+            n = self.wq.shape[0]
+            k = n if index is None else len(range(n)[index]) if isinstance(index, slice) else int(index.numel())
+            made[self.name] = made.get(self.name, 0) + k
         return real(self, index)
 
     monkeypatch.setattr(Packed, "dense", counting)
@@ -141,9 +142,10 @@ def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch
         x = _ids(dense, seed=7, n=n)[:1]
         made.clear()
         assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
-        assert made and all(k <= min(n * top_k, n_experts) for k in made)
+        assert len(made) == 3 * cfg.num_hidden_layers  # gate, up, down of every layer
+        assert all(k <= min(n * top_k, n_experts) for k in made.values())
         if n == 1:
-            assert max(made) == top_k < n_experts
+            assert set(made.values()) == {top_k} and top_k < n_experts
 
 
 def test_converted_folder_packed(tiny_model, tmp_path):

@@ -167,12 +167,15 @@ class JitParam:
     def routed(self, index: torch.Tensor) -> torch.Tensor:
         """An expert stack with only the experts `index` (sorted, unique) dequantized: a tensor of the dense
         parameter's shape and strides whose other experts are left unset (allocated, never written, never read:
-        every experts implementation computes an expert only for the tokens routed to it). The experts made are
-        the dense engine's, bit for bit: dequantization is row-wise and the layout functions work per expert."""
+        every experts implementation computes an expert only for the tokens routed to it); all of them: `dense()`.
+        The experts made are the dense engine's, bit for bit: dequantization is row-wise and the layout functions
+        work per expert."""
+        if index.numel() == self.shape[0]:
+            return self.dense()
         meta = self._built([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.parts])
         full = torch.empty_strided(meta.shape, meta.stride(), dtype=self.dtype, device=self.device)
-        index = index.to(full.device)
-        full[index] = self._built([_dense(p, index.to(_where(p))) for p in self.parts]).to(self.device, self.dtype)
+        for e in index.tolist():  # one expert at a time: no second copy of the experts made
+            full[e] = self._built([_dense(p, slice(e, e + 1)) for p in self.parts])[0].to(self.device)
         return full
 
     def _built(self, ts: list[torch.Tensor]) -> torch.Tensor:
