@@ -15,12 +15,20 @@ applied on the fly in memory. `load_model` and `model_fingerprint` also take a `
   with `.scales` dequantized with its spec (config override or default), names mapped back.
 
 Quantized weights (MLX folder, or a recipe on the fly) stay packed as the folder stores them
-(`mixq.eval.packed`): each module dequantizes its weights just in time, bit-exact, so the logits are
-those of the model built from the dequantized weights (`packed=False`, the dense engine) while memory
-for weights is the quantized size. Dequantizing per forward costs time (measured on SmolLM2-135M
-q6-hi, 2 cores: +8% CPU time for task scoring, +19% for ppl/KLD windows of 512 tokens; a token-by-token
-decode would dequantize every weight per token), so dense copies are kept for what fits a memory budget
-(`max_memory`; default: half the memory available at load), largest first; the rest stays packed.
+(`mixq.eval.packed`; a folder's files memory-mapped, `mixq.io.safetensors.mapped_tensors`): each module
+dequantizes its weights just in time, bit-exact, so the logits are those of the model built from the
+dequantized weights (`packed=False`, the dense engine) while memory for weights is the quantized size; MoE
+expert stacks dequantize only the experts a forward routes tokens to. Dense copies are kept, largest first,
+while the weights fit `max_memory` (None: "auto", half the memory available at load; 0: none).
+
+The default budget per command, decided on benchmarks/scale.py (SmolLM2-135M q6-hi and qx86-hi, float32,
+1 thread, a shared 2-core machine; `--tasks arc_easy --limit 50` / `--tasks ppl --windows 4`; 2 runs each,
+numbers in the issue-12 report): `mixq eval` holds the weights packed (`--max-memory 0`): peak RSS 0.70-0.73
+x the dense engine's for arc_easy and 0.67-0.68 x for ppl (weights 0.25-0.32 x; the rest is the runtime,
+~0.35 GB, and scoring's logits, neither of which shrinks), CPU time +8-9% (arc_easy) and +11-12% (ppl: one
+512-token window per forward, so every weight is dequantized once per 511 scored tokens), identical documents.
+Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
+every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
 """
 
