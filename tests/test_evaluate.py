@@ -278,23 +278,39 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, setup):
     assert not out.exists()
 
 
-def test_memory_budget_gives_identical_documents(tmp_path, setup, capsys):
-    """`--max-memory 0` (weights packed, dequantized per forward) and the default (dense copies) score every
-    document identically, on `--device cpu` given explicitly; the output states the peak memory."""
+def test_memory_budget_gives_identical_documents(tmp_path, setup, capsys, monkeypatch):
+    """The dense engine (every weight dequantized at load), `--max-memory` below the model's dense size (some
+    weights packed, dequantized per forward), the default (0: all packed) and `auto` (dense copies) score every document
+    identically, on `--device cpu` given explicitly; results.json records device and peak memory, and the
+    output states the peak memory."""
+    from functools import partial
+
     from mixq.cli import main
+    from mixq.eval import evaluate as ev_module
 
     model, data, text = setup
-    runs = {}
-    for name, extra in (("packed", ["--max-memory", "0"]), ("auto", [])):
+
+    def run(name, *extra, dense=False):
         out = tmp_path / name
         args = ["eval", f"{model}@q4-hi", "--tasks", TASKS + ",ppl", "--data-dir", str(data), "--ppl-file", str(text),
                 "--ctx", "16", "--windows", "3", "--device", "cpu", "-o", str(out), *extra]
-        assert main(args) == 0
+        with monkeypatch.context() as m:
+            if dense:
+                m.setattr(ev_module, "load_model", partial(ev_module.load_model, packed=False))
+            assert main(args) == 0
         assert "peak memory:" in capsys.readouterr().out
-        runs[name] = (json.loads((out / "results.json").read_text()), read_samples(out))
-    (packed, packed_docs), (auto, auto_docs) = runs["packed"], runs["auto"]
-    assert len(packed_docs) == N_DOCS and packed_docs == auto_docs
-    assert packed["ppl"]["ppl"] == auto["ppl"]["ppl"]
-    assert packed["options"]["device"] == "cpu" and packed["dtype"] == "float32"
-    assert packed["weights_bytes"] < 0.5 * auto["weights_bytes"]
-    assert packed["peak_memory_bytes"]["rss"] > 0
+        return json.loads((out / "results.json").read_text()), read_samples(out)
+
+    dense, dense_docs = run("dense", dense=True)
+    packed, packed_docs = run("packed")   # eval's default
+    between = (packed["weights_bytes"] + dense["weights_bytes"]) / 2   # below the dense size, above the packed
+    part, part_docs = run("part", "--max-memory", f"{between / 1e9:.9f}")
+    auto, auto_docs = run("auto", "--max-memory", "auto")   # dense copies: everything fits
+    assert len(dense_docs) == N_DOCS
+    assert packed_docs == dense_docs and part_docs == dense_docs and auto_docs == dense_docs
+    assert packed["ppl"]["ppl"] == part["ppl"]["ppl"] == auto["ppl"]["ppl"] == dense["ppl"]["ppl"]
+    assert packed["weights_bytes"] < part["weights_bytes"] <= between < dense["weights_bytes"]
+    assert packed["weights_bytes"] < 0.5 * dense["weights_bytes"] and auto["weights_bytes"] > part["weights_bytes"]
+    for r in (dense, packed, part, auto):
+        assert r["device"] == "cpu" and r["options"]["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["peak_memory_bytes"]["rss"] > 0

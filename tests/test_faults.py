@@ -994,6 +994,33 @@ def test_plan_bad_target(tiny_model, tmp_path, capsys, option, value):
     refused(capsys, tmp_path, ["plan", tiny_model("llama"), option, value, "-o", tmp_path / "r.toml"], option)
 
 
+
+# ================================================================== --device, --max-memory (commands that load)
+
+def loading(command: str, model, tmp_path) -> list:
+    """A valid command line of each command that loads a model (the bad option is appended)."""
+    return {"eval": ["eval", model, "--tasks", "arc_easy", "--limit", "1", "-o", tmp_path / "run"],
+            "measure": ["measure", model, "-o", tmp_path / "m.json"],
+            "plan": ["plan", model, "--target-bpw", "6", "-o", tmp_path / "r.toml"],
+            "generate": gen(model),
+            "chat": ["chat", model]}[command]
+
+
+@pytest.mark.parametrize("command", ["eval", "measure", "plan", "generate", "chat"])
+@pytest.mark.parametrize("option,value", [("--device", "tpu"), ("--device", ""), ("--max-memory", "lots"),
+                                          ("--max-memory", "-1"), ("--max-memory", "nan"), ("--max-memory", "inf")])
+def test_bad_device_or_memory(tiny_model, tmp_path, capsys, command, option, value):
+    """Checked before anything is loaded or written: one line naming the option and the value."""
+    refused(capsys, tmp_path, [*loading(command, tiny_model("llama"), tmp_path), option, value], option, repr(value)
+            if option == "--max-memory" else value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", ["eval", "measure", "plan", "generate", "chat"])
+def test_device_cuda_without_one(tiny_model, tmp_path, capsys, command):
+    refused(capsys, tmp_path, [*loading(command, tiny_model("llama"), tmp_path), "--device", "cuda"],
+            "--device cuda", "--device cpu")
+
 # ================================================================== files mixq writes
 
 def test_atomic_files_are_readable_by_others(tmp_path):

@@ -136,3 +136,21 @@ def test_smoothed_damages_follow_the_step_law_and_pool_noise():
         assert d[f"3:{g}"] > d[f"4:{g}"] > d[f"5:{g}"] > d[f"6:{g}"] > d[f"8:{g}"]
     for b in (3, 4, 5, 6, 8):
         assert d[f"{b}:32"] <= d[f"{b}:64"]
+
+
+def test_measure_cli_device_cpu(tiny, capsys):
+    """`mixq measure --device cpu --max-memory 0` measures what the API's defaults measure, and states its peak
+    memory."""
+    from mixq.cli import main
+
+    src, calib, d = tiny
+    kw = dict(levels=(4,), group_sizes=(32,), modes=(), calib=str(calib), tokens=64, ctx=64, method="fisher",
+              draws=2, progress=False)
+    api = measure(str(src), out=d / "api.json", **kw)
+    argv = ["measure", str(src), "--levels", "4", "--group-sizes", "32", "--modes", "none", "--calib", str(calib),
+            "--tokens", "64", "--ctx", "64", "--draws", "2", "--device", "cpu", "--max-memory", "0",
+            "-o", str(d / "cli.json")]
+    assert main(argv) == 0
+    assert "peak memory:" in capsys.readouterr().out
+    cli = load_measurement(d / "cli.json")
+    assert cli["tensors"] == api["tensors"] and len(cli["tensors"]) == 1 + 7 * 2

@@ -1,6 +1,8 @@
 """Packed weights in the engine (mixq.eval.packed): the same logits, bit for bit, as the dense engine, for every
 architecture, uniform and mixed recipes, MoE routing, tied heads; the memory of the quantized size."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,39 @@ def test_moe_routing_and_experts(tiny_model, arch, impl):
     assert experts and all(k.endswith(("gate_up_proj", "down_proj")) for k in experts)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch):
+    """A packed expert stack is dequantized only for the experts the call routes tokens to; the logits stay the
+    dense engine's, bit for bit (one token: top-k experts of each layer; many tokens: most experts)."""
+    from mixq.eval.packed import Packed
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q4-hi")
+    for lm in (dense, packed):
+        lm.model.set_experts_implementation(impl)
+    cfg = dense.model.config
+    n_experts, top_k = getattr(cfg, "num_experts", None) or cfg.num_local_experts, cfg.num_experts_per_tok
+    made: dict[str, int] = {}   # expert stack -> experts dequantized in one forward
+    real = Packed.dense
+
+    def counting(self, index=None):
+        if self.wq.dim() == 3:
+            n = self.wq.shape[0]
+            k = n if index is None else len(range(n)[index]) if isinstance(index, slice) else int(index.numel())
+            made[self.name] = made.get(self.name, 0) + k
+        return real(self, index)
+
+    monkeypatch.setattr(Packed, "dense", counting)
+    for n in (1, 40):
+        x = _ids(dense, seed=7, n=n)[:1]
+        made.clear()
+        assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+        assert len(made) == 3 * cfg.num_hidden_layers  # gate, up, down of every layer
+        assert all(k <= min(n * top_k, n_experts) for k in made.values())
+        if n == 1:
+            assert set(made.values()) == {top_k} and top_k < n_experts
+
+
 def test_converted_folder_packed(tiny_model, tmp_path):
     """A converted MLX folder held packed: the same logits as dequantized at load and as the recipe on the fly."""
     from mixq.quant.convert import convert
@@ -126,6 +161,42 @@ def test_converted_folder_packed(tiny_model, tmp_path):
     assert torch.equal(want, _logits(packed.model, x)) and torch.equal(want, _logits(fly.model, x))
     assert packed_weights(packed.model).nbytes == packed_weights(fly.model).nbytes
     assert packed.info.size_bytes == dense.info.size_bytes == fly.info.size_bytes
+
+
+def _mapped_files() -> dict[str, list[tuple[int, int]]]:
+    """file path -> its address ranges mapped into this process (Linux /proc/self/maps)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6:
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            out.setdefault(parts[5], []).append((a, b))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_mlx_folder_is_memory_mapped(tiny_model, tmp_path, arch):
+    """An MLX folder's packed tensors are views of its memory-mapped files (nothing copied): the same tensors as
+    safetensors reads, and the same logits as the dense engine."""
+    from safetensors.torch import load_file
+
+    from mixq.io.safetensors import mapped_tensors
+    from mixq.quant.convert import convert
+
+    out = convert(str(tiny_model(arch)), tmp_path / "m", recipe="q4-hi", shard_bytes=20_000, progress=False)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1  # sharded: every file mapped
+    for f in files:
+        mapped, copied = mapped_tensors(f), load_file(str(f))
+        assert sorted(mapped) == sorted(copied)
+        assert all(mapped[k].dtype == copied[k].dtype and torch.equal(mapped[k], copied[k]) for k in copied)
+    dense, packed = _pair(str(out))
+    x = _ids(dense, seed=11)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    ranges = [r for f in files for r in _mapped_files().get(str(f.resolve()), [])]
+    words = [p.wq for jp in packed_weights(packed.model).params.values() for p in jp.parts if hasattr(p, "wq")]
+    assert words and all(any(a <= w.data_ptr() < b for a, b in ranges) for w in words)
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
@@ -259,8 +330,27 @@ def test_generate_cli_device_cpu_packed(tiny_model, capsys):
                  "--max-memory", "0", "--backend", "torch"]) == 0
     err = capsys.readouterr().err
     assert "Peak memory:" in err and "dequantized to" not in err  # packed: no dense copies to warn about
+    assert "peak memory:" in err and "RSS" in err
     with pytest.raises(SystemExit):  # argparse: not a choice
         main(["generate", ref, "-p", "x", "--device", "tpu"])
+
+
+def test_chat_cli_device_cpu_packed(tiny_model, capsys, monkeypatch):
+    """`mixq chat --device cpu --max-memory 0` answers as the dense engine and states its peak memory at the end."""
+    import io
+    import sys
+
+    from mixq.cli import main
+
+    ref = f"{tiny_model('llama')}@q4-hi"
+    outs = []
+    for extra in (["--max-memory", "0"], ["--max-memory", "auto"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+        assert main(["chat", ref, "--max-tokens", "6", "--device", "cpu", "--backend", "torch", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert "peak memory:" in err
+        outs.append(out)
+    assert outs[0] == outs[1] and len(outs[0]) > 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs where torch sees one)")

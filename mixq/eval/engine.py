@@ -15,12 +15,20 @@ applied on the fly in memory. `load_model` and `model_fingerprint` also take a `
   with `.scales` dequantized with its spec (config override or default), names mapped back.
 
 Quantized weights (MLX folder, or a recipe on the fly) stay packed as the folder stores them
-(`mixq.eval.packed`): each module dequantizes its weights just in time, bit-exact, so the logits are
-those of the model built from the dequantized weights (`packed=False`, the dense engine) while memory
-for weights is the quantized size. Dequantizing per forward costs time (measured on SmolLM2-135M
-q6-hi, 2 cores: +8% CPU time for task scoring, +19% for ppl/KLD windows of 512 tokens; a token-by-token
-decode would dequantize every weight per token), so dense copies are kept for what fits a memory budget
-(`max_memory`; default: half the memory available at load), largest first; the rest stays packed.
+(`mixq.eval.packed`; a folder's files memory-mapped, `mixq.io.safetensors.mapped_tensors`): each module
+dequantizes its weights just in time, bit-exact, so the logits are those of the model built from the
+dequantized weights (`packed=False`, the dense engine) while memory for weights is the quantized size; MoE
+expert stacks dequantize only the experts a forward routes tokens to. Dense copies are kept, largest first,
+while the weights fit `max_memory` (None: "auto", half the memory available at load; 0: none).
+
+The default budget per command, decided on benchmarks/scale.py (SmolLM2-135M q6-hi and qx86-hi, float32,
+1 thread, a shared 2-core machine; `--tasks arc_easy --limit 50` / `--tasks ppl --windows 4`; 2 runs each,
+numbers in the issue-12 report): `mixq eval` holds the weights packed (`--max-memory 0`): peak RSS 0.70-0.73
+x the dense engine's for arc_easy and 0.67-0.68 x for ppl (weights 0.25-0.32 x; the rest is the runtime,
+~0.35 GB, and scoring's logits, neither of which shrinks), CPU time +8-9% (arc_easy) and +11-12% (ppl: one
+512-token window per forward, so every weight is dequantized once per 511 scored tokens), identical documents.
+Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
+every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
 """
 
@@ -43,6 +51,7 @@ from mixq.eval.packed import (
     to_device,
     weight_bytes,
 )
+from mixq.io.safetensors import mapped_tensors, read_headers
 from mixq.quant import arch
 from mixq.quant.artifact import module_spec, quantization_config
 from mixq.quant.checkpoint import Checkpoint
@@ -236,24 +245,23 @@ def read_mlx_dequantized(path: Path, config: dict, stats: dict | None = None, pr
 
 def read_mlx_packed(path: Path, config: dict, stats: dict | None = None, progress: bool = False):
     """Yield (MLX tensor name, tensor or `Packed`) of an MLX folder: a quantized weight as stored (uint32 words,
-    scales, biases and its spec from config.json, checked), under its weight's name; the rest as stored.
+    scales, biases and its spec from config.json, checked), under its weight's name; the rest as stored. The
+    tensors are views of the files, memory-mapped (`mixq.io.safetensors.mapped_tensors`): packed weights are
+    read from disk as they are used, and a folder larger than memory can be held.
 
     Fills `stats` (if given) with size_bytes, n_params, q_bytes, q_params as it goes.
     """
-    from safetensors import safe_open
     from tqdm import tqdm
 
     q = quantization_config(config, path / "config.json")
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise MixqError(f"{path}: no .safetensors files in this folder")
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    read_headers(files)  # a tensor in two files is refused
+    where = {name: t for f in files for name, t in mapped_tensors(f).items()}
     stats = {} if stats is None else stats
     stats.update(size_bytes=0, n_params=0, q_bytes=0, q_params=0)
-
-    def get(name):
-        return where[name].get_tensor(name)
+    get = where.__getitem__
 
     for name in tqdm(sorted(where), desc="read", unit="tensor", disable=not progress, leave=False):
         module, _, leaf = name.rpartition(".")
@@ -329,7 +337,8 @@ def _build_mlx(config: dict, named, dtype: str, where, packed: bool):
         state[key] = placeholder(shapes[key], _torch_dtype(dtype))
     model = _build(hf_cfg, state, dtype, where)
     del state
-    install(model, {key: JitParam(key, [items[n] for n in t.names], t.build, shapes[key]) for key, t in jit.items()})
+    install(model, {key: JitParam(key, [items[n] for n in t.names], t.build, shapes[key], experts=t.experts)
+                    for key, t in jit.items()})
     return model
 
 
@@ -427,21 +436,39 @@ def parse_memory(text: str | float | None) -> int | None:
     return int(gb * 1e9)
 
 
-def add_memory_argument(p) -> None:
-    """The `--max-memory` option of the commands that load a model."""
-    p.add_argument("--max-memory", default="auto", metavar="GB",
-                   help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
-                        "while they fit (faster); 0 = packed only; default auto = half the memory available")
+@dataclass
+class DeviceOptions:
+    """A command's checked `--device` / `--dtype` / `--max-memory` (see `device_options`)."""
+    device: str                    # resolved: cpu, cuda or mps
+    dtype: str                     # compute dtype (given, or `default_dtype(device)`)
+    max_memory: int | None         # bytes for the weights (None: auto)
 
 
-def add_device_arguments(p, dtype: bool = True) -> None:
-    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory`."""
+def device_options(args, dtype: bool = True) -> DeviceOptions:
+    """The options `add_device_arguments` added to a command, parsed and checked before anything is loaded or
+    written (a bad value is a one-line error naming the option). dtype=False: the command computes in float32
+    (its own `--dtype`, if any, means something else)."""
+    max_memory = parse_memory(getattr(args, "max_memory", None))
+    device = resolve_device(getattr(args, "device", None))
+    chosen = (getattr(args, "dtype", None) if dtype else "float32") or default_dtype(device)
+    if chosen not in DTYPES:
+        raise MixqError(f"--dtype {chosen!r}: use one of {', '.join(DTYPES)}")
+    return DeviceOptions(device, chosen, max_memory)
+
+
+def add_device_arguments(p, dtype: bool = True, max_memory: str = "auto") -> None:
+    """`--device` (and `--dtype`, default: float32 on the CPU, bfloat16 on a GPU) and `--max-memory` (default
+    `max_memory`: "auto", or "0" for packed only) of a command that loads a model; `device_options(args)` reads
+    them back."""
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to compute: auto (default) = cuda when torch sees one, else cpu")
     if dtype:
         p.add_argument("--dtype", default=None, choices=DTYPES,
                        help="compute dtype (default: float32 on cpu, bfloat16 on cuda/mps)")
-    add_memory_argument(p)
+    said = "0 (packed only)" if parse_memory(max_memory) == 0 else "auto (half the memory available)"
+    p.add_argument("--max-memory", default=max_memory, metavar="GB",
+                   help="memory for the model's weights: quantized weights stay packed and dense copies are kept "
+                        f"while they fit; 0 = packed only; auto = half the memory available; default {said}")
 
 
 # ---------------------------------------------------------------- entry point

@@ -123,7 +123,8 @@ class EvalConfig:
     force: bool = False
     batch_size: int | None = None             # documents per forward batch (None: scoring's default)
     threads: int | None = None                # torch threads (None: all cores)
-    max_memory: str | float | None = "auto"   # GB for the weights (engine.parse_memory); never changes a number
+    max_memory: str | float | None = 0        # GB for the weights (engine.parse_memory; default 0: packed, see
+                                              # engine's docstring; auto: dense copies within half the memory)
     progress: bool = True
 
     def __post_init__(self):
@@ -408,6 +409,7 @@ def _new_results(cfg: EvalConfig, info: ModelInfo, prev: dict | None) -> dict:
     results = {
         "mixq_version": __version__, "model": cfg.model, "recipe": info.recipe, "kind": info.kind,
         "path": str(info.path), "provenance": _short_provenance(info.provenance or {}), "dtype": cfg.dtype,
+        "device": info.device,
         "size_bytes": info.size_bytes, "n_params": info.n_params, "bits_per_weight": info.bits_per_weight,
         "bits_per_weight_quantized": info.bits_per_weight_quantized,
         "memory_bytes_estimate": info.size_bytes,  # weights as MLX holds them (activations/KV cache not counted)
@@ -560,7 +562,7 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="first N documents of each task")
     p.add_argument("--sample", type=int, help="a seeded random subset of N documents per task")
     p.add_argument("--seed", type=int, default=0, help="seed for --sample (default 0)")
-    add_device_arguments(p)
+    add_device_arguments(p, max_memory="0")
     p.add_argument("--data-dir", help="local JSONL/parquet/arrow files of the task splits")
     p.add_argument("--ppl-file", help="text file for ppl/kld (default: WikiText-2 test, or $MIXQ_WIKITEXT)")
     p.add_argument("--ctx", type=int, default=512, help="context length of the ppl/kld windows (default 512)")

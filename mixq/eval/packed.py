@@ -77,6 +77,10 @@ class Packed:
                       self.biases.to(device), self.bits, self.group_size, self.name, self.extra)
 
 
+def _where(part) -> torch.device:
+    return part.wq.device if isinstance(part, Packed) else part.device
+
+
 def _dense(part, index=None) -> torch.Tensor:
     if isinstance(part, Packed):
         return part.dense(index)
@@ -90,6 +94,7 @@ class Target:
     """A model parameter (HF module name) made of MLX tensors: `build(tensors)` gives it (stored dtype)."""
     names: list[str]                     # the MLX tensors, in the order `build` takes them
     build: Callable | None               # None: the one tensor as it is
+    experts: bool = False                # an MoE expert stack (dim 0: the expert)
 
 
 def targets(config: dict, names) -> dict[str, Target]:
@@ -109,7 +114,8 @@ def targets(config: dict, names) -> dict[str, Target]:
             key, parts = f"{experts}.down_proj", [name]
         else:
             key, parts = f"{experts}.gate_up_proj", [f"{stem}.gate_proj.weight", f"{stem}.up_proj.weight"]
-        out[key] = Target(parts, _qwen3_moe_build(proj) if mt == "qwen3_moe" else _arch_build(parts, key, config))
+        out[key] = Target(parts, _qwen3_moe_build(proj) if mt == "qwen3_moe" else _arch_build(parts, key, config),
+                          experts=True)
     return out
 
 
@@ -151,11 +157,29 @@ class JitParam:
     dtype: torch.dtype | None = None     # the compute dtype the model gave this parameter (set by `install`)
     holder: torch.Tensor | None = None   # the placeholder Parameter the owning modules hold (set by `install`)
     device: torch.device | None = None   # where the model computes; the parts stay where they are (CPU)
+    experts: bool = False                # an MoE expert stack: dim 0 is the expert, each made alone (`routed`)
 
     def dense(self) -> torch.Tensor:
         """The parameter as the dense engine holds it (dequantized, laid out, cast, on the model's device)."""
         ts = [_dense(p) for p in self.parts]
         return (self.build(ts) if self.build else ts[0]).to(device=self.device, dtype=self.dtype)
+
+    def routed(self, index: torch.Tensor) -> torch.Tensor:
+        """An expert stack with only the experts `index` (sorted, unique) dequantized: a tensor of the dense
+        parameter's shape and strides whose other experts are left unset (allocated, never written, never read:
+        every experts implementation computes an expert only for the tokens routed to it); all of them: `dense()`.
+        The experts made are the dense engine's, bit for bit: dequantization is row-wise and the layout functions
+        work per expert."""
+        if index.numel() == self.shape[0]:
+            return self.dense()
+        meta = self._built([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.parts])
+        full = torch.empty_strided(meta.shape, meta.stride(), dtype=self.dtype, device=self.device)
+        for e in index.tolist():  # one expert at a time: no second copy of the experts made
+            full[e] = self._built([_dense(p, slice(e, e + 1)) for p in self.parts])[0].to(self.device)
+        return full
+
+    def _built(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        return (self.build(ts) if self.build else ts[0]).to(dtype=self.dtype)
 
     def rows(self, index) -> torch.Tensor:
         """Rows `index` (a slice or index tensor) of dim 0 only (a single-part parameter: embedding, head)."""
@@ -163,7 +187,7 @@ class JitParam:
             return self.dense()[index]
         part = self.parts[0]
         if isinstance(index, torch.Tensor):
-            index = index.to(part.wq.device if isinstance(part, Packed) else part.device)
+            index = index.to(_where(part))
         return _dense(part, index).to(device=self.device, dtype=self.dtype)
 
     @property
@@ -185,6 +209,7 @@ class _Hooks:
         self.module = module
         self.params = params
         self.rows = isinstance(module, torch.nn.Embedding) and list(params) == ["weight"]
+        self.experts = all(jp.experts for jp in params.values())
         self.padding_idx = getattr(module, "padding_idx", None)
         self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                         module.register_forward_hook(self.post, always_call=True)]
@@ -192,9 +217,22 @@ class _Hooks:
     def pre(self, module, args, kwargs):
         if self.rows:
             return self._pre_rows(module, args, kwargs)
+        routed = self._routed(args, kwargs) if self.experts else None
         for attr, jp in self.params.items():
-            module._parameters[attr] = jp.dense()
+            module._parameters[attr] = jp.dense() if routed is None else jp.routed(routed)
         return None
+
+    def _routed(self, args, kwargs) -> torch.Tensor | None:
+        """The experts an MoE experts module's call routes tokens to (its second argument: the top-k expert
+        ids of every token; qwen3_moe's top_k_index, gpt-oss's router_indices), sorted; ids beyond the stack
+        (expert-parallel sentinels) left out. None: not found (the whole stack is made)."""
+        ids = args[1] if len(args) > 1 else next((kwargs[k] for k in ("top_k_index", "router_indices")
+                                                  if kwargs.get(k) is not None), None)
+        if not isinstance(ids, torch.Tensor):
+            return None
+        n = next(iter(self.params.values())).shape[0]
+        uniq = torch.unique(ids)
+        return uniq[(uniq >= 0) & (uniq < n)]
 
     def _pre_rows(self, module, args, kwargs):
         """Embedding lookup: dequantize only the rows of the ids looked up, and look up their positions there."""

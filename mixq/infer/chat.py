@@ -11,7 +11,7 @@ import sys
 from typing import Iterator
 
 from mixq.errors import MixqError
-from mixq.eval.engine import parse_memory
+from mixq.eval.engine import device_options, peak_memory_line
 from mixq.infer.generate import (
     GenerationResponse,
     add_model_arguments,
@@ -79,14 +79,16 @@ def _read(prompt: str) -> str | None:
 
 def cli(args) -> int:
     check_generation(args.max_tokens, args.temp, args.top_p, args.seed)
-    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype,
-                            device=args.device, max_memory=parse_memory(args.max_memory))
+    opts = device_options(args)
+    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=opts.dtype,
+                            device=opts.device, max_memory=opts.max_memory)
     chat = Chat(model, tokenizer, system=args.system, chat_template=not args.no_chat_template)
     gen = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed)
     print(f"[chat with {args.model}: {HELP}]", file=sys.stderr)
     while True:
         line = _read(">> ")
         if line is None or line.strip() == "/exit":
+            print(peak_memory_line(), file=sys.stderr)
             return 0
         if line.strip() == "/reset":
             chat.reset()

@@ -25,9 +25,10 @@ from mixq.errors import MixqError
 from mixq.eval.engine import (
     add_device_arguments,
     default_dtype,
+    device_options,
     load_model,
-    parse_memory,
     peak_memory,
+    peak_memory_line,
     resolve_device,
 )
 from mixq.eval.packed import weight_bytes
@@ -560,8 +561,9 @@ def cli(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise MixqError("--prompt is empty: give the text to continue (or '-' to read it from stdin)")
-    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=args.dtype,
-                            device=args.device, max_memory=parse_memory(args.max_memory))
+    opts = device_options(args)
+    model, tokenizer = load(args.model, backend=args.backend, recipe=args.recipe, dtype=opts.dtype,
+                            device=opts.device, max_memory=opts.max_memory)
     last, code = None, 0
     try:
         for r in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, temp=args.temp,
@@ -574,4 +576,5 @@ def cli(args) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     print_stats(last, sys.stderr)
+    print(peak_memory_line(), file=sys.stderr)
     return code

@@ -1,4 +1,4 @@
-"""safetensors on disk: one header reader, one streaming writer, one sharded writer.
+"""safetensors on disk: one header reader, a memory-mapped reader, one streaming writer, one sharded writer.
 
 The `safetensors` package reads whole files; mixq also needs to plan a file before any tensor exists
 (headers first, then tensor data streamed in order) and to validate headers of untrusted downloads
@@ -93,6 +93,30 @@ def read_header(file: Path) -> tuple[dict, dict, int]:
             raise MixqError(f"{file}: tensor {name} has a bad entry or lies past the end of the file "
                             f"(truncated or corrupt download?); re-download or re-export it")
     return header, metadata, start
+
+
+def mapped_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (header validated) as a view of a private memory map of the file
+    (`torch.UntypedStorage.from_file(shared=False)`, as `torch.load(mmap=True)` maps): nothing is copied, the
+    OS reads pages as they are used and may drop them again (they are never written), so the tensors of a
+    model larger than memory can all be held. A tensor whose offset does not fit its dtype's alignment is
+    copied (the writers of safetensors align them)."""
+    file = Path(file)
+    header, _, start = read_header(file)
+    try:
+        storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=file.stat().st_size)
+    except (OSError, RuntimeError) as e:
+        raise MixqError(f"{file}: cannot map the file ({e}); check the file and its permissions") from None
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    out = {}
+    for name, entry in header.items():
+        a, b = entry["data_offsets"]
+        dtype, shape = DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+        raw = whole[start + a:start + b]
+        if (start + a) % dtype.itemsize:
+            raw = raw.clone()
+        out[name] = raw.view(dtype).reshape(shape)
+    return out
 
 
 def read_headers(files: Iterable[Path]) -> dict[str, tuple[Path, dict, int]]:

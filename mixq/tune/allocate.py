@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mixq.errors import MixqError
-from mixq.eval.engine import peak_memory_line
+from mixq.eval.engine import add_device_arguments, device_options, peak_memory_line
 from mixq.io.files import cache_dir, write_atomic
 from mixq.quant.plan import Plan
 from mixq.quant.prepare import DTYPES, prepare
@@ -405,16 +405,18 @@ def add_arguments(p) -> None:
                                          "defaults, into the cache, resuming if interrupted)")
     p.add_argument("--no-keep", action="store_true", help="never keep a quantizable tensor unquantized")
     p.add_argument("-o", "--output", required=True, help="recipe TOML to write")
+    add_device_arguments(p, dtype=False)   # for measuring now (--dtype above is the storage dtype)
 
 
 def cli(args) -> int:
+    opts = device_options(args, dtype=False)
     check_target(args.target_bpw, parse_size(args.target_size) if args.target_size else None)
     if args.measurement:
         mpath = Path(args.measurement)
         meas = load_measurement(mpath)
     else:
         mpath = default_measurement_path(args.model)
-        meas = measure(args.model, out=mpath, resume=True)
+        meas = measure(args.model, out=mpath, resume=True, device=opts.device, max_memory=opts.max_memory)
     target_bytes = parse_size(args.target_size) if args.target_size else None
     alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes, dtype=args.dtype,
                      allow_keep=not args.no_keep, measurement_path=str(mpath))

@@ -37,7 +37,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model, peak_memory_line
+from mixq.eval.engine import add_device_arguments, device_options, load_model, peak_memory_line, resolve_device
 from mixq.eval.head import output_head
 from mixq.eval.perplexity import _kld_rows, make_windows
 from mixq.io.files import write_atomic
@@ -354,11 +354,11 @@ def _fisher_window(model, ids, params: dict, dws: dict, acc: dict, *, draws: int
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.detach().exp()
     for d in range(draws):
-        y = torch.multinomial(probs, 1, generator=generator)
+        y = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)  # the CPU's draws anywhere
         grads = torch.autograd.grad(logp.gather(-1, y).sum(), [params[n] for n in names], retain_graph=d < draws - 1)
         for n, g in zip(names, grads):
             a = (dws[n] @ g.reshape(-1).to(torch.bfloat16).unsqueeze(-1)).squeeze(-1).double()
-            acc[n] += a * a
+            acc[n] += (a * a).cpu()
         bar.update(1)
 
 
@@ -543,9 +543,13 @@ def load_measurement(path) -> dict:
 def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEFAULT_MODES, calib=None,
             tokens: int = 1024, ctx: int = 256, out, resume: bool = False, method: str = "fisher", draws: int = 8,
             direct: str = "anchors", full_vocab: bool = False, progress: bool = True,
-            only: list[str] | None = None) -> dict:
-    """`mixq measure`: load `ref` (float32), measure every quantizable tensor under every candidate (affine
-    levels x group sizes, plus the float `modes`), write `out`."""
+            only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None) -> dict:
+    """`mixq measure`: load `ref` (float32, on `device`), measure every quantizable tensor under every candidate
+    (affine levels x group sizes, plus the float `modes`), write `out`. Float32 on every device: the damages
+    compared are far smaller than bfloat16's rounding."""
+    device = resolve_device(device)
+    if device == "mps":
+        raise MixqError("--device mps: measure sums in float64, which MPS lacks; use --device cpu")
     if method not in ("fisher", "direct"):
         raise MixqError(f"unknown measurement method {method!r}: use fisher or direct")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
@@ -567,8 +571,9 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
     if not table:
         raise MixqError(f"{ref}: no tensor can be quantized with {specs}")
     with torch_threads(available_cores(), at_most=True):
-        lm = load_model(ref, dtype="float32", progress=progress)
+        lm = load_model(ref, dtype="float32", progress=progress, device=device, max_memory=max_memory)
         windows, calib_info = calib_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
+        windows = replace(windows, ids=windows.ids.to(lm.model.device))
         header = {"model": str(ref), "source": str(prep.path), "candidates": [key_of(c) for c in specs],
                   "calib": calib_info, "metric": "mean per-token KL(base || one tensor quantized), nats"}
         if method == "fisher":
@@ -607,15 +612,17 @@ def add_arguments(p) -> None:
                                                               "large vocabularies)")
     p.add_argument("-o", "--output", required=True, help="measurement file to write (JSON)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted measurement in the same file")
+    add_device_arguments(p, dtype=False)
 
 
 def cli(args) -> int:
+    opts = device_options(args, dtype=False)
     levels, groups = _ints(args.levels), _ints(args.group_sizes)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "none")
     doc = measure(args.model, levels=levels, group_sizes=groups, modes=modes, calib=args.calib, tokens=args.tokens,
                   ctx=args.ctx, out=Path(args.output), resume=args.resume, method=args.method,
-                  draws=args.draws, direct=args.direct,
-                  full_vocab=args.full_vocab)
+                  draws=args.draws, direct=args.direct, full_vocab=args.full_vocab, device=opts.device,
+                  max_memory=opts.max_memory)
     print(f"measured {len(doc['tensors'])} tensors x {len(doc['candidates'])} candidates in "
           f"{doc.get('seconds', 0):.0f}s -> {args.output}")
     print(peak_memory_line())
