@@ -175,7 +175,7 @@ def test_keep_quant_requantizes_the_rest(tmp_path, tmp_cache, capsys):
 
 
 def test_source_recipe_needs_a_gguf(tiny_model):
-    with pytest.raises(MixqError, match="keeps a GGUF's own quantization"):
+    with pytest.raises(MixqError, match="keeps a source's own quantization"):
         prepare(tiny_model("llama"), "source")
     with pytest.raises(MixqError, match="apply to --recipe source only"):
         prepare(tiny_model("llama"), "q4", scale_dtype="float32")

@@ -199,7 +199,7 @@ def plan_source(gguf_path, items: list, config: dict, *, scale_dtype: str = DEFA
         shape = tuple(int(d) for d in info.shape)
         if fmt.exact:
             tp = TensorPlan(info.name, shape, scale_dtype, fmt.spec, fmt.reason(),
-                            spec_nbytes(shape, fmt.spec, sbytes))
+                            spec_nbytes(shape, fmt.spec, sbytes), source=True)
             n_head = permuted_heads(info.name, arch, config)
             order = unpermute(np.arange(shape[0]), n_head) if n_head else None
             loaders[info.name] = partial(quantized_tensor, t.data, t.tensor_type, shape[-1], order)

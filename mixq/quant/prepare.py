@@ -17,10 +17,21 @@ from mixq.quant import arch
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.gguf_quants import DEFAULT_SCALE_DTYPE, SOURCE_RECIPE, plan_source
 from mixq.quant.plan import Plan, plan_model
-from mixq.quant.recipe import Recipe, load_recipe
+from mixq.quant.recipe import Recipe, load_recipe, parse_recipe
 from mixq.sources.resolve import ResolvedModel, resolve
 
 DEFAULT_RECIPE = "q6-hi"
+# recipe `source` for a checkpoint that ships some tensors quantized: those kept as they ship, the rest float
+SHIPPED_RECIPE = """[recipe]
+name = "source"
+description = "tensors the checkpoint ships quantized (gpt-oss MXFP4 experts) kept as they ship; the rest kept"
+keep = true
+
+[[rule]]
+pattern = "*"
+keep_source = true
+keep = true
+"""
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -78,8 +89,14 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     arch.check_supported(ckpt.config)
     recipe = recipe or ref_recipe or DEFAULT_RECIPE
     ref = source.ref if isinstance(source, ResolvedModel) else str(source)
-    if recipe == SOURCE_RECIPE:
+    if recipe == SOURCE_RECIPE and r.gguf is not None:
         return _prepare_source(r, ref, ckpt, dtype, scale_dtype or DEFAULT_SCALE_DTYPE, requant)
+    if recipe == SOURCE_RECIPE:
+        if not arch.source_loaders(ckpt):
+            raise MixqError(f"{ref}: --recipe {SOURCE_RECIPE} keeps a source's own quantization; give a .gguf file, "
+                            "an embedded *-gguf name or a checkpoint that ships quantized (gpt-oss MXFP4 experts), "
+                            "or choose another recipe")
+        recipe = parse_recipe(SHIPPED_RECIPE, f"<{SOURCE_RECIPE}>", SOURCE_RECIPE)
     if scale_dtype is not None or requant is not None:
         raise MixqError(f"--scale-dtype and --requant apply to --recipe {SOURCE_RECIPE} only (a GGUF kept as it is)")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
@@ -88,6 +105,10 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))
     plan = plan_model([info for info, _ in items], recipe, config,
                       dtype=torch_dtype_name(store) if store is not None else None)
+    shipped = {tp.name for tp in plan.tensors if tp.source}
+    if shipped:  # kept as the checkpoint ships them: their loaders give the quantized tensors
+        loaders = arch.source_loaders(ckpt)
+        items = [(info, loaders[info.name] if info.name in shipped else load) for info, load in items]
     return Prepared(ref, path, provenance, ckpt, recipe, plan, items, store, config)
 
 
