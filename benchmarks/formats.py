@@ -5,6 +5,7 @@ modes next to affine recipes, and `mixq plan` with the modes among its candidate
         [--recipes mxfp4,nvfp4,mxfp8,q4-hi,q8-hi,qx86-mx,qx86-hi] [--windows 2] [--ctx 512]
         [--plan smollm2-135m] [--targets 4.5,6.5]
         [--keep-quant smollm2-135m-gguf,gemma3-270m-gguf] [--scale-dtypes float32,float16,bfloat16]
+        [--requant RECIPE]
         [--report-only]
 
 Named recipes: for each model, the unquantized model's weights are replaced in memory by their
@@ -150,7 +151,7 @@ def keep_quant_rows(model: str, args, out: Path) -> list[dict]:
     g_bytes, g_params = gguf_bits_per_weight(embedded.fetch_gguf(model))
     rows, base = [], None
     for sd in args.scale_dtypes.split(","):
-        name = f"keep-quant-{sd}"
+        name = f"keep-quant-{sd}" + (f"-requant-{args.requant}" if args.requant else "")
         cache = out / f"{model}.{name}.json"
         if cache.exists():
             row = json.loads(cache.read_text())
@@ -161,10 +162,10 @@ def keep_quant_rows(model: str, args, out: Path) -> list[dict]:
                 vocab = lm.model.config.vocab_size
                 base = base_dists(lm.model, windows, k=None if vocab <= 65536 else 256, progress=False)
                 del lm
-            folder = out / f"kept-{model}-{sd}"
+            folder = out / f"kept-{model}-{name}"
             t0 = time.time()
             if not folder.exists():
-                convert(model, folder, SOURCE_RECIPE, scale_dtype=sd, progress=False)
+                convert(model, folder, SOURCE_RECIPE, scale_dtype=sd, requant=args.requant, progress=False)
             art = read_artifact(folder)
             ts = token_stats(load_model(str(folder), dtype="float32", progress=False).model, windows, base,
                              progress=False)
@@ -216,6 +217,7 @@ def main():
     ap.add_argument("--keep-quant", default="", help="embedded *-gguf models to import with --keep-quant")
     ap.add_argument("--scale-dtypes", default="float32,float16,bfloat16",
                     help="scale dtypes of the --keep-quant imports")
+    ap.add_argument("--requant", default=None, help="recipe for the GGUF types with no exact MLX form")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()

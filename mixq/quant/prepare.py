@@ -81,8 +81,9 @@ def _resolve(source) -> ResolvedModel:
 def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str | None = None,
             requant=None) -> Prepared:
     """Resolve the source (a reference, or an already `ResolvedModel`), read its headers, build the MLX
-    tensor list and the recipe's plan. Recipe `source` (a GGUF source only): its tensors kept in their own
-    format where MLX holds it exactly (`quant.gguf_quants`; `scale_dtype`, `requant` apply to it only)."""
+    tensor list and the recipe's plan. Recipe `source`: a GGUF's tensors kept in their own format where MLX holds
+    it exactly (`quant.gguf_quants`; `scale_dtype`, `requant` apply to it only), or a checkpoint's tensors that
+    ship quantized kept as they ship (`arch.source_loaders`), the rest unquantized."""
     r = _resolve(source)
     path, provenance, ref_recipe = Path(r.path), dict(r.provenance or {}), r.recipe
     ckpt = Checkpoint(path)
@@ -113,10 +114,7 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
 
 
 def _prepare_source(r: ResolvedModel, ref: str, ckpt: Checkpoint, dtype, scale_dtype: str, requant) -> Prepared:
-    """`prepare` for recipe `source`: the GGUF's blocks kept, its other tensors planned by `plan_source`."""
-    if r.gguf is None:
-        raise MixqError(f"{ref}: --recipe {SOURCE_RECIPE} keeps a GGUF's own quantization; give a .gguf file or "
-                        "an embedded *-gguf name (or choose another recipe)")
+    """`prepare` for recipe `source` of a GGUF: its blocks kept, its other tensors planned by `plan_source`."""
     if dtype is not None and dtype not in DTYPES:
         raise MixqError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     items = list(arch.mlx_tensors(ckpt))
