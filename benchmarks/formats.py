@@ -3,7 +3,10 @@ modes next to affine recipes, and `mixq plan` with the modes among its candidate
 
     .venv/bin/python benchmarks/formats.py -o /tmp/formats [--models smollm2-135m,gemma3-270m]
         [--recipes mxfp4,nvfp4,mxfp8,q4-hi,q8-hi,qx86-mx,qx86-hi] [--windows 2] [--ctx 512]
-        [--plan smollm2-135m] [--targets 4.5,6.5] [--report-only]
+        [--plan smollm2-135m] [--targets 4.5,6.5]
+        [--keep-quant smollm2-135m-gguf,gemma3-270m-gguf] [--scale-dtypes float32,float16,bfloat16]
+        [--requant RECIPE]
+        [--report-only]
 
 Named recipes: for each model, the unquantized model's weights are replaced in memory by their
 quantize -> dequantize round trip under the recipe's plan (what `mixq eval MODEL@RECIPE` computes:
@@ -17,6 +20,10 @@ Planned recipes (--plan MODEL): `mixq measure` (Fisher, its defaults: affine 3/4
 32/64 plus mxfp4, nvfp4, mxfp8) into OUT/MODEL.measure.json, then `mixq plan` at each --targets bpw
 twice from that one measurement: with every candidate, and with the float modes' candidates removed
 (affine only). The chosen mix of each is printed.
+
+GGUF kept as it is (--keep-quant MODELS, embedded *-gguf names): `mixq import NAME --keep-quant` at each
+--scale-dtypes into OUT/kept-*, each folder loaded by the engine (dequantized as mlx does, in the scales' dtype)
+and compared with the raw GGUF's dequantized float32 import: KL, top-1, bits per weight next to the GGUF's own.
 
 Rows are cached in OUT/*.json, so an interrupted run continues; --report-only prints what is cached.
 """
@@ -134,6 +141,51 @@ def run_model(model: str, args, out: Path) -> list[dict]:
     return rows
 
 
+def keep_quant_rows(model: str, args, out: Path) -> list[dict]:
+    """The --keep-quant imports of `model` at each scale dtype against the raw GGUF (its float32 import)."""
+    from mixq.quant.artifact import read_artifact
+    from mixq.quant.convert import convert
+    from mixq.quant.gguf_quants import SOURCE_RECIPE, gguf_bits_per_weight
+    from mixq.sources import embedded
+
+    g_bytes, g_params = gguf_bits_per_weight(embedded.fetch_gguf(model))
+    rows, base = [], None
+    for sd in args.scale_dtypes.split(","):
+        name = f"keep-quant-{sd}" + (f"-requant-{args.requant}" if args.requant else "")
+        cache = out / f"{model}.{name}.json"
+        if cache.exists():
+            row = json.loads(cache.read_text())
+        else:
+            if base is None:
+                lm = load_model(model, dtype="float32", progress=False)
+                windows = make_windows(lm.tokenizer, None, ctx=args.ctx, max_windows=args.windows)
+                vocab = lm.model.config.vocab_size
+                base = base_dists(lm.model, windows, k=None if vocab <= 65536 else 256, progress=False)
+                del lm
+            folder = out / f"kept-{model}-{name}"
+            t0 = time.time()
+            if not folder.exists():
+                convert(model, folder, SOURCE_RECIPE, scale_dtype=sd, requant=args.requant, progress=False)
+            art = read_artifact(folder)
+            ts = token_stats(load_model(str(folder), dtype="float32", progress=False).model, windows, base,
+                             progress=False)
+            n = ts.kld.size
+            kept = json.loads((folder / "mixq_provenance.json").read_text())["tensors"]
+            requant = sorted({t["reason"].split()[1] for t in kept if "re-quantized" in t["reason"]})
+            row = {"model": model, "recipe": name, "bpw": 8 * art.size_bytes / art.n_params, "bpw_quantized": None,
+                   "bytes": art.size_bytes, "gguf_bpw": 8 * g_bytes / g_params,
+                   "kld_mean": float(ts.kld.mean()), "kld_se": float(ts.kld.std(ddof=1) / math.sqrt(n)),
+                   "kld_p99": float(np.quantile(ts.kld, 0.99)), "top1": float(ts.agree.mean()),
+                   "top1_se": float(ts.agree.std(ddof=1) / math.sqrt(n)), "n_tokens": int(n),
+                   "mix": f"vs raw GGUF ({8 * g_bytes / g_params:.3f} bpw); re-quantized: "
+                          f"{', '.join(requant) or 'none'}", "seconds": time.time() - t0}
+            cache.write_text(json.dumps(row))
+        rows.append(row)
+        print(f"{model:>18} {name:>22}  bpw {row['bpw']:.3f} (GGUF {row['gguf_bpw']:.3f})  KLD {row['kld_mean']:.3g}"
+              f" ± {row['kld_se']:.2g}  top1 {row['top1']:.4f}  [{row['mix']}]", flush=True)
+    return rows
+
+
 def report(rows, out: Path, args) -> None:
     lines = ["# mixq formats benchmark", "",
              f"held-out: first {args.windows} x {args.ctx}-token windows of wiki.test.raw; storage dtype "
@@ -162,6 +214,10 @@ def main():
     ap.add_argument("--plan", default="", help="models to run `mixq plan` on, with and without the modes")
     ap.add_argument("--targets", default="4.5,6.5", help="bits per weight of the planned recipes")
     ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens of the measurement")
+    ap.add_argument("--keep-quant", default="", help="embedded *-gguf models to import with --keep-quant")
+    ap.add_argument("--scale-dtypes", default="float32,float16,bfloat16",
+                    help="scale dtypes of the --keep-quant imports")
+    ap.add_argument("--requant", default=None, help="recipe for the GGUF types with no exact MLX form")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
@@ -174,8 +230,10 @@ def main():
         return
     rows = []
     with torch_threads(available_cores(), at_most=True):
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             rows += run_model(model, args, out)
+        for model in filter(None, args.keep_quant.split(",")):
+            rows += keep_quant_rows(model, args, out)
     report(rows, out, args)
 
 

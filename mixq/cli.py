@@ -16,7 +16,7 @@ from mixq.io.files import os_error
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mixq.sources.embedded", "list the embedded default models (size, source, licence, cached?)"),
-    "import": ("mixq.sources.importer", "import a GGUF file or embedded model into a Hugging Face folder"),
+    "import": ("mixq.quant.importer", "import a GGUF file or embedded model into a Hugging Face folder"),
     "recipes": ("mixq.quant.recipe", "list the built-in recipes"),
     "plan-show": ("mixq.quant.plan_show", "print the per-tensor table a recipe gives for a source"),
     "convert": ("mixq.quant.convert", "convert a checkpoint to an MLX model folder under a recipe"),

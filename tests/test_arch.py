@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import ARCHS
+from tiny_models import ARCHS, mxfp4_encode
 
 from mixq.errors import MixqError
 from mixq.io.safetensors import SafetensorsWriter, read_header
@@ -84,18 +84,6 @@ def test_lazy_and_one_tensor_at_a_time(tiny_model, monkeypatch):
     assert reads == [f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(4)]
 
 
-def _mxfp4_encode(w: torch.Tensor):
-    """A float tensor [..., n] -> (blocks [..., n/32, 16] uint8, scales [..., n/32] uint8), nearest FP4 values."""
-    lut = torch.tensor(arch._FP4_VALUES)
-    *lead, n = w.shape
-    g = w.float().reshape(*lead, n // 32, 32)
-    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6)).clamp(-127, 127)
-    scaled = g / torch.exp2(exp)[..., None]
-    idx = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)
-    blocks = idx[..., 0::2] | (idx[..., 1::2] << 4)
-    return blocks.contiguous(), (exp + 127).to(torch.uint8)
-
-
 def test_mxfp4_dequantize_matches_transformers():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -117,7 +105,7 @@ def test_gpt_oss_mxfp4_source(tiny_model, tmp_path):
     for k in list(sd):
         if k.endswith("gate_up_proj") or k.endswith("down_proj"):
             w = sd.pop(k).transpose(1, 2)  # [E, out, in]
-            blocks, scales = _mxfp4_encode(w)
+            blocks, scales = mxfp4_encode(w)
             sd[k + "_blocks"], sd[k + "_scales"] = blocks, scales
             deq[k] = arch.dequantize_mxfp4(blocks, scales).transpose(1, 2).contiguous()
     out = tmp_path / "mxfp4"

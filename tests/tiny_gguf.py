@@ -46,13 +46,13 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def random_kquant(rows: int, cols: int, qtype, rng) -> np.ndarray:
-    """Random but valid Q4_K / Q6_K blocks (the numpy gguf package can read but not write K-quants)."""
+    """Random but valid Q4_K / Q5_K / Q6_K blocks (the numpy gguf package can read but not write K-quants)."""
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     d = np.full((rows, cols // block), 0.002, dtype=np.float16).view(np.uint8).reshape(rows, cols // block, 2)
-    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin first
+    if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):  # d, dmin first
         raw[..., 0:2] = d
         raw[..., 2:4] = d
     else:  # Q6_K: d last
@@ -131,7 +131,7 @@ def write_tiny_gguf(arch: str, tmp: Path, types=None, hidden: int = 256, seed: i
             continue
         qt = types[i % len(types)]
         i += 1
-        if qt in (T.Q4_K, T.Q6_K):
+        if qt in (T.Q4_K, T.Q5_K, T.Q6_K):
             raw = random_kquant(y.shape[0], y.shape[1], qt, rng)
         else:
             raw = gguf.quants.quantize(y.astype(np.float32), qt)

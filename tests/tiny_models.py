@@ -137,3 +137,45 @@ if __name__ == "__main__":  # python tests/tiny_models.py OUT_DIR: write one of 
         t = time.time()
         make_tiny_hf(a, out / a)
         print(f"{a}: {time.time() - t:.2f}s -> {out / a}")
+
+
+def mxfp4_encode(w):
+    """A float tensor [..., n] -> (blocks [..., n/32, 16] uint8, scales [..., n/32] uint8), nearest FP4 values."""
+    import torch
+
+    from mixq.quant import arch
+
+    lut = torch.tensor(arch._FP4_VALUES)
+    *lead, n = w.shape
+    g = w.float().reshape(*lead, n // 32, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)[..., None]
+    idx = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)
+    blocks = idx[..., 0::2] | (idx[..., 1::2] << 4)
+    return blocks.contiguous(), (exp + 127).to(torch.uint8)
+
+
+def make_mxfp4_gpt_oss(src: Path, out: Path) -> Path:
+    """The tiny gpt_oss folder `src` as OpenAI publishes gpt-oss: experts as MXFP4 `*_blocks` / `*_scales`
+    (nearest FP4 values of the bf16 weights), `quantization_config` mxfp4, and a `rope_scaling` key as the
+    published config.json has (mlx-lm reads that one, not transformers 5's `rope_parameters`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(src / "model.safetensors"))
+    for k in list(sd):
+        if k.endswith("gate_up_proj") or k.endswith("down_proj"):
+            sd[k + "_blocks"], sd[k + "_scales"] = mxfp4_encode(sd.pop(k).transpose(1, 2))  # [E, out, in]
+    out.mkdir(parents=True)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json") and f.is_file():
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    rope = dict(cfg.get("rope_parameters") or {})
+    if rope:
+        cfg["rope_scaling"], cfg["rope_theta"] = rope, rope.get("rope_theta", 10000.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out

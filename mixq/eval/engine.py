@@ -51,12 +51,12 @@ from mixq.eval.packed import (
     to_device,
     weight_bytes,
 )
-from mixq.io.safetensors import mapped_tensors, read_headers
+from mixq.io.safetensors import dtype_from_name, mapped_tensors, read_headers
 from mixq.quant import arch
 from mixq.quant.artifact import module_spec, quantization_config
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.prepare import prepare
-from mixq.quant.quantize import quantize
+from mixq.quant.quantize import Quantized, quantize
 from mixq.quant.recipe import load_recipe
 from mixq.sources.resolve import ResolvedModel, resolve
 
@@ -212,8 +212,16 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool, pack
         for tp in tqdm(plan.tensors, desc=f"apply {prep.recipe.name}", unit="tensor", disable=not progress,
                        leave=False):
             t = loaders[tp.name]()
-            if prep.store_dtype is not None and t.is_floating_point() and t.dtype != prep.store_dtype:
-                t = t.to(prep.store_dtype)
+            if isinstance(t, Quantized):  # a source format kept: as convert writes it
+                dt, mode = dtype_from_name(tp.dtype), t.spec.mode
+                affine = mode == "affine"
+                yield tp.name, Packed(t.wq, t.scales.to(dt) if affine else t.scales,
+                                      t.biases.to(dt) if affine else None, t.spec.bits, t.spec.group_size,
+                                      name=tp.module_path, extra={} if affine else {"mode": mode})
+                continue
+            store = dtype_from_name(tp.dtype) if t.is_floating_point() else None   # the planned dtype
+            if store is not None and t.dtype != store:
+                t = t.to(store)
             if tp.spec is not None:
                 bits, gs, mode = tp.spec.bits, tp.spec.group_size, tp.spec.mode
                 t = Packed(*quantize(t, bits, gs, mode=mode, name=tp.name), bits, gs, name=tp.module_path,

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from mixq.errors import MixqError
+from mixq.quant.quantize import Quantized
+from mixq.quant.spec import Spec
 from mixq.quant.tensors import TensorInfo
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "qwen3_moe", "gpt_oss")
@@ -26,6 +29,7 @@ _GPT_OSS_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_pro
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 Loader = Callable[[], torch.Tensor]
+_MXFP4 = Spec(4, 32, "mxfp4")
 
 
 def model_type(config: dict) -> str:
@@ -83,9 +87,41 @@ def mlx_tensors(ckpt) -> Iterator[tuple[object, Loader]]:
             continue
         out[n] = (ckpt.shape(n), ckpt.dtype(n), (lambda n=n: ckpt.get(n)))
 
+    shipped = source_loaders(ckpt)
     for name in sorted(out, key=_natural):
         shape, dtype, loader = out[name]
-        yield TensorInfo(name, tuple(shape), str(dtype).removeprefix("torch.")), loader
+        yield TensorInfo(name, tuple(shape), str(dtype).removeprefix("torch."),
+                         "mxfp4" if name in shipped else None), loader
+
+
+def source_loaders(ckpt) -> dict[str, Callable[[], Quantized]]:
+    """{MLX tensor name: loader of the tensor as the checkpoint ships it, quantized} for tensors MLX holds as
+    shipped: gpt-oss's MXFP4 experts (`*_blocks` [E, out, G, 16] uint8, low nibble first = mlx's packing; `*_scales`
+    [E, out, G] E8M0 = mlx's mxfp4 scales), split and laid out as mlx-lm's gpt_oss `sanitize` does (gate/up =
+    even/odd rows of gate_up)."""
+    if model_type(ckpt.config) != "gpt_oss":
+        return {}
+    out = {}
+    for n in ckpt.names():
+        m = _GPT_OSS_EXPERT.match(n)
+        if not m or m.group(3) != "_blocks" or f"{m.group(1)}.{m.group(2)}_scales" not in ckpt:
+            continue
+        prefix, kind = m.group(1), m.group(2)
+
+        def whole(name=n, scales=f"{prefix}.{kind}_scales"):
+            b = ckpt.get(name).contiguous()
+            return b.view(torch.uint32).reshape(*b.shape[:-2], -1), ckpt.get(scales)
+
+        def part(rows, whole=whole):
+            wq, s = whole()
+            return Quantized(wq[:, rows].contiguous(), s[:, rows].contiguous(), None, _MXFP4)
+
+        if kind == "down_proj":
+            out[f"{prefix}.down_proj.weight"] = partial(part, slice(None))
+        else:
+            out[f"{prefix}.gate_proj.weight"] = partial(part, slice(0, None, 2))
+            out[f"{prefix}.up_proj.weight"] = partial(part, slice(1, None, 2))
+    return out
 
 
 def _stacked(ckpt, prefix, proj, experts: dict[int, str]):

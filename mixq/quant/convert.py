@@ -21,10 +21,11 @@ from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, os_error, 
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
 from mixq.quant.artifact import read_artifact
 from mixq.quant.checkpoint import check_against_config
+from mixq.quant.gguf_quants import DEFAULT_SCALE_DTYPE, SCALE_DTYPES
 from mixq.quant.plan import Plan, TensorPlan
 from mixq.quant.plan_show import print_plan
 from mixq.quant.prepare import DTYPES, Prepared, prepare
-from mixq.quant.quantize import quantize
+from mixq.quant.quantize import Quantized, quantize
 from mixq.sources.resolve import resolve
 from mixq.threads import torch_threads
 from mixq.version import __version__
@@ -70,13 +71,15 @@ def plan_shards(plan: Plan, max_bytes: int) -> list[list[TensorPlan]]:
 
 # ---------------------------------------------------------------- writing, step by step
 
-def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, advance) -> list[str]:
+def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, advance) -> list[str]:
     """Read one tensor, cast it, quantize it by row chunks (bounding the temporaries) and append it to `writer`.
 
     Packed rows are written as they come; scales and biases (1/8 of the packed size or less) follow.
     `advance(k)` is called with the number of source elements done.
     """
     t = load()
+    if isinstance(t, Quantized):
+        return _write_quantized(writer, tp, t, advance)
     if t.numel() == 0:
         raise MixqError(f"tensor {tp.name} has no elements (shape {list(t.shape)}); the checkpoint is broken: "
                         "fix or re-download it")
@@ -84,8 +87,9 @@ def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, 
         raise MixqError(f"tensor {tp.name} holds NaN or infinite values; the checkpoint is corrupt: "
                         "fix or re-download it")
     outs = stored_tensors(tp)
+    store_dtype = dtype_from_name(tp.dtype) if t.is_floating_point() else None  # the planned dtype
     if tp.spec is None:
-        if store_dtype is not None and t.is_floating_point() and t.dtype != store_dtype:
+        if store_dtype is not None and t.dtype != store_dtype:
             t = t.to(store_dtype)
         writer.write(outs[0][0], t)
         advance(t.numel())
@@ -110,6 +114,20 @@ def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, store_dtype, 
     return [o[0] for o in outs]
 
 
+def _write_quantized(writer: SafetensorsWriter, tp: TensorPlan, q: Quantized, advance) -> list[str]:
+    """Write a tensor that arrived quantized (a source format kept): its words, its scales and biases in the
+    planned dtype."""
+    outs = stored_tensors(tp)
+    if q.spec != tp.spec or tuple(q.wq.shape) != outs[0][1]:
+        raise MixqError(f"tensor {tp.name}: the source holds {q.spec} {list(q.wq.shape)}, planned {tp.spec} "
+                        f"{list(outs[0][1])}; please report this as a mixq bug")
+    parts = [q.wq, q.scales if q.scales.dtype == torch.uint8 else q.scales.to(outs[1][2]), q.biases]
+    for (name, shape, dt), part in zip(outs, parts):
+        writer.write(name, part.to(dt).view(shape))
+    advance(tp.params)
+    return [o[0] for o in outs]
+
+
 def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool) -> dict[str, str]:
     """Quantize and write every tensor into safetensors shards; returns the weight map (tensor -> file)."""
     from tqdm import tqdm
@@ -127,7 +145,7 @@ def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool
             with SafetensorsWriter(folder / fname, entries, metadata={"format": "mlx"}) as writer:
                 for tp in shard:
                     per = dtype_from_name(tp.dtype).itemsize  # source bytes per element, for the bar
-                    for oname in _write_tensor(writer, tp, loaders[tp.name], prep.store_dtype,
+                    for oname in _write_tensor(writer, tp, loaders[tp.name],
                                                lambda n, per=per: bar.update(n * per)):
                         weight_map[oname] = fname
                     done += 1
@@ -360,13 +378,24 @@ def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: i
 
 
 def convert(source, out, recipe="q6-hi", dtype=None, force=False, *, shard_bytes: int = SHARD_BYTES,
-            progress: bool = True) -> Path:
-    """Convert `source` (HF folder, .gguf, embedded name) into the MLX folder `out` under `recipe`."""
+            progress: bool = True, scale_dtype: str | None = None, requant=None) -> Path:
+    """Convert `source` (HF folder, .gguf, embedded name) into the MLX folder `out` under `recipe` (recipe
+    `source`: a GGUF's blocks kept, see `quant.gguf_quants`; `scale_dtype` and `requant` apply to it)."""
     out = Path(out)
     resolved = resolve(str(source))
-    check_output(out, force, protect=[resolved.path])  # fail before any work
-    return write_mlx_folder(prepare(resolved, recipe, dtype), out, force=force, shard_bytes=shard_bytes,
-                            progress=progress)
+    check_output(out, force, protect=[resolved.path] + ([resolved.gguf] if resolved.gguf else []))
+    prep = prepare(resolved, recipe, dtype, scale_dtype=scale_dtype, requant=requant)
+    return write_mlx_folder(prep, out, force=force, shard_bytes=shard_bytes, progress=progress)
+
+
+def add_source_arguments(p) -> None:
+    """The options of recipe `source` (a GGUF kept as it is), shared by convert and import --keep-quant."""
+    p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=None,
+                   help=f"recipe source: dtype of the kept tensors' scales and biases (default "
+                        f"{DEFAULT_SCALE_DTYPE}; float32 is exact, see docs)")
+    p.add_argument("--requant", default=None, metavar="RECIPE",
+                   help="recipe source: recipe for the GGUF tensors MLX cannot hold exactly (Q6_K, Q3_K, Q2_K, "
+                        "IQ*; default: the same bits at group 32)")
 
 
 # ---------------------------------------------------------------- CLI
@@ -374,9 +403,11 @@ def convert(source, out, recipe="q6-hi", dtype=None, force=False, *, shard_bytes
 def add_arguments(p):
     p.add_argument("source", help="Hugging Face folder, .gguf file or embedded model name")
     p.add_argument("out", help="output MLX folder")
-    p.add_argument("--recipe", "-r", default=None, help="built-in recipe name or TOML file (default: q6-hi)")
+    p.add_argument("--recipe", "-r", default=None,
+                   help="built-in recipe name or TOML file (default: q6-hi); `source`: a GGUF's blocks kept")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="dtype of unquantized tensors, scales and biases (default: config.json's)")
+    add_source_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and write nothing")
     p.add_argument("--shard-size", type=float, default=SHARD_BYTES / 2**30, help="max shard size in GiB (default 5)")
@@ -387,7 +418,7 @@ def cli(args):
         raise MixqError(f"--shard-size {args.shard_size}: give a positive size in GiB (default 5)")
     if not args.dry_run:
         check_output(Path(args.out), args.force)  # before any work (the source is protected again when known)
-    prep = prepare(args.source, args.recipe, args.dtype)
+    prep = prepare(args.source, args.recipe, args.dtype, scale_dtype=args.scale_dtype, requant=args.requant)
     if args.dry_run:
         check_source(prep)
         print_plan(prep.plan, source=args.source)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from mixq.errors import MixqError
 from mixq.quant.recipe import Recipe, load_recipe
-from mixq.quant.spec import DTYPE_BYTES, QUANT_DTYPES, Spec, bits_per_weight, precision, spec_nbytes
+from mixq.quant.spec import DTYPE_BYTES, FLOAT_MODES, QUANT_DTYPES, Spec, bits_per_weight, precision, spec_nbytes
 from mixq.quant.tensors import TensorInfo, is_experts, is_norm, layer_index, module_path
 
 # model_type -> suffix of the router module path, as in mlx-lm's per-model quant_predicate
@@ -28,6 +28,7 @@ class TensorPlan:
     spec: Spec | None   # None = kept unquantized
     reason: str
     nbytes: int
+    source: bool = False  # stored as the source ships it (its loader returns `quantize.Quantized`)
 
     @property
     def module_path(self) -> str:
@@ -195,6 +196,11 @@ def plan_model(tensors: list[TensorInfo], recipe: Recipe | str, config: dict, *,
         else:
             rule, spec = recipe.match(path, n_layers=n_layers)
             reason = rule.describe() if rule else "default"
+            if rule is not None and rule.keep_source and t.source_mode:
+                spec = Spec(*FLOAT_MODES[t.source_mode], t.source_mode)
+                out.append(TensorPlan(t.name, shape, dt, spec, f"kept as it ships ({t.source_mode}): {reason}",
+                                      spec_nbytes(shape, spec, nb), source=True))
+                continue
             if tied and recipe.tied_head and path.endswith("embed_tokens"):
                 head_rule, head_spec = recipe.match("lm_head", n_layers=n_layers)
                 if head_rule is not None and precision(head_spec) > precision(spec):

@@ -52,11 +52,12 @@ The float modes (`mode="mxfp4" | "nvfp4" | "mxfp8"`), also established by experi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from mixq.errors import MixqError
-from mixq.quant.spec import spec_error
+from mixq.quant.spec import Spec, spec_error
 from mixq.threads import torch_threads
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,6 +122,27 @@ def _unpack(wq: torch.Tensor, bits: int) -> torch.Tensor:
     x = (x & (m2 * 0x0000000100000001)) | (((x >> (2 * bits)) & (m2 * 0x0000000100000001)) << 16)
     x = (x & (m1 * 0x0001000100010001)) | (((x >> bits) & (m1 * 0x0001000100010001)) << 8)
     return x.view(torch.uint8).view(r, n)
+
+
+@dataclass
+class Quantized:
+    """A tensor that arrives already quantized (a source format kept as it is): what `quantize` returns, with
+    its spec. Scales and biases are cast to the planned dtype when written."""
+    wq: torch.Tensor
+    scales: torch.Tensor
+    biases: torch.Tensor | None
+    spec: Spec
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [rows, n] (each < 2**bits, n * bits % 32 == 0) -> uint32 words [rows, n * bits / 32], packed
+    as mlx packs them."""
+    rows, n = q.shape
+    if n % 8 or (n * bits) % 32:
+        raise MixqError(f"cannot pack {n} codes of {bits} bits per row into uint32 words")
+    out = torch.empty(rows, n * bits // 32, dtype=torch.uint32)
+    _pack_into(out, q.to(torch.uint8).contiguous(), bits)
+    return out
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int, *, mode: str = "affine", name: str | None = None):

@@ -24,6 +24,8 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     bits = 8                          # spec (group_size defaults to the recipe's, else 64) ...
     # mode = "mxfp8"                  # ... or a quantization mode (below) ...
     # keep = true                     # ... or keep the tensor unquantized
+    # keep_source = true              # tensors the checkpoint ships quantized in a form MLX holds (gpt-oss's
+                                      # MXFP4 experts) are kept as they ship, bit for bit; others get the spec
 
 Modes (mlx 0.32's `mx.quantize(..., mode=)`; a spec's mode is "affine" unless it says otherwise, a rule
 does not inherit the default's): "affine" (bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128: a scale and a
@@ -72,7 +74,7 @@ from mixq.quant.tensors import layer_index
 
 RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dtype", "tied_head"}
 RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "layer_range",
-             "bits", "group_size", "mode", "keep"}
+             "bits", "group_size", "mode", "keep", "keep_source"}
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
 _BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 
@@ -141,6 +143,7 @@ class Rule:
     selectors: tuple[tuple[str, object], ...] = ()
     _compiled: tuple = field(default=(), compare=False, repr=False)
     where: str = ""                 # "FILE: rule I", for messages
+    keep_source: bool = False       # tensors that ship quantized in a form MLX holds are kept as they ship
 
     def matches_path(self, path: str) -> bool:
         if self.regex:
@@ -288,7 +291,10 @@ def _rule(i: int, table, src: str, default_group: int) -> Rule:
         else:
             sels.append((key, _expr(v, w)))
     spec = _spec(table, f"{where} ({pats[0]})", default_group)
-    return Rule(i, tuple(pats), regex, spec, tuple(sels), compiled, where)
+    keep_source = table.get("keep_source", False)
+    if not isinstance(keep_source, bool):
+        raise MixqError(f"{where}: keep_source must be true or false, got {keep_source!r}")
+    return Rule(i, tuple(pats), regex, spec, tuple(sels), compiled, where, keep_source)
 
 
 def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> Recipe:

@@ -25,6 +25,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     dtype: str          # torch name, e.g. "bfloat16"
+    source_mode: str | None = None   # the MLX mode the checkpoint ships it in (gpt-oss MXFP4 experts), if any
 
 
 @dataclass(frozen=True)

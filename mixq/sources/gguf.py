@@ -287,9 +287,28 @@ def check_shapes(items: list[_Item], cfg: dict, path: Path) -> None:
                             "incomplete or damaged: re-export or download it again")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `LlamaModel.permute` on the rows of q/k (weights or biases)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permuted_heads(hf_name: str, arch: str, cfg: dict) -> int | None:
+    """The head count whose llama.cpp row permutation `hf_name` carries in the GGUF (llama q/k), else None."""
+    if arch != "llama" or not (".q_proj." in hf_name or ".k_proj." in hf_name):
+        return None
+    return cfg["num_attention_heads"] if ".q_proj." in hf_name else cfg["num_key_value_heads"]
+
+
+def source_tensors(gguf_path) -> tuple[str, dict]:
+    """(architecture, {Hugging Face tensor name: the GGUF's ReaderTensor}) of a GGUF: the raw blocks, for
+    keeping them as they are (`quant.gguf_quants`)."""
+    path = Path(gguf_path)
+    reader = open_gguf(path)
+    arch = gguf_metadata(reader).get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise MixqError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}; use a GGUF of one of these")
+    return arch, {it.hf_name: it.tensor for it in _plan(reader, arch, path)}
 
 
 CHUNK_ELEMENTS = 1 << 24  # dequantize big tensors in row blocks of at most this many values (64 MB)
@@ -312,9 +331,9 @@ def _load(item: _Item, arch: str, cfg: dict, rows: slice | None = None) -> np.nd
                         "gguf package; upgrade it (pip install -U gguf)") from None
     w = np.array(w, dtype=np.float32).reshape(shape)  # a copy: the reader's arrays are read-only maps
     n = item.hf_name
-    if arch == "llama" and (".q_proj." in n or ".k_proj." in n):
-        n_head = cfg["num_attention_heads"] if ".q_proj." in n else cfg["num_key_value_heads"]
-        w = _unpermute(w, n_head)
+    n_head = permuted_heads(n, arch, cfg)
+    if n_head:
+        w = unpermute(w, n_head)
     if arch == "gemma3" and n.endswith("norm.weight"):
         w = w - np.float32(1.0)
     return w
@@ -322,8 +341,7 @@ def _load(item: _Item, arch: str, cfg: dict, rows: slice | None = None) -> np.nd
 
 def _load_blocks(item: _Item, arch: str, cfg: dict):
     """The tensor as one array, or (big matrices with no row permutation) a generator of row blocks."""
-    n = item.hf_name
-    permuted = arch == "llama" and (".q_proj." in n or ".k_proj." in n)
+    permuted = permuted_heads(item.hf_name, arch, cfg) is not None
     if len(item.shape) < 2 or permuted or math.prod(item.shape) <= CHUNK_ELEMENTS:
         return _load(item, arch, cfg)
     step = max(1, CHUNK_ELEMENTS // math.prod(item.shape[1:]))

@@ -27,6 +27,7 @@ class ResolvedModel:
     kind: str                      # "hf" | "mlx"
     recipe: str | None = None      # from a "name@recipe" suffix
     provenance: dict = field(default_factory=dict)  # the folder's mixq_provenance.json ({} if none)
+    gguf: Path | None = None       # the GGUF file the folder was imported from (a .gguf ref, an embedded *-gguf)
 
 
 def _folder(ref: str, folder: Path) -> tuple[Path, str]:
@@ -81,14 +82,17 @@ def resolve(ref: str, progress: bool = True) -> ResolvedModel:
         if not recipe:
             raise MixqError(f"{ref}: empty recipe after '@'; write MODEL@RECIPE (see `mixq recipes`)")
     p = Path(base).expanduser()
+    gguf = None
     if embedded.is_embedded(base) and not p.exists():
         path, kind = embedded.ensure(base, progress), "hf"
+        if not embedded.REGISTRY[base].offgrid:
+            gguf = embedded.fetch_gguf(base, progress)
     elif p.is_dir():
         path, kind = _folder(ref, p)
     elif p.is_file() and (p.suffix.lower() == ".gguf" or _magic(p) == b"GGUF"):
-        path, kind = import_gguf_cached(p, progress), "hf"
+        path, kind, gguf = import_gguf_cached(p, progress), "hf", p
     elif p.is_file():
         raise MixqError(f"{p}: not a model; give {accepted()}")
     else:
         raise MixqError(f"{base}: no such file, folder or embedded model; check the name (accepted: {accepted()})")
-    return ResolvedModel(ref=ref, path=path, kind=kind, recipe=recipe, provenance=read_provenance(path))
+    return ResolvedModel(ref=ref, path=path, kind=kind, recipe=recipe, provenance=read_provenance(path), gguf=gguf)
