@@ -130,11 +130,11 @@ def run_job(root, job: Job, inputs: dict[str, Job], cpus: int = 1) -> dict:
     """Run one job into its folder and write its completion marker; a finished job is not run again.
 
     A folder left by an unfinished attempt is cleared first (an eval run folder is kept: eval resumes it).
-    Returns {"id", "ran", "seconds", "pid"}."""
+    Returns {"id", "ran", "seconds", "pid", "start", "end"} (start/end: wall-clock time.time())."""
     root = Path(root)
     folder = job_dir(root, job)
     if is_done(root, job):
-        return {"id": job.id, "ran": False, "seconds": 0.0, "pid": os.getpid()}
+        return {"id": job.id, "ran": False, "seconds": 0.0, "pid": os.getpid(), "start": None, "end": None}
     missing = [dep.name for dep in inputs.values() if not is_done(root, dep)]
     if missing:
         raise MixqError(f"sweep job {job.name} ({job.label}): inputs not finished: {', '.join(missing)}")
@@ -150,4 +150,4 @@ def run_job(root, job: Job, inputs: dict[str, Job], cpus: int = 1) -> dict:
             result = BODIES[job.kind](root, job, inputs, folder)
     seconds = time.time() - t0
     mark_done(root, job, seconds, result)
-    return {"id": job.id, "ran": True, "seconds": seconds, "pid": os.getpid()}
+    return {"id": job.id, "ran": True, "seconds": seconds, "pid": os.getpid(), "start": t0, "end": t0 + seconds}

@@ -24,7 +24,7 @@ def run_serial(graph: Graph, progress: Progress) -> SweepResult:
     result = SweepResult()
     for job in graph.pending():
         progress.start(job)
-        result.add(job, run_job(graph.root, job, _inputs(graph, job), job_cpus(graph, job)))
+        result.add(job, run_job(graph.root, job, _inputs(graph, job), job_cpus(graph, job, slots=1)))
         progress.finish(job)
     return result
 
@@ -55,7 +55,7 @@ def run_local(graph: Graph, progress: Progress, workers: int | None = None) -> S
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         while (pending and error is None) or running:
             for job in [j for j in pending if all(d.id in finished for d in graph.deps(j))] if error is None else []:
-                cpus, mem = job_cpus(graph, job), memory_estimate(graph, job)
+                cpus, mem = job_cpus(graph, job, cores, workers), memory_estimate(graph, job)
                 if len(running) >= workers or not slots.fits(cpus, mem, len(running)):
                     continue
                 slots.take(cpus, mem)
@@ -69,8 +69,9 @@ def run_local(graph: Graph, progress: Progress, workers: int | None = None) -> S
                 try:
                     result.add(job, fut.result())
                 except BrokenProcessPool:
-                    error = error or MixqError(f"sweep: a worker process died running {job.name} ({job.label}), "
-                                               f"e.g. out of memory; re-run to resume (finished jobs are kept)")
+                    error = error or MixqError(
+                        f"sweep: a worker process died running {job.name} ({job.label}) (out of memory? or a script "
+                        f"calling run_sweep without an `if __name__ == '__main__':` guard); re-run to resume")
                 except Exception as e:  # noqa: BLE001 - the first failure is raised once running jobs end
                     error = error or e
                 else:

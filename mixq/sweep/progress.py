@@ -15,12 +15,14 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)            # ids of the jobs executed in this call
     seconds: dict[str, float] = field(default_factory=dict)  # id -> seconds inside the job
     pids: dict[str, int] = field(default_factory=dict)       # id -> process that ran it
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)   # id -> (start, end), time.time()
 
     def add(self, job: Job, record: dict) -> None:
         if record["ran"]:
             self.ran.append(job.id)
             self.seconds[job.id] = record["seconds"]
             self.pids[job.id] = record["pid"]
+            self.spans[job.id] = (record["start"], record["end"])
 
 
 class Progress:
@@ -46,11 +48,11 @@ class Progress:
         self.bar.close()
 
 
-def job_cpus(graph: Graph, job: Job) -> int:
-    """Cores for one job: a heavy job shares the machine with the other jobs of its kind that may run beside it
-    (two evals on two cores: one each); light jobs take one."""
+def job_cpus(graph: Graph, job: Job, cores: int | None = None, slots: int | None = None) -> int:
+    """Cores for one job: a heavy job shares `cores` with the other jobs of its kind that may run beside it
+    (at most `slots` at once; two evals on two cores: one each); light jobs take one."""
     if job.kind not in HEAVY:
         return 1
-    cores = available_cores()
-    width = len(graph.by_kind(job.kind))
-    return max(1, cores // max(1, min(cores, width)))
+    cores = cores or available_cores()
+    width = min(slots or cores, len(graph.by_kind(job.kind)))
+    return max(1, cores // max(1, width))

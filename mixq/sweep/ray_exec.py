@@ -42,17 +42,16 @@ def connect(address: str | None):
     return ray
 
 
-def _largest_node_memory(ray) -> float:
-    nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
-    return max(nodes or [0])
+def _largest_node(ray, resource: str) -> float:
+    return max([n.get("Resources", {}).get(resource, 0) for n in ray.nodes() if n.get("Alive")] or [0])
 
 
-def _submit(ray, graph: Graph, job: Job, refs: dict, node_memory: float):
+def _submit(ray, graph: Graph, job: Job, refs: dict, node: dict):
     mem = memory_estimate(graph, job)
-    if node_memory:
-        mem = min(mem, int(node_memory * 0.9))  # an estimate above every node would never be scheduled
+    if node["memory"]:
+        mem = min(mem, int(node["memory"] * 0.9))  # an estimate above every node would never be scheduled
     gpus = 1 if job.kind == "eval" and job.settings.get("device") == "cuda" else 0
-    cpus = job_cpus(graph, job)
+    cpus = job_cpus(graph, job, int(node["CPU"]) or None)
     task = ray.remote(_run_remote).options(num_cpus=cpus, num_gpus=gpus, memory=mem, max_retries=MAX_RETRIES,
                                            name=job.name)
     inputs = {role: graph.jobs[i] for role, i in job.inputs.items()}
@@ -62,10 +61,10 @@ def _submit(ray, graph: Graph, job: Job, refs: dict, node_memory: float):
 
 def run_ray(graph: Graph, progress: Progress, address: str | None = None) -> SweepResult:
     ray = connect(address)
-    node_memory = _largest_node_memory(ray)
+    node = {r: _largest_node(ray, r) for r in ("memory", "CPU")}
     refs: dict[str, object] = {}
     for job in graph.pending():       # dependency order: every input's ref exists before its users'
-        refs[job.id] = _submit(ray, graph, job, refs, node_memory)
+        refs[job.id] = _submit(ray, graph, job, refs, node)
     by_ref = {ref: graph.jobs[i] for i, ref in refs.items()}
     result, left = SweepResult(), list(refs.values())
     while left:
