@@ -20,14 +20,14 @@ ARC = [{"question": q, "choices": {"text": c, "label": ["A", "B", "C"][:len(c)]}
                        ("Which number is the largest?", ["10", "1000", "100"], "B")]]
 
 
-def _write_sweep(folder: Path, model: Path, variants=("q8-hi", "q4"), out="out") -> Path:
+def _write_sweep(folder: Path, model: Path, variants=("q8-hi", "q4"), out="out", extra="") -> Path:
     (folder / "data").mkdir(exist_ok=True)
     (folder / "data" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
     (folder / "text.txt").write_text(_TEXT * 4)
     f = folder / "sweep.toml"
     f.write_text(f'out = "{out}"\nmodels = ["{model}"]\nvariants = {json.dumps(list(variants))}\nref = "q8-hi"\n'
                  '[eval]\ntasks = "arc_easy,ppl,kld"\nlimit = 2\nwindows = 2\nctx = 16\n'
-                 'data_dir = "data"\nppl_file = "text.txt"\n')
+                 'data_dir = "data"\nppl_file = "text.txt"\n' + extra)
     return f
 
 
@@ -164,3 +164,17 @@ def test_a_changed_variant_reruns_only_its_own_jobs(sweep_file, tmp_path, tiny_m
          ("report", "sweep/report")])
     assert set(before.jobs) & set(after.jobs) == {j.id for j in after.jobs.values()} - set(ran)
     assert "q3" in (changed.out / "report" / "report.md").read_text()
+
+
+def test_a_planned_variant_is_measured_allocated_converted(tmp_path, tmp_cache, tiny_model):
+    measure = '[measure]\ntokens = 32\nctx = 16\nlevels = [4, 8]\ngroup_sizes = [32]\nmodes = []\ncalib = "text.txt"\n'
+    f = _write_sweep(tmp_path, tiny_model("llama", num_hidden_layers=2), variants=("q8-hi", "plan@6"), extra=measure)
+    sweep = load_sweep(f)
+    run_sweep(sweep, "serial", progress=False)
+    graph = build_graph(sweep)
+    assert [j.kind for j in graph.jobs.values()].count("measure") == 1
+    planned = next(j for j in graph.by_kind("convert") if j.label.endswith("plan@6"))
+    results = json.loads((job_dir(graph.root, graph.by_kind("eval")[1]) / "run" / "results.json").read_text())
+    prov = json.loads((job_dir(graph.root, planned) / "model" / "mixq_provenance.json").read_text())
+    assert results["bits_per_weight"] == prov["bits_per_weight"] <= 6.0
+    assert f"| {prov['recipe']['name']} |" in (sweep.out / "report" / "report.md").read_text()   # labelled by recipe

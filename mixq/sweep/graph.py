@@ -94,7 +94,7 @@ class Graph:
 
 def _local_fingerprint(ref: str) -> dict | None:
     """Name, size and mtime of a local model folder's (or file's) files: a changed source changes the hash."""
-    p = Path(ref.partition("@")[0])
+    p = Path(ref)
     if not p.exists():
         return None
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
@@ -163,7 +163,7 @@ def source_bytes(graph: Graph, job: Job) -> int | None:
         return None
     if is_done(graph.root, imp):
         return read_done(graph.root, imp)["result"].get("weights_bytes")
-    p = Path(job.model.partition("@")[0])
+    p = Path(job.model)
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else None
 
 

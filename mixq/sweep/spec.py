@@ -13,7 +13,7 @@
                                        # data_dir, ppl_file, batch_size
 
     [measure]                          # settings of the sensitivity measurement behind plan@ targets
-    method = "fisher"                  # tokens, ctx, levels, group_sizes, modes, draws
+    method = "fisher"                  # tokens, ctx, levels, group_sizes, modes, draws, calib (a text file)
 
 Paths in the file are relative to the file. Every setting is checked when the file is read.
 """
@@ -40,7 +40,7 @@ EVAL_KEYS = {"tasks": (str, list), "limit": int, "sample": int, "seed": int, "wi
              "kld_topk": int, "dtype": str, "device": str, "data_dir": str, "ppl_file": str, "batch_size": int}
 EVAL_PATHS = ("data_dir", "ppl_file")
 MEASURE_KEYS = {"method": str, "tokens": int, "ctx": int, "levels": list, "group_sizes": list, "modes": list,
-                "draws": int}
+                "draws": int, "calib": str}
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 PLAN_PREFIX = "plan@"
 
@@ -138,15 +138,21 @@ def _eval_settings(src: str, base_dir: Path, data: dict) -> dict:
         raise MixqError(f"{src}: give eval.limit or eval.sample, not both")
     for key in EVAL_PATHS:
         if key in ev:
-            p = (base_dir / ev[key]).expanduser().resolve()
-            if not p.exists():
-                raise MixqError(f"{src}: eval.{key} = {ev[key]!r}: {p} does not exist")
-            ev[key] = str(p)
+            ev[key] = _path_setting(src, base_dir, "eval", key, ev[key])
     return ev
 
 
-def _measure_settings(src: str, data: dict) -> dict:
+def _path_setting(src: str, base_dir: Path, table: str, key: str, value: str) -> str:
+    p = (base_dir / value).expanduser().resolve()
+    if not p.exists():
+        raise MixqError(f"{src}: {table}.{key} = {value!r}: {p} does not exist")
+    return str(p)
+
+
+def _measure_settings(src: str, base_dir: Path, data: dict) -> dict:
     ms = _typed(src, "measure.", data, MEASURE_KEYS)
+    if "calib" in ms:
+        ms["calib"] = _path_setting(src, base_dir, "measure", "calib", ms["calib"])
     if ms.get("method", "fisher") not in ("fisher", "direct"):
         raise MixqError(f"{src}: measure.method = {ms['method']!r}: use fisher or direct")
     bad = [m for m in ms.get("modes", []) if m not in FLOAT_MODES]
@@ -160,9 +166,10 @@ def _models(src: str, base_dir: Path, models) -> tuple[str, ...]:
         raise MixqError(f"{src}: models must be a non-empty list of model refs, e.g. models = [\"smollm2-135m\"]")
     out = []
     for m in models:   # a path next to the sweep file is taken relative to it; other refs as written
-        ref, _, recipe = m.partition("@")
-        local = base_dir / ref
-        out.append(str(local.resolve()) + (f"@{recipe}" if recipe else "") if local.exists() else m)
+        if "@" in m:
+            raise MixqError(f"{src}: model {m!r}: list the source without @RECIPE and the recipe under variants")
+        local = base_dir / m
+        out.append(str(local.resolve()) if local.exists() else m)
     if len(set(out)) < len(out):
         raise MixqError(f"{src}: a model is listed twice in models")
     return tuple(out)
@@ -197,7 +204,8 @@ def parse_sweep(text: str, base_dir: Path, src: str = "<sweep>") -> Sweep:
         if not isinstance(data.get(table, {}), dict):
             raise MixqError(f"{src}: [{table}] must be a table")
     return Sweep(Path(src), (base_dir / out).expanduser().resolve(), models, variants, ref, dtype,
-                 _eval_settings(src, base_dir, data.get("eval", {})), _measure_settings(src, data.get("measure", {})))
+                 _eval_settings(src, base_dir, data.get("eval", {})),
+                 _measure_settings(src, base_dir, data.get("measure", {})))
 
 
 def load_sweep(path, out: str | Path | None = None) -> Sweep:
