@@ -9,10 +9,9 @@ distributions, so no executor pays for them. Then each executor runs the whole s
 - local: worker processes (`--workers`, default 2), jobs as the cores and memory estimates allow;
 - ray: `ray.init(num_cpus=WORKERS)` (timed apart), the jobs as Ray tasks.
 Printed per executor: wall time, the seconds spent inside jobs, peak memory (RSS summed over this process and
-all its descendants: workers, and Ray's raylet/GCS/workers; sampled every 0.1 s), the mean wait between a
-job becoming ready (its inputs finished, or the start) and starting (scheduling + worker start), and the
-extra seconds per job against the serial run. Also checked: the three give identical per-document
-samples and results (timing fields aside).
+all its descendants: workers, and Ray's raylet/GCS/workers; sampled every 0.1 s), idle worker-seconds per job,
+the extra seconds inside jobs per job against the serial run, and for Ray the round trip of an empty task.
+Also checked: the three give identical per-document samples and results (timing fields aside).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from mixq.sweep.command import run_sweep  # noqa: E402
 from mixq.sweep.graph import build_graph, job_dir  # noqa: E402
 from mixq.sweep.spec import load_sweep  # noqa: E402
 
-TIMING = {"seconds", "path", "created", "n_scored_now"}
+TIMING = {"seconds", "created", "n_scored_now", "peak_memory_bytes"}   # differ between any two runs
 
 
 class PeakMemory:
@@ -84,26 +83,26 @@ def _strip(obj):
 
 
 def outputs(sweep) -> dict:
-    """label -> (results.json without timing fields and paths, samples.jsonl lines sorted)."""
+    """label -> (results.json without timing fields, its output folder written OUT; samples.jsonl lines sorted)."""
     graph = build_graph(sweep)
     out = {}
     for job in graph.by_kind("eval"):
         run = job_dir(graph.root, job) / "run"
-        res = _strip(json.loads((run / "results.json").read_text()))
-        for key in ("model", "path", "provenance", "options"):
-            res.pop(key, None)
+        res = _strip(json.loads((run / "results.json").read_text().replace(str(sweep.out), "OUT")))
         out[job.label] = (res, sorted((run / "samples.jsonl").read_text().splitlines()))
     return out
 
 
-def ready_waits(sweep, result, t_start: float) -> list[float]:
-    """Per job: start - (latest end of its inputs, or the sweep's start)."""
-    graph = build_graph(sweep)
-    waits = []
-    for i, (start, _) in result.spans.items():
-        ends = [result.spans[d][1] for d in graph.jobs[i].inputs.values() if d in result.spans]
-        waits.append(start - max([t_start, *ends]))
-    return waits
+def ray_task_latency(n: int = 20) -> float:
+    """Seconds for one no-op Ray task, submit to result, on warm workers (mean of n, one at a time)."""
+    import ray
+
+    noop = ray.remote(num_cpus=1)(lambda: None)
+    ray.get(noop.remote())
+    t0 = time.time()
+    for _ in range(n):
+        ray.get(noop.remote())
+    return (time.time() - t0) / n
 
 
 def run_one(args, executor: str, sweep_file: Path, out: Path) -> dict:
@@ -118,12 +117,15 @@ def run_one(args, executor: str, sweep_file: Path, out: Path) -> dict:
         t1 = time.time()
         result = run_sweep(sweep, executor, workers=args.workers, progress=False)
         wall = time.time() - t1
+    latency = float("nan")
     if executor == "ray":
+        latency = ray_task_latency()
         ray.shutdown()
-    waits = ready_waits(sweep, result, t1)
-    return {"executor": executor, "wall": wall, "init": init, "jobs": len(result.ran),
-            "in_jobs": sum(result.seconds.values()), "per_job": dict(result.seconds), "peak_rss": mem.peak,
-            "wait_mean": sum(waits) / len(waits), "sweep": sweep}
+    slots = 1 if executor == "serial" else args.workers
+    in_jobs = sum(result.seconds.values())
+    return {"executor": executor, "wall": wall, "init": init, "jobs": len(result.ran), "in_jobs": in_jobs,
+            "per_job": dict(result.seconds), "peak_rss": mem.peak, "idle": (wall * slots - in_jobs) / len(result.ran),
+            "latency": latency, "sweep": sweep}
 
 
 def main() -> None:
@@ -150,11 +152,14 @@ def main() -> None:
     rows = [run_one(args, ex, out / "sweep.toml", out / ex) for ex in args.executors.split(",")]
     serial = next((r for r in rows if r["executor"] == "serial"), None)
     print(f"{'executor':8} {'wall s':>7} {'init s':>7} {'jobs':>5} {'in-job s':>9} {'peak MB':>8} "
-          f"{'wait/job s':>10} {'extra/job s':>11}")
+          f"{'idle/job s':>10} {'extra/job s':>11} {'no-op task ms':>13}")
     for r in rows:
         extra = (r["in_jobs"] - serial["in_jobs"]) / r["jobs"] if serial and r["jobs"] else float("nan")
         print(f"{r['executor']:8} {r['wall']:7.1f} {r['init']:7.1f} {r['jobs']:5d} {r['in_jobs']:9.1f} "
-              f"{r['peak_rss'] / 2**20:8.0f} {r['wait_mean']:10.2f} {extra:11.2f}")
+              f"{r['peak_rss'] / 2**20:8.0f} {r['idle']:10.2f} {extra:11.2f} {r['latency'] * 1000:13.1f}")
+    print("idle/job: (wall x worker slots - seconds inside jobs) / jobs (dependency stalls, worker start, "
+          "scheduling); extra/job: seconds inside jobs beyond the serial run's, per job (cold imports in "
+          "fresh workers, two jobs sharing two cores); no-op task: one empty Ray task round trip")
     ref = outputs(rows[0]["sweep"])
     for r in rows[1:]:
         same = outputs(r["sweep"]) == ref

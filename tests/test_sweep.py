@@ -76,6 +76,17 @@ def test_sweep_file_is_checked(tmp_path):
             parse_sweep(text, tmp_path, "s.toml")
 
 
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    (tmp_path / "s.toml").write_text('models = ["m"]\nvariants = ["q8-hi"]\n')
+    assert main(["sweep", str(tmp_path / "s.toml"), "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
+    assert main(["sweep", "demo", "--dry-run", "-o", str(tmp_path / "d")]) == 0
+    assert "14 jobs (1 import, 5 convert, 5 eval, 1 compare, 1 cards, 1 report); 14 to run" in capsys.readouterr().out
+    assert not (tmp_path / "d").exists()   # a dry run writes nothing
+
+
 def test_graph_hashes_follow_the_inputs(tmp_path):
     a = build_graph(parse_sweep('models = ["m"]\nvariants = ["q8-hi", "q4", "plan@4.5"]\n', tmp_path))
     b = build_graph(parse_sweep('models = ["m"]\nvariants = ["q8-hi", "q3", "plan@4.5"]\n', tmp_path))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.io.files import write_atomic
+from mixq.io.files import output_lock, write_atomic
 from mixq.sweep.graph import Graph, build_graph, dry_run_text, is_done, job_dir
 from mixq.sweep.local import run_local, run_serial
 from mixq.sweep.progress import Progress, SweepResult
@@ -40,20 +40,23 @@ def write_index(graph: Graph) -> Path:
 
 def run_sweep(sweep: Sweep, executor: str = "local", *, address: str | None = None, workers: int | None = None,
               progress: bool = True) -> SweepResult:
-    """Run every job of the sweep not finished yet; return what ran."""
+    """Run every job of the sweep not finished yet; return what ran. One sweep at a time writes OUT."""
+    if executor not in EXECUTORS:
+        raise MixqError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     graph = build_graph(sweep)
     graph.root.mkdir(parents=True, exist_ok=True)
-    bar = Progress(len(graph.pending()), enabled=progress)
-    try:
-        if executor == "serial":
-            result = run_serial(graph, bar)
-        elif executor == "ray":
-            result = run_ray(graph, bar, address)
-        else:
-            result = run_local(graph, bar, workers)
-    finally:
-        bar.close()
-        write_index(graph)
+    with output_lock(graph.root):
+        bar = Progress(len(graph.pending()), enabled=progress)
+        try:
+            if executor == "serial":
+                result = run_serial(graph, bar)
+            elif executor == "ray":
+                result = run_ray(graph, bar, address)
+            else:
+                result = run_local(graph, bar, workers)
+        finally:
+            bar.close()
+            write_index(graph)
     return result
 
 
@@ -70,9 +73,9 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
-    sweep = load_sweep(args.sweep, out=args.out)
     if args.workers is not None and args.workers < 1:
         raise MixqError(f"--workers {args.workers}: must be 1 or more")
+    sweep = load_sweep(args.sweep, out=args.out)
     if args.dry_run:
         print(dry_run_text(build_graph(sweep)))
         return 0

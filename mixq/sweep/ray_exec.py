@@ -46,25 +46,25 @@ def _largest_node(ray, resource: str) -> float:
     return max([n.get("Resources", {}).get(resource, 0) for n in ray.nodes() if n.get("Alive")] or [0])
 
 
-def _submit(ray, graph: Graph, job: Job, refs: dict, node: dict):
+def _submit(task, graph: Graph, job: Job, refs: dict, node: dict):
     mem = memory_estimate(graph, job)
     if node["memory"]:
         mem = min(mem, int(node["memory"] * 0.9))  # an estimate above every node would never be scheduled
     gpus = 1 if job.kind == "eval" and job.settings.get("device") == "cuda" else 0
     cpus = job_cpus(graph, job, int(node["CPU"]) or None)
-    task = ray.remote(_run_remote).options(num_cpus=cpus, num_gpus=gpus, memory=mem, max_retries=MAX_RETRIES,
-                                           name=job.name)
     inputs = {role: graph.jobs[i] for role, i in job.inputs.items()}
     deps = [refs[i] for i in dict.fromkeys(job.inputs.values()) if i in refs]
-    return task.remote(str(graph.root), job, inputs, cpus, *deps)
+    return task.options(num_cpus=cpus, num_gpus=gpus, memory=mem, max_retries=MAX_RETRIES, name=job.name).remote(
+        str(graph.root), job, inputs, cpus, *deps)
 
 
 def run_ray(graph: Graph, progress: Progress, address: str | None = None) -> SweepResult:
     ray = connect(address)
     node = {r: _largest_node(ray, r) for r in ("memory", "CPU")}
+    task = ray.remote(_run_remote)
     refs: dict[str, object] = {}
     for job in graph.pending():       # dependency order: every input's ref exists before its users'
-        refs[job.id] = _submit(ray, graph, job, refs, node)
+        refs[job.id] = _submit(task, graph, job, refs, node)
     by_ref = {ref: graph.jobs[i] for i, ref in refs.items()}
     result, left = SweepResult(), list(refs.values())
     while left:
@@ -72,12 +72,14 @@ def run_ray(graph: Graph, progress: Progress, address: str | None = None) -> Swe
         job = by_ref[ready[0]]
         try:
             result.add(job, ray.get(ready[0]))
-        except ray.exceptions.RayTaskError as e:
+        except ray.exceptions.RayError as e:   # an error in the job, or its worker lost more than MAX_RETRIES times
             for ref in left:
                 ray.cancel(ref)
-            if isinstance(e.cause, MixqError):
-                raise e.cause from None
-            raise MixqError(f"sweep job {job.name} ({job.label}) failed on Ray: {e.cause!r}") from None
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, MixqError):
+                raise cause from None
+            raise MixqError(f"sweep job {job.name} ({job.label}) failed on Ray: {cause or e!r}; "
+                            f"re-run to resume (finished jobs are kept)") from None
         finally:
             progress.finish(job)
     return result
