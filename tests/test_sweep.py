@@ -189,3 +189,57 @@ def test_a_planned_variant_is_measured_allocated_converted(tmp_path, tmp_cache, 
     prov = json.loads((job_dir(graph.root, planned) / "model" / "mixq_provenance.json").read_text())
     assert results["bits_per_weight"] == prov["bits_per_weight"] <= 6.0
     assert f"| {prov['recipe']['name']} |" in (sweep.out / "report" / "report.md").read_text()   # labelled by recipe
+
+
+def test_a_sharded_eval_merged_equals_the_single_process_run(tmp_path, tmp_cache, tiny_model):
+    model = tiny_model("llama", num_hidden_layers=2)
+    f = _write_sweep(tmp_path, model, variants=("q8-hi",))
+    many = [{"question": f"What is {a} plus {b}?", "choices": {"text": [str(a + b), str(a * b), str(a - b)],
+                                                               "label": ["A", "B", "C"]}, "answerKey": "A"}
+            for a in range(3, 9) for b in range(2, 6)]
+    (tmp_path / "data" / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in many))
+    # 24 documents packed into lines of 256 tokens, one line per batch: a few batches to share out
+    # (and one thread each: float sums depend on how a matmul is split over threads)
+    f.write_text(f.read_text().replace("limit = 2", "limit = 24\nshards = 2\nbatch_size = 1\nthreads = 1"))
+    (tmp_path / "single.toml").write_text(f.read_text().replace("shards = 2", "shards = 1"))
+    sharded, one = load_sweep(f), load_sweep(tmp_path / "single.toml")
+    ran = run_sweep(sharded, "local", workers=2, progress=False)
+    graph = build_graph(sharded)
+    shards = graph.by_kind("shard")
+    assert len(shards) == 2 and all(s.id in ran.pids and ran.pids[s.id] != os.getpid() for s in shards)
+    run_sweep(one, "serial", progress=False)
+    merged = job_dir(graph.root, graph.by_kind("eval")[0]) / "run"
+    alone = job_dir(graph.root, build_graph(one).by_kind("eval")[0]) / "run"
+    parts = [json.loads((job_dir(graph.root, s) / "run" / "results.json").read_text()) for s in shards]
+    assert sum(p["tasks"]["arc_easy"]["n"] for p in parts) == 24 and all(p["tasks"]["arc_easy"]["n"] for p in parts)
+    assert {p["shard"] for p in parts} == {"0/2", "1/2"}
+
+    def lines(run):
+        return sorted((run / "samples.jsonl").read_text().splitlines())
+
+    def numbers(run):
+        r = json.loads((run / "results.json").read_text())
+        for key in ("seconds", "seconds_previous", "peak_memory_bytes"):
+            r.pop(key, None)
+        for entry in [*r["tasks"].values(), r["kld"], r["ppl"]]:
+            entry.pop("seconds", None)
+            entry.pop("n_scored_now", None)
+        return r
+
+    assert len(lines(merged)) == 24 and lines(merged) == lines(alone)
+    assert numbers(merged) == numbers(alone) and numbers(merged)["tasks"]["arc_easy"]["n"] == 24
+
+
+def test_shard_options_are_checked(tmp_path):
+    from mixq.eval.evaluate import EvalConfig, merge_shards, run
+
+    for shard, tasks, words in [("2/2", "arc_easy", "0 <= K < N"), ("a/2", "arc_easy", "K/N"),
+                                ("0/2", "arc_easy,ppl", "ppl/kld")]:
+        with pytest.raises(MixqError, match=words):
+            EvalConfig(model="m", tasks=tasks, out=tmp_path / "r", shard=shard)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "samples.jsonl").write_text("")
+    with pytest.raises(MixqError, match="does not resume"):
+        run(EvalConfig(model="m", tasks="arc_easy", out=tmp_path / "r", shard="0/2", resume=True))
+    with pytest.raises(MixqError, match="new run folder"):
+        merge_shards([tmp_path / "r"], "m", "arc_easy", tmp_path / "r")

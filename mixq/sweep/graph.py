@@ -19,10 +19,10 @@ from mixq.version import __version__
 
 DONE_FILE = "done.json"
 JOB_FILE = "job.json"
-KINDS = ("import", "measure", "plan", "convert", "eval", "compare", "cards", "report")
-HEAVY = ("measure", "convert", "eval")          # the jobs that want cores and memory
+KINDS = ("import", "measure", "plan", "convert", "shard", "eval", "compare", "cards", "report")
+HEAVY = ("measure", "convert", "shard", "eval")  # the jobs that want cores and memory
 # Memory a job needs, as a multiple of the source's weights on disk (estimates for scheduling only).
-MEMORY_FACTOR = {"import": 2.0, "measure": 4.0, "plan": 1.0, "convert": 1.5, "eval": 2.0}
+MEMORY_FACTOR = {"import": 2.0, "measure": 4.0, "plan": 1.0, "convert": 1.5, "shard": 2.0, "eval": 2.0}
 LIGHT_MEMORY = 512 * 2**20
 DEFAULT_SOURCE_BYTES = 2**30                     # when a source's size is not known before its import
 
@@ -121,9 +121,21 @@ class _Builder:
         converts, evals = {}, {}
         for v in sw.variants:
             converts[v.slug] = self._convert(model, v, source, measured)
-            inputs = {"model": converts[v.slug], **({"base": source} if sw.wants_base else {})}
+            inputs = {"model": converts[v.slug], **({"base": source} if sw.wants_base else {}),
+                      **self._shards(model, v, converts[v.slug])}
             evals[v.slug] = self.add("eval", f"{m}/{v.label}", dict(sw.eval), inputs, model)
         return converts, evals
+
+    def _shards(self, model: str, v: Variant, convert: str) -> dict[str, str]:
+        """With eval.shards = N > 1: N jobs each scoring every N-th document of the tasks (the eval job merges)."""
+        n = self.sweep.eval.get("shards", 1)
+        tasks = [t for t in self.sweep.tasks if t not in ("ppl", "kld")]
+        if n < 2 or not tasks:
+            return {}
+        settings = {key: val for key, val in self.sweep.eval.items() if key != "shards"}
+        return {f"shard:{k}": self.add("shard", f"{slug(model)}/{v.label} {k}/{n}",
+                                       {**settings, "tasks": tasks, "shard": f"{k}/{n}"}, {"model": convert}, model)
+                for k in range(n)}
 
     def _convert(self, model: str, v: Variant, source: str, measured: str | None) -> str:
         m, dtype = slug(model), self.sweep.dtype
@@ -179,7 +191,7 @@ def memory_estimate(graph: Graph, job: Job) -> int:
 def work_words(graph: Graph, job: Job) -> str:
     """What a job will do, in countable units."""
     s = job.settings
-    if job.kind == "eval":
+    if job.kind in ("eval", "shard"):
         docs = s.get("limit") or s.get("sample")
         tasks = [t for t in s["tasks"] if t not in ("ppl", "kld")]
         text = [t for t in s["tasks"] if t in ("ppl", "kld")]

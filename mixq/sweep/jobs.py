@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mixq.errors import MixqError
-from mixq.eval.evaluate import evaluate
+from mixq.eval.evaluate import evaluate, merge_shards
 from mixq.io.files import write_atomic
 from mixq.quant.convert import convert
 from mixq.report.card import write_card
@@ -73,13 +73,27 @@ def _convert(root, job, inputs, folder) -> dict:
 
 
 def _eval(root, job, inputs, folder, cpus: int) -> dict:
-    s = dict(job.settings)
+    """Evaluate the converted model; with shard inputs, merge their documents and finish the run (ppl/kld)."""
+    s = {k: v for k, v in job.settings.items() if k not in ("shards", "threads")}
     run_dir = folder / "run"
     base = str(_source(root, inputs["base"])) if "base" in inputs else None
-    model = job_dir(root, inputs["model"]) / "model"
-    res = evaluate(str(model), s.pop("tasks"), run_dir, base=base, resume=run_dir.exists(), progress=False,
-                   threads=cpus, **s)
+    model = str(job_dir(root, inputs["model"]) / "model")
+    shards = [job_dir(root, dep) / "run" for role, dep in inputs.items() if role.startswith("shard:")]
+    if shards and not run_dir.exists():
+        res = merge_shards(shards, model, s.pop("tasks"), run_dir, base=base, progress=False, threads=cpus, **s)
+    else:   # also a merge that was interrupted: its run folder resumes like any other
+        res = evaluate(model, s.pop("tasks"), run_dir, base=base, resume=run_dir.exists(), progress=False,
+                       threads=cpus, **s)
     return {"bits_per_weight": res.get("bits_per_weight"), "kld_mean": (res.get("kld") or {}).get("kld_mean")}
+
+
+def _shard(root, job, inputs, folder, cpus: int) -> dict:
+    """Score one shard (every N-th document) of the tasks."""
+    s = {k: v for k, v in job.settings.items() if k != "threads"}
+    run_dir = folder / "run"
+    evaluate(str(job_dir(root, inputs["model"]) / "model"), s.pop("tasks"), run_dir, progress=False, threads=cpus,
+             **s)
+    return {"shard": s["shard"]}
 
 
 def link_runs(root: Path, inputs: dict[str, Job], folder: Path) -> dict[str, Path]:
@@ -129,7 +143,8 @@ BODIES = {"import": _import, "measure": _measure, "plan": _plan, "convert": _con
 def run_job(root, job: Job, inputs: dict[str, Job], cpus: int = 1) -> dict:
     """Run one job into its folder and write its completion marker; a finished job is not run again.
 
-    A folder left by an unfinished attempt is cleared first (an eval run folder is kept: eval resumes it).
+    A folder left by an unfinished attempt is cleared first (an eval run folder is kept: eval resumes it; a shard
+    run starts over).
     Returns {"id", "ran", "seconds", "pid", "start", "end"} (start/end: wall-clock time.time())."""
     root = Path(root)
     folder = job_dir(root, job)
@@ -144,8 +159,8 @@ def run_job(root, job: Job, inputs: dict[str, Job], cpus: int = 1) -> dict:
     write_atomic(folder / JOB_FILE, json.dumps(job.describe(), indent=2, default=str) + "\n")
     t0 = time.time()
     with torch_threads(cpus):
-        if job.kind == "eval":
-            result = _eval(root, job, inputs, folder, cpus)
+        if job.kind in ("eval", "shard"):
+            result = (_eval if job.kind == "eval" else _shard)(root, job, inputs, folder, cpus)
         else:
             result = BODIES[job.kind](root, job, inputs, folder)
     seconds = time.time() - t0

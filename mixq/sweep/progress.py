@@ -53,6 +53,8 @@ def job_cpus(graph: Graph, job: Job, cores: int | None = None, slots: int | None
     (at most `slots` at once; two evals on two cores: one each); light jobs take one."""
     if job.kind not in HEAVY:
         return 1
+    if job.settings.get("threads"):   # an evaluation's fixed thread count
+        return job.settings["threads"]
     cores = cores or available_cores()
     width = min(slots or cores, len(graph.by_kind(job.kind)))
     return max(1, cores // max(1, width))

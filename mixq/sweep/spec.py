@@ -11,6 +11,9 @@
     limit = 100                        # or sample = N (seeded), seed = 0
     windows = 16                       # ppl/kld windows (ctx tokens each); ctx, kld_topk, dtype, device,
                                        # data_dir, ppl_file, batch_size
+    shards = 1                         # N > 1: each variant's task documents split over N jobs, then merged
+    threads = 1                        # torch threads per evaluation (default: the executor's share of cores);
+                                       # fixed, float sums do not depend on how the executor splits the cores
 
     [measure]                          # settings of the sensitivity measurement behind plan@ targets
     method = "fisher"                  # tokens, ctx, levels, group_sizes, modes, draws, calib (a text file)
@@ -37,7 +40,8 @@ from mixq.quant.spec import FLOAT_MODES
 
 TOP_KEYS = {"out", "models", "variants", "ref", "dtype", "eval", "measure"}
 EVAL_KEYS = {"tasks": (str, list), "limit": int, "sample": int, "seed": int, "windows": int, "ctx": int,
-             "kld_topk": int, "dtype": str, "device": str, "data_dir": str, "ppl_file": str, "batch_size": int}
+             "kld_topk": int, "dtype": str, "device": str, "data_dir": str, "ppl_file": str, "batch_size": int,
+             "shards": int, "threads": int}
 EVAL_PATHS = ("data_dir", "ppl_file")
 MEASURE_KEYS = {"method": str, "tokens": int, "ctx": int, "levels": list, "group_sizes": list, "modes": list,
                 "draws": int, "calib": str}
@@ -131,7 +135,7 @@ def _eval_settings(src: str, base_dir: Path, data: dict) -> dict:
     ev = _typed(src, "eval.", data, EVAL_KEYS)
     ev["tasks"] = parse_tasks(ev.get("tasks", "all"))
     ev.setdefault("windows", DEFAULT_WINDOWS)
-    for key in ("limit", "sample", "windows", "ctx", "kld_topk", "batch_size"):
+    for key in ("limit", "sample", "windows", "ctx", "kld_topk", "batch_size", "shards", "threads"):
         if key in ev and ev[key] < (0 if key in ("windows", "kld_topk") else 1):
             raise MixqError(f"{src}: eval.{key} = {ev[key]} must be positive")
     if "limit" in ev and "sample" in ev:
