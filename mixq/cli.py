@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "card": ("mixq.report.card", "write the model card README.md of a converted folder"),
     "generate": ("mixq.infer.generate", "generate text from a model"),
     "chat": ("mixq.infer.chat", "chat with a model in the terminal"),
+    "sweep": ("mixq.sweep.command", "many models x variants: convert, evaluate, compare, report (locally or on Ray)"),
     "demo": ("mixq.demo", "convert, evaluate and compare the standard variants of a model"),
 }
 

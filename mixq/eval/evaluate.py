@@ -126,6 +126,7 @@ class EvalConfig:
     max_memory: str | float | None = 0        # GB for the weights (engine.parse_memory; default 0: packed, see
                                               # engine's docstring; auto: dense copies within half the memory)
     progress: bool = True
+    shard: str | None = None                  # "K/N": a part of each task's documents (merge_shards joins them)
 
     def __post_init__(self):
         """Normalize, and validate every setting before anything is loaded or written (a bad value is a
@@ -139,6 +140,7 @@ class EvalConfig:
         self.base = str(self.base) if self.base else None
         self.data_dir = str(self.data_dir) if self.data_dir else None
         self._check_numbers()
+        self._check_shard()
         parse_memory(self.max_memory)
         self.ctx = self.ctx or DEFAULT_CTX
         self.windows = self.windows or None
@@ -175,6 +177,21 @@ class EvalConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MixqError(f"--seed {self.seed!r}: must be a whole number")
 
+    def _check_shard(self) -> None:
+        if self.shard is None:
+            return
+        k, _, n = str(self.shard).partition("/")
+        if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+            raise MixqError(f"--shard {self.shard!r}: write K/N with 0 <= K < N, e.g. 0/2")
+        if self.wants_text:
+            raise MixqError("--shard splits the tasks' documents: leave ppl/kld to the merged run (merge_shards)")
+        self.shard = f"{int(k)}/{int(n)}"
+
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """--shard K/N as scoring's part (K, N): the documents of the scorer's batches K, K+N, ..."""
+        return None if self.shard is None else tuple(int(x) for x in self.shard.split("/"))
+
     @property
     def wants_text(self) -> bool:
         return any(t in EXTRA for t in self.tasks)
@@ -189,7 +206,30 @@ class EvalConfig:
 
 
 RESUME_KEYS = tuple(f.name for f in fields(EvalConfig) if f.metadata.get("resume"))
+TEXT_KEYS = ("base", "ppl_file", "ctx", "windows", "kld_topk")   # options of ppl/kld only (never of a shard)
 _BEFORE = {"device": "cpu"}  # what a run folder from before an option was added ran with
+
+
+def merge_shards(shard_dirs, model_ref, tasks="all", out_dir=None, **settings) -> dict:
+    """Join the samples of shard runs (`shard="K/N"`, same settings) into `out_dir` and finish it there: the task
+    metrics from every document, ppl/kld computed here. results.json and samples.jsonl (as a set of lines) equal
+    a single-process run's, timing fields and `n_scored_now` aside."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MixqError(f"{out}: merge into a new run folder")
+    shards = [read_results(d) for d in shard_dirs]
+    parts = sorted(r.get("shard") or "" for r in shards)
+    n = len(shard_dirs)
+    if parts != sorted(f"{k}/{n}" for k in range(n)) or not all(r.get("complete") for r in shards):
+        raise MixqError(f"merge needs the {n} finished shards 0/{n}..{n - 1}/{n}; got {', '.join(parts)}")
+    cfg = EvalConfig(model=model_ref, tasks=tasks, out=out, resume=True, **settings)
+    for d, r in zip(shard_dirs, shards):
+        diff = [k for k in RESUME_KEYS if k not in TEXT_KEYS and r.get("options", {}).get(k) != cfg.options()[k]]
+        if diff:
+            raise MixqError(f"{d}: shard run with other options than the merge ({', '.join(diff)}); use the same ones")
+    lines = "".join(json.dumps(rec) + "\n" for d in shard_dirs for rec in read_samples(d))
+    write_atomic(out / SAMPLES_FILE, lines)
+    return run(cfg)
 
 
 def evaluate(model_ref, tasks="all", out_dir=None, **settings) -> dict:
@@ -317,6 +357,9 @@ def _check_run_dir(out: Path, cfg: EvalConfig) -> tuple[dict | None, list[dict]]
     if out.exists() and not out.is_dir():
         raise MixqError(f"{out}: exists and is not a folder; choose another -o RUN_DIR")
     exists = out.exists() and any(out.iterdir())
+    if exists and cfg.resume and cfg.shard is not None:
+        raise MixqError(f"{out}: a --shard run does not resume (its part is planned over all documents); "
+                        "start it over with --force")
     if exists and not cfg.resume:
         _check_replaceable_run(out, cfg.force)
     if not (cfg.resume and exists):
@@ -380,6 +423,8 @@ def _start_run_dir(out: Path, cfg: EvalConfig, prev: dict | None, samples: list[
 
 def _check_resumable(out: Path, prev: dict, cfg: EvalConfig) -> None:
     """Refuse to resume with other deciding options, or tasks whose definition changed since."""
+    if prev.get("shard") != cfg.shard:
+        raise MixqError(f"{out}: cannot resume shard {prev.get('shard')} as shard {cfg.shard}; use the same --shard")
     old, new = prev.get("options", {}), cfg.options()
     diff = [k for k in RESUME_KEYS if old.get(k, _BEFORE.get(k)) != new.get(k)]
     if diff:
@@ -416,6 +461,8 @@ def _new_results(cfg: EvalConfig, info: ModelInfo, prev: dict | None) -> dict:
         "weights_bytes": info.weights_bytes,  # what the weights held (packed + dense copies within --max-memory)
         "tasks": {}, "task_versions": {}, "options": cfg.options(), "versions": _versions(), "complete": False,
     }
+    if cfg.shard is not None:   # a part of a run: its task metrics cover only this shard's documents
+        results["shard"] = cfg.shard
     if prev:
         results["tasks"] = dict(prev.get("tasks", {}))
         for k in EXTRA:
@@ -463,7 +510,7 @@ def _eval_task(cfg: EvalConfig, lm, task: str, samples_file, done: dict, loaded:
     bar = tqdm(total=len(docs), initial=len(docs) - len(todo), desc=task, unit="doc", disable=not cfg.progress,
                dynamic_ncols=True)
     opts = ScoreOptions(batch_size=DEFAULT_BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
-                        threads=cfg.threads, progress=False)
+                        threads=cfg.threads, progress=False, part=cfg.part)
     try:
         for rec in score_docs(lm.model, lm.tokenizer, task, todo, options=opts) if todo else ():
             rec = {"task": task, **rec}
@@ -473,7 +520,7 @@ def _eval_task(cfg: EvalConfig, lm, task: str, samples_file, done: dict, loaded:
             bar.update(1)
     finally:
         bar.close()  # also on Ctrl-C: a message after it starts on its own line
-    metrics = dict(task_metrics([records[i] for i, _ in docs]))
+    metrics = dict(task_metrics([records[i] for i, _ in docs if cfg.shard is None or i in records]))
     metrics.update(version=TASKS[task].version, source=src.get("source"), split=src.get("split"),
                    seconds=round(time.time() - t0, 3), n_scored_now=len(todo))
     for k, v in src.items():
@@ -576,6 +623,7 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", required=True, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--shard", metavar="K/N", help="score only documents K, K+N, ... of each task (a part of a run)")
 
 
 def config_from_args(args) -> EvalConfig:

@@ -363,6 +363,8 @@ class ScoreOptions:
     check: bool = True                       # tree mode: check one masked batch against plain scoring first
     threads: int | None = None               # torch threads while scoring (None: all cores)
     progress: bool = True
+    part: tuple[int, int] | None = None      # (K, N): only the documents whose first batch is K, K+N, ... of the
+                                             # plan made for all of them (N such calls give the one call's records)
 
     def __post_init__(self):
         if self.mode not in ("tree", "plain"):
@@ -402,7 +404,8 @@ def score_docs(model, tokenizer, task: str | Task, docs, options: ScoreOptions |
     Records come longest document first (not in doc_id order): task, doc_id, lls, lens (characters
     of each choice, what acc_norm divides by), pred, pred_norm, gold, correct, correct_norm (0/1),
     n_tokens (scored tokens per choice). mode: "tree" (shared prefix, the default) or "plain"
-    (every choice's full sequence separately, as the harness runs them).
+    (every choice's full sequence separately, as the harness runs them). part=(K, N): only part K of N of
+    the documents, with the numbers the whole call gives them (the batches are planned over all documents).
     """
     opts = replace(options or ScoreOptions(), **settings)
     t = task if isinstance(task, Task) else get_task(task)
@@ -428,7 +431,7 @@ def _score_tree(model, job: _Job, opts: ScoreOptions) -> Iterator[dict]:
             yield from _score_plain(model, job, opts)
             return
         batches = [masked] + [b for b in batches if b is not masked]
-    yield from _scored(model, job, batches, True, opts.progress, checked)
+    yield from _scored(model, job, batches, True, opts, checked)
 
 
 def _score_plain(model, job: _Job, opts: ScoreOptions) -> Iterator[dict]:
@@ -438,21 +441,41 @@ def _score_plain(model, job: _Job, opts: ScoreOptions) -> Iterator[dict]:
     max_tokens = max(1, min(opts.max_tokens, (1 << 28) // vocab))
     rows = [r for i, p in enumerate(job.pairs) for r in plain_rows(i, p)]
     yield from _scored(model, job, list(_batches(rows, False, opts.batch_size, max_tokens, opts.pack_tokens)),
-                       False, opts.progress)
+                       False, opts)
 
 
-def _scored(model, job: _Job, batches, tree: bool, progress: bool, first=None) -> Iterator[dict]:
+def _part(batches, part: tuple[int, int] | None) -> tuple[set[int] | None, list[int]]:
+    """The documents of part (K, N) (those whose first row is in batch K, K+N, ...) and the batches holding any
+    of their rows; every document and batch without a part. The batches are the same in every part, so each
+    document's numbers are the ones a single call computes."""
+    if part is None:
+        return None, list(range(len(batches)))
+    k, n = part
+    first: dict[int, int] = {}
+    for i, batch in enumerate(batches):
+        for line in batch:
+            for r in line:
+                first.setdefault(r.index, i)
+    mine = {d for d, i in first.items() if i % n == k}
+    return mine, [i for i, b in enumerate(batches) if any(r.index in mine for line in b for r in line)]
+
+
+def _scored(model, job: _Job, batches, tree: bool, opts: ScoreOptions, first=None) -> Iterator[dict]:
     """Run the batches; yield each document's record once all its choices are scored. `first`: the
     sums of the first batch, already computed (by the self-check)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(job.docs), desc=job.task.name, unit="doc", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True, leave=False)
+    mine, todo = _part(batches, opts.part)
+    bar = tqdm(total=len(job.docs) if mine is None else len(mine), desc=job.task.name, unit="doc", file=sys.stderr,
+               disable=not opts.progress, dynamic_ncols=True, leave=False)
     try:
         pending: dict[int, dict[int, float]] = {}
-        for i, batch in enumerate(batches):
+        for i in todo:
+            batch = batches[i]
             sums = first if first and i == 0 else _run(model, batch, tree, job.pad_id)
             for r, s in zip((r for line in batch for r in line), sums):
+                if mine is not None and r.index not in mine:
+                    continue   # another part's document, in a batch shared in plain mode
                 got = pending.setdefault(r.index, {})
                 got.update(enumerate(s) if r.choice is None else [(r.choice, s[0])])
                 if len(got) < len(job.pairs[r.index]):

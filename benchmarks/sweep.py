@@ -1,0 +1,177 @@
+"""Benchmark `mixq sweep`: the same sweep run sequentially, with the local executor and on a local Ray instance.
+
+    .venv/bin/python benchmarks/sweep.py [--model smollm2-135m] [--variants bf16,q8-hi,q6-hi,qx86-hi,qx64-hi]
+        [--tasks arc_easy,ppl,kld] [--limit 10] [--windows 2] [--workers 2] [--executors serial,local,ray] [-o DIR]
+
+First a one-variant warm-up sweep imports the model, fetches the task data and caches the KLD base
+distributions, so no executor pays for them. Then each executor runs the whole sweep into a fresh folder:
+- serial: one job after another in this process (heavy jobs on all cores);
+- local: worker processes (`--workers`, default 2), jobs as the cores and memory estimates allow;
+- ray: `ray.init(num_cpus=WORKERS)` (timed apart), the jobs as Ray tasks.
+Printed per executor: wall time, the seconds spent inside jobs, peak memory (RSS summed over this process and
+all its descendants: workers, and Ray's raylet/GCS/workers; sampled every 0.1 s), idle worker-seconds per job,
+the extra seconds inside jobs per job against the serial run, and for Ray the round trip of an empty task.
+Also checked: the three give identical per-document samples and results (timing fields aside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mixq.sweep.command import run_sweep  # noqa: E402
+from mixq.sweep.graph import build_graph, job_dir  # noqa: E402
+from mixq.sweep.spec import load_sweep  # noqa: E402
+
+TIMING = {"seconds", "created", "n_scored_now", "peak_memory_bytes"}   # differ between any two runs
+
+
+class PeakMemory:
+    """Peak of the summed RSS of this process and its descendants, sampled in a thread."""
+
+    def __init__(self, every: float = 0.1):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def sweep_text(args, variants: list[str]) -> str:
+    return (f'models = ["{args.model}"]\nvariants = {json.dumps(variants)}\nref = "{variants[0]}"\n'
+            f'dtype = "bfloat16"\n[eval]\ntasks = "{args.tasks}"\nlimit = {args.limit}\nwindows = {args.windows}\n'
+            f'dtype = "float32"\n')
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def outputs(sweep) -> dict:
+    """label -> (results.json without timing fields, its output folder written OUT; samples.jsonl lines sorted)."""
+    graph = build_graph(sweep)
+    out = {}
+    for job in graph.by_kind("eval"):
+        run = job_dir(graph.root, job) / "run"
+        res = _strip(json.loads((run / "results.json").read_text().replace(str(sweep.out), "OUT")))
+        out[job.label] = (res, sorted((run / "samples.jsonl").read_text().splitlines()))
+    return out
+
+
+def ray_task_latency(n: int = 20) -> float:
+    """Seconds for one no-op Ray task, submit to result, on warm workers (mean of n, one at a time)."""
+    import ray
+
+    noop = ray.remote(num_cpus=1)(lambda: None)
+    ray.get(noop.remote())
+    t0 = time.time()
+    for _ in range(n):
+        ray.get(noop.remote())
+    return (time.time() - t0) / n
+
+
+def run_one(args, executor: str, sweep_file: Path, out: Path) -> dict:
+    sweep = load_sweep(sweep_file, out=out)
+    init = 0.0
+    with PeakMemory() as mem:
+        t0 = time.time()
+        if executor == "ray":
+            import ray
+            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+            init = time.time() - t0
+        t1 = time.time()
+        result = run_sweep(sweep, executor, workers=args.workers, progress=False)
+        wall = time.time() - t1
+    latency = float("nan")
+    if executor == "ray":
+        latency = ray_task_latency()
+        ray.shutdown()
+    slots = 1 if executor == "serial" else args.workers
+    in_jobs = sum(result.seconds.values())
+    return {"executor": executor, "wall": wall, "init": init, "jobs": len(result.ran), "in_jobs": in_jobs,
+            "per_job": dict(result.seconds), "peak_rss": mem.peak, "idle": (wall * slots - in_jobs) / len(result.ran),
+            "latency": latency, "sweep": sweep}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--variants", default="q8-hi,bf16,q6-hi,qx86-hi,qx64-hi", help="the first is the reference")
+    ap.add_argument("--tasks", default="arc_easy,ppl,kld")
+    ap.add_argument("--limit", type=int, default=10)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--executors", default="serial,local,ray")
+    ap.add_argument("-o", "--out", default=None, help="work folder (default: a new temporary one)")
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="mixq-bench-sweep-"))
+    out.mkdir(parents=True, exist_ok=True)
+    variants = args.variants.split(",")
+    (out / "warm.toml").write_text(sweep_text(args, variants[:1]))
+    (out / "sweep.toml").write_text(sweep_text(args, variants))
+    t0 = time.time()
+    run_sweep(load_sweep(out / "warm.toml", out=out / "warm"), "serial", progress=False)
+    print(f"warm-up (import, task data, KLD base cache, one variant): {time.time() - t0:.1f} s")
+    print(f"sweep: {args.model} x {len(variants)} variants, tasks {args.tasks}, limit {args.limit}, "
+          f"windows {args.windows}; {os.cpu_count()} cores, {args.workers} workers")
+    rows = [run_one(args, ex, out / "sweep.toml", out / ex) for ex in args.executors.split(",")]
+    serial = next((r for r in rows if r["executor"] == "serial"), None)
+    print(f"{'executor':8} {'wall s':>7} {'init s':>7} {'jobs':>5} {'in-job s':>9} {'peak MB':>8} "
+          f"{'idle/job s':>10} {'extra/job s':>11} {'no-op task ms':>13}")
+    for r in rows:
+        extra = (r["in_jobs"] - serial["in_jobs"]) / r["jobs"] if serial and r["jobs"] else float("nan")
+        print(f"{r['executor']:8} {r['wall']:7.1f} {r['init']:7.1f} {r['jobs']:5d} {r['in_jobs']:9.1f} "
+              f"{r['peak_rss'] / 2**20:8.0f} {r['idle']:10.2f} {extra:11.2f} {r['latency'] * 1000:13.1f}")
+    print("idle/job: (wall x worker slots - seconds inside jobs) / jobs (dependency stalls, worker start, "
+          "scheduling); extra/job: seconds inside jobs beyond the serial run's, per job (cold imports in "
+          "fresh workers, two jobs sharing two cores); no-op task: one empty Ray task round trip")
+    ref = outputs(rows[0]["sweep"])
+    for r in rows[1:]:
+        same = outputs(r["sweep"]) == ref
+        print(f"{r['executor']} results and samples identical to {rows[0]['executor']}: {same}")
+    for r in rows:
+        kinds = {}
+        graph = build_graph(r["sweep"])
+        for i, s in r["per_job"].items():
+            kinds.setdefault(graph.jobs[i].kind, []).append(s)
+        print(f"{r['executor']:8} seconds in jobs by kind: "
+              + ", ".join(f"{k} {sum(v):.1f} ({len(v)})" for k, v in kinds.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`mixq sweep SWEEP.toml`: many models x variants, built, evaluated, compared and reported in one command,
+in this process (`--serial`), in local worker processes (default) or on Ray (`--ray [ADDRESS]`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from mixq.errors import MixqError
+from mixq.io.files import output_lock, write_atomic
+from mixq.sweep.graph import Graph, build_graph, dry_run_text, is_done, job_dir
+from mixq.sweep.local import run_local, run_serial
+from mixq.sweep.progress import Progress, SweepResult
+from mixq.sweep.ray_exec import run_ray
+from mixq.sweep.spec import Sweep, builtin_sweeps, load_sweep
+
+EXECUTORS = ("serial", "local", "ray")
+INDEX_FILE = "sweep.json"
+
+
+def write_index(graph: Graph) -> Path:
+    """OUT/sweep.json (every job: kind, label, folder, done) and OUT/report -> the report job's folder."""
+    root = graph.root
+    jobs = [{**{k: v for k, v in j.describe().items() if k != "settings"}, "folder": str(job_dir(root, j)),
+             "done": is_done(root, j)} for j in graph.jobs.values()]
+    index = write_atomic(root / INDEX_FILE, json.dumps({"sweep": str(graph.sweep.path), "jobs": jobs}, indent=2))
+    report = next(j for j in graph.jobs.values() if j.kind == "report")
+    if is_done(root, report):
+        link, tmp = root / "report", root / f".report.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(Path("jobs") / report.name, tmp)
+        if link.exists() and not link.is_symlink():   # a folder someone put there is not mixq's to replace
+            tmp.unlink()
+        else:
+            os.replace(tmp, link)
+    return index
+
+
+def run_sweep(sweep: Sweep, executor: str = "local", *, address: str | None = None, workers: int | None = None,
+              progress: bool = True) -> SweepResult:
+    """Run every job of the sweep not finished yet; return what ran. One sweep at a time writes OUT."""
+    if executor not in EXECUTORS:
+        raise MixqError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    graph = build_graph(sweep)
+    graph.root.mkdir(parents=True, exist_ok=True)
+    with output_lock(graph.root):
+        bar = Progress(len(graph.pending()), enabled=progress)
+        try:
+            if executor == "serial":
+                result = run_serial(graph, bar)
+            elif executor == "ray":
+                result = run_ray(graph, bar, address)
+            else:
+                result = run_local(graph, bar, workers)
+        finally:
+            bar.close()
+            write_index(graph)
+    return result
+
+
+def add_arguments(p) -> None:
+    p.add_argument("sweep", metavar="SWEEP",
+                   help=f"a sweep TOML file, or a built-in one: {', '.join(builtin_sweeps())}")
+    p.add_argument("-o", "--out", help="output folder (default: the file's `out`)")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs, what is done and the estimated work")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the jobs as Ray tasks (a cluster's ADDRESS or `auto`; none: a local instance)")
+    how.add_argument("--serial", action="store_true", help="run the jobs one after another in this process")
+    p.add_argument("--workers", type=int, help="local worker processes at most (default: the cores)")
+
+
+def cli(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise MixqError(f"--workers {args.workers}: must be 1 or more")
+    sweep = load_sweep(args.sweep, out=args.out)
+    if args.dry_run:
+        print(dry_run_text(build_graph(sweep)))
+        return 0
+    executor = "ray" if args.ray is not None else "serial" if args.serial else "local"
+    t0 = time.time()
+    result = run_sweep(sweep, executor, address=args.ray or None, workers=args.workers)
+    print(f"[sweep] {len(result.ran)} jobs run ({executor}) in {time.time() - t0:.0f} s; "
+          f"report: {sweep.out / 'report' / 'report.md'}")
+    return 0
