@@ -6,7 +6,7 @@ the engine applies it in memory, plan-show prints it, measure and allocate plan 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from mixq.io.safetensors import torch_dtype_name
 from mixq.quant import arch
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.plan import Plan, plan_model
-from mixq.quant.recipe import Recipe, load_recipe
+from mixq.quant.recipe import METHODS, Recipe, load_recipe
 from mixq.sources.resolve import ResolvedModel, resolve
 
 DEFAULT_RECIPE = "q6-hi"
@@ -66,14 +66,19 @@ def _resolve(source) -> tuple[Path, dict, str | None]:
     return Path(r.path), dict(r.provenance or {}), r.recipe
 
 
-def prepare(source, recipe=None, dtype: str | None = None) -> Prepared:
+def prepare(source, recipe=None, dtype: str | None = None, method: str | None = None) -> Prepared:
     """Resolve the source (a reference, or an already `ResolvedModel`), read its headers, build the MLX
-    tensor list and the recipe's plan."""
+    tensor list and the recipe's plan. `method`: the quantization method for tensors whose rule names none
+    (convert --method; default: the recipe's)."""
     path, provenance, ref_recipe = _resolve(source)
     ckpt = Checkpoint(path)
     arch.check_supported(ckpt.config)
     recipe = recipe or ref_recipe or DEFAULT_RECIPE
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    if method is not None:
+        if method not in METHODS:
+            raise MixqError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+        recipe = replace(recipe, method=method)
     store = storage_dtype(ckpt.config, dtype or recipe.dtype)  # --dtype > recipe's dtype > config.json's
     items = list(arch.mlx_tensors(ckpt))
     config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))
