@@ -124,6 +124,9 @@ def test_recipe_rule_method_touches_only_its_tensors(tiny_model, tmp_path):
     assert {n for n, m in methods.items() if m == "gptq"} == {n for n in methods if ".mlp.down_proj." in n}
     assert prov["calibration"]["samples"] == 4 and prov["calibration"]["length"] == 64
     assert "gptq on 4 tensors" in (gq / "README.md").read_text()
+    from mixq.report.card import read_folder, render_card
+    card = render_card(read_folder(gq))
+    assert "gptq on 4 tensors" in card and "4 windows of 64 tokens, seed 0, from token 32768" in card
 
 
 def test_model_output_closer_with_gptq(tiny_model, tmp_path):

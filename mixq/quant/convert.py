@@ -20,7 +20,7 @@ import torch
 from mixq.errors import MixqError
 from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, os_error, sha256_file, staged_dir
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
-from mixq.quant.artifact import read_artifact
+from mixq.quant.artifact import method_line, read_artifact
 from mixq.quant.checkpoint import check_against_config
 from mixq.quant.plan import Plan, TensorPlan
 from mixq.quant.plan_show import print_plan
@@ -237,26 +237,13 @@ def _hash_files(files: list[Path], result: dict) -> None:
         result[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f, 1 << 24)}
 
 
-def method_line(pre: Precomputed | None) -> str:
-    """One sentence on the calibrated methods and their calibration text ("" for round-to-nearest only)."""
-    if pre is None or not pre.methods:
-        return ""
-    from collections import Counter
-
-    counts = Counter(m.split(" ", 1)[0] for m in pre.methods.values())
-    c = pre.calibration
-    what = ", ".join(f"{m} on {n} tensors" for m, n in sorted(counts.items()))
-    return (f"Calibrated quantization: {what} (the rest round to nearest); calibration text "
-            f"{Path(str(c.get('file', '?'))).name} (sha256 {str(c.get('sha256', '?'))[:12]}), {c.get('samples')} "
-            f"windows of {c.get('length')} tokens, seed {c.get('seed')}.\n")
-
-
 def _readme(prep: Prepared, out_name: str, pre: Precomputed | None = None) -> str:
     plan = prep.plan
     bpw = plan.bits_per_weight
     base = _base_model(prep)
     note = prep.provenance.get("note")
     source_note = f"Source note: {note}.\n" if note else ""
+    calibrated = method_line(pre.methods, pre.calibration) if pre is not None else ""
     quant = (f"{plan.bits_per_weight_quantized:.3f} over the quantized tensors" if plan.quantized_params
              else "nothing quantized")
     return f"""---
@@ -276,7 +263,7 @@ pipeline_tag: text-generation
 
 Size {plan.total_bytes / 1e9:.3f} GB, {bpw:.3f} bits per weight ({quant}).
 Per-tensor choices: `mixq_provenance.json`.
-{method_line(pre)}{source_note}(Run `mixq card` on this folder for the full model card.)
+{calibrated}{source_note}(Run `mixq card` on this folder for the full model card.)
 
 ## Use with mlx
 
