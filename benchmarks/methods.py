@@ -1,7 +1,7 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
-        [--methods rtn gptq] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--methods rtn gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
@@ -28,13 +28,15 @@ from mixq.tune.methods import convert  # noqa: E402
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
+    """`method`: rtn, gptq, or gptq+clip (gptq with its per-group range search)."""
     """Convert (unless already done) and evaluate (unless already done) one combination; its row."""
+    base_method, clip = method.removesuffix("+clip"), method.endswith("+clip")
     name = f"{model}-{recipe}-{method}"
     folder, run = out / "folders" / name, out / "runs" / name
     seconds = {}
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
-        convert(model, folder, recipe, method=method, calib=calib, force=True)
+        convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip=clip)
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--out", required=True, help="work folder (converted folders, runs, table)")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], help="rtn, gptq, gptq+clip")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

@@ -62,6 +62,26 @@ def test_identity_hessian_is_rtn(bits):
         assert torch.equal(a, b)
 
 
+def test_clip_search_never_worse_per_group():
+    """The range search keeps mx.quantize's formula and picks, per row, a range no worse than max/min."""
+    from mixq.tune.gptq import CLIP_GRID, _group_params
+
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    g[:, 0] *= 6  # an outlier per row: shrinking the range helps the rest
+    d = torch.rand(32, generator=torch.Generator().manual_seed(4)) + 0.1
+
+    def err(s, z):
+        q = ((g - z[:, None]) / s[:, None]).clamp(0, 7).round()
+        return ((g - (s[:, None] * q + z[:, None])) ** 2 * d).sum(-1)
+
+    plain, best = _group_params(g, d, 3, torch.float32, (1.0,)), _group_params(g, d, 3, torch.float32, CLIP_GRID)
+    assert (err(*best) <= err(*plain)).all() and (err(*best) < err(*plain)).any()
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    x = _inputs(n=512, d=128)
+    parts = gptq_quantize(w, 2 * x.T @ x / 512, 3, 32, dtype=torch.float32, clip=True)
+    assert _out_err(x, w, parts, 3, 32) < _out_err(x, w, quantize(w, 3, 32), 3, 32)
+
+
 def _windows_file(tmp_path, n_words=40000):
     import random
 

@@ -35,6 +35,9 @@ from mixq.threads import torch_threads
 DAMP = 0.01        # damping: fraction of the mean Hessian diagonal added to the diagonal
 BLOCK = 128        # columns per lazy-update block (a multiple of every group size: groups never straddle)
 BATCH = 4          # calibration windows per forward
+# Range search: a group's scale and bias come from its max/min shrunk by each factor; the one with the least
+# diag(H)-weighted squared rounding error wins per row (still mx.quantize's formula: codes, scale, bias as MLX reads)
+CLIP_GRID = tuple(round(1 - 0.025 * k, 3) for k in range(13))   # 1.0 ... 0.7
 
 
 def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -54,9 +57,10 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, dtype: torch.dtype,
-                  damp: float = DAMP, block: int = BLOCK):
+                  damp: float = DAMP, block: int = BLOCK, clip: bool = False):
     """(packed uint32 [out, in*bits/32], scales, biases [out, in/group] in `dtype`) of `w` [out, in], as
-    `quant.quantize.quantize` returns them, with GPTQ's error compensation under the Hessian `H` [in, in]."""
+    `quant.quantize.quantize` returns them, with GPTQ's error compensation under the Hessian `H` [in, in].
+    `clip`: each group's range is searched (CLIP_GRID) instead of taken from its max/min."""
     if block % group_size:
         raise ValueError(f"block {block} must be a multiple of the group size {group_size}")
     W = w.to(dtype).to(torch.float32).clone()   # the weight as stored: RTN starts from the same values
@@ -68,7 +72,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     # load 8 on 2 cores: cholesky_inverse of 1536 x 1536 takes 3.1 s on two threads, 0.23 s on one)
     with torch_threads(1, at_most=True):
         Hinv = _inverse_factor(H.to(torch.float32), damp)
-        _columns(W, Hinv, codes, scales, biases, bits, group_size, block)
+        grid = CLIP_GRID if clip else (1.0,)
+        _columns(W, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
     return pack_codes(codes, bits), scales, biases
 
 
@@ -79,7 +84,26 @@ def _levels(s_dt: torch.Tensor, z_dt: torch.Tensor, bits: int):
     return (s_dt[:, None] * q[None, :] + z_dt[:, None]).to(torch.float32).numpy()
 
 
-def _columns(W, Hinv, codes, scales, biases, bits: int, group_size: int, block: int) -> None:
+def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scale, bias) [rows] of the groups `g` [rows, gs]: mx.quantize's, from the range shrunk by the
+    factor in `grid` whose rounding error (squared, weighted by `d` [gs]) is least, per row."""
+    maxq = float((1 << bits) - 1)
+    best = None
+    for p in grid:
+        s, z = affine_params(g * p if p != 1.0 else g, bits)
+        if len(grid) == 1:
+            return s[:, 0], z[:, 0]
+        q = ((g - z) / s).clamp_(0.0, maxq).round_()
+        err = ((g - (s.to(dtype) * q.to(dtype) + z.to(dtype)).to(torch.float32)) ** 2 * d).sum(-1)
+        if best is None:
+            best = [err, s[:, 0], z[:, 0]]
+        else:
+            m = err < best[0]
+            best = [torch.where(m, err, best[0]), torch.where(m, s[:, 0], best[1]), torch.where(m, z[:, 0], best[2])]
+    return best[1], best[2]
+
+
+def _columns(W, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
     """The GPTQ column loop: fills codes, scales and biases. In numpy on transposed (column-contiguous) copies:
     one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and several times that in
     torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes."""
@@ -98,8 +122,8 @@ def _columns(W, Hinv, codes, scales, biases, bits: int, group_size: int, block: 
         E = np.empty((b - a, rows), dtype=np.float32)
         for i in range(a, b):
             if i % group_size == 0:
-                s, z = affine_params(torch.from_numpy(Wt[i:i + group_size].T), bits)
-                s, z = s[:, 0], z[:, 0]
+                s, z = _group_params(torch.from_numpy(Wt[i:i + group_size].T.copy()), hdiag[i:i + group_size],
+                                     bits, dtype, grid)
                 s_dt, z_dt = s.to(dtype), z.to(dtype)
                 scales[:, i // group_size], biases[:, i // group_size] = s_dt, z_dt
                 levels = _levels(s_dt, z_dt, bits).ravel()
@@ -190,7 +214,7 @@ def _hessians(layer, linears: dict, hidden, calls) -> tuple[dict, list]:
 
 
 def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progress: bool = True,
-                 threads: int | None = None) -> Precomputed:
+                 threads: int | None = None, clip: bool = False) -> Precomputed:
     """GPTQ for every tensor the plan of `prep` (quant.prepare.Prepared) gives method "gptq": a `Precomputed`
     for convert's writer (tensors, per-tensor methods with fallbacks, calibration provenance)."""
     from tqdm import tqdm
@@ -217,14 +241,15 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
             for name, m in linears.items():
                 tp = wanted[name]
                 dt = dtype_from_name(tp.dtype)
-                wq, s, b = gptq_quantize(m.weight, H[name], tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp)
+                wq, s, b = gptq_quantize(m.weight, H[name], tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp,
+                                          clip=clip)
                 tensors[name] = (wq, s, b)
                 methods[name] = "gptq"
                 m.weight.copy_(_dequant(wq, s, b, tp.spec).to(m.weight.dtype))
             hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
             bar.set_postfix_str(f"{len(tensors)}/{len(wanted)} tensors", refresh=False)
         bar.close()
-    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": False, **calib.info,
+    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": False, "clip_search": clip, **calib.info,
             "seconds": round(time.time() - t0, 1),
             "fallback_rtn": sorted(n for n, m in methods.items() if m != "gptq")}
     return Precomputed(tensors, methods, info)

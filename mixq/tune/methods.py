@@ -18,8 +18,10 @@ from mixq.quant.recipe import METHODS
 from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, calibration
 
 
-def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True) -> Precomputed:
-    """Run the calibrated methods the plan of `prep` asks for on the calibration text."""
+def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True,
+               clip: bool = False) -> Precomputed:
+    """Run the calibrated methods the plan of `prep` asks for on the calibration text (`clip`: gptq's range
+    search per group, tune/gptq.py CLIP_GRID)."""
     from transformers import AutoTokenizer
 
     from mixq.tune.gptq import gptq_tensors
@@ -29,16 +31,17 @@ def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bo
     if unknown:
         raise MixqError(f"method {sorted(unknown)[0]!r} is not implemented yet; use one of {', '.join(METHODS)}")
     tok = AutoTokenizer.from_pretrained(str(prep.path))
-    return gptq_tensors(prep, calibration(tok, calib), progress=progress)
+    return gptq_tensors(prep, calibration(tok, calib), progress=progress, clip=clip)
 
 
 def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
-            dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
+            dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True,
+            clip: bool = False) -> Path:
     """`quant.convert.convert` with the calibrated methods: the recipe's (or `method` for every tensor whose
     rule names none)."""
     (calib or CalibConfig()).check()
     prep = prepare(source, recipe, dtype, method=method)
-    pre = precompute(prep, calib, progress=progress) if prep.plan.calibrated() else None
+    pre = precompute(prep, calib, progress=progress, clip=clip) if prep.plan.calibrated() else None
     return quant_convert.write_mlx_folder(prep, out, force=force, shard_bytes=shard_bytes, progress=progress,
                                           precomputed=pre)
 
@@ -49,8 +52,10 @@ def add_arguments(p):
                    help="quantization method of tensors whose recipe rule names none (default: the recipe's, rtn); "
                         "gptq runs the model on calibration text")
     add_calib_arguments(p)
+    p.add_argument("--gptq-clip", action="store_true",
+                   help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error")
 
 
 def cli(args):
     cfg = calib_config(args)
-    return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg))
+    return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg, clip=args.gptq_clip))
