@@ -28,15 +28,17 @@ from mixq.tune.methods import convert  # noqa: E402
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
-    """`method`: rtn, gptq, or gptq+clip (gptq with its per-group range search)."""
+    """`method`: rtn, gptq, or gptq with options: gptq+clip (per-group range search), gptq+head (the output
+    head too), gptq+clip+head."""
     """Convert (unless already done) and evaluate (unless already done) one combination; its row."""
-    base_method, clip = method.removesuffix("+clip"), method.endswith("+clip")
+    base_method, *opts = method.split("+")
     name = f"{model}-{recipe}-{method}"
     folder, run = out / "folders" / name, out / "runs" / name
     seconds = {}
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
-        convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip=clip)
+        convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
+                head="head" in opts)
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--out", required=True, help="work folder (converted folders, runs, table)")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
-    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], help="rtn, gptq, gptq+clip")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
+                   help="rtn, gptq, gptq+clip, gptq+head, gptq+clip+head")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

@@ -175,6 +175,20 @@ def test_gptq_folder_opens_in_mlx_lm(tiny_model, tmp_path, arch_name):
     assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
 
 
+@pytest.mark.mlx
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_gptq_head(tiny_model, tmp_path, arch_name):
+    """--gptq-head: the output head (tied llama: the embedding tensor; qwen2: lm_head) gets GPTQ on the final norm's
+    outputs; the folder still opens in mlx_lm with the engine's logits."""
+    out = convert(tiny_model(arch_name), tmp_path / "out", "q4-hi", method="gptq", calib=CALIB, head=True,
+                  progress=False)
+    prov = json.loads((out / "mixq_provenance.json").read_text())
+    head = "model.embed_tokens.weight" if arch_name == "llama" else "lm_head.weight"
+    assert {t["name"]: t["method"] for t in prov["tensors"]}[head] == "gptq" and prov["calibration"]["head"] == head
+    engine = load_model(str(out), progress=False).model(torch.tensor(TOKENS)).logits.detach().numpy()
+    assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
+
+
 def test_method_refusals(tiny_model, tmp_path):
     src = tiny_model("llama")
     with pytest.raises(MixqError, match="needs an affine spec"):

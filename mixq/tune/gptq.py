@@ -213,16 +213,41 @@ def _hessians(layer, linears: dict, hidden, calls) -> tuple[dict, list]:
     return {n: H[n] * (2.0 / max(count[n], 1)) for n in linears}, outs
 
 
+def _head(model, prep, wanted: dict):
+    """(plan name, head Linear, final norm) when the output head is planned for gptq: `lm_head`, or with tied
+    embeddings the embedding (one tensor serves both, so its GPTQ serves the head's inputs); else None."""
+    out = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(out, torch.nn.Linear) or norm is None:
+        return None
+    for name in wanted:
+        if (name.endswith("lm_head.weight") or (prep.plan.tied and name.endswith("embed_tokens.weight"))) \
+                and tuple(out.weight.shape) == tuple(wanted[name].shape):
+            return name, out, norm
+    return None
+
+
+def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods) -> None:
+    dt = dtype_from_name(tp.dtype)
+    wq, s, b = gptq_quantize(m.weight, H, tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp, clip=clip)
+    tensors[name] = (wq, s, b)
+    methods[name] = "gptq"
+    m.weight.copy_(_dequant(wq, s, b, tp.spec).to(m.weight.dtype))
+
+
 def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progress: bool = True,
-                 threads: int | None = None, clip: bool = False) -> Precomputed:
+                 threads: int | None = None, clip: bool = False, head: bool = False) -> Precomputed:
     """GPTQ for every tensor the plan of `prep` (quant.prepare.Prepared) gives method "gptq": a `Precomputed`
-    for convert's writer (tensors, per-tensor methods with fallbacks, calibration provenance)."""
+    for convert's writer (tensors, per-tensor methods with fallbacks, calibration provenance). `head`: the output
+    head too (inputs: the final norm's outputs; with tied embeddings this is the embedding tensor)."""
     from tqdm import tqdm
 
     from mixq.eval.engine import load_model
 
     wanted = {tp.name: tp for tp in prep.plan.tensors if tp.method == "gptq"}
-    methods = {name: "rtn (gptq applies to linears inside the decoder layers)" for name in wanted}
+    methods = {name: "rtn (gptq applies to the decoder layers' linears"
+                                  f"{'' if head else '; the output head with --gptq-head'})" for name in wanted}
     tensors: dict = {}
     t0 = time.time()
     with torch.no_grad(), torch_threads(threads or torch.get_num_threads()):
@@ -239,17 +264,18 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
                 continue
             H, _ = _hessians(layer, linears, hidden, calls[i])
             for name, m in linears.items():
-                tp = wanted[name]
-                dt = dtype_from_name(tp.dtype)
-                wq, s, b = gptq_quantize(m.weight, H[name], tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp,
-                                          clip=clip)
-                tensors[name] = (wq, s, b)
-                methods[name] = "gptq"
-                m.weight.copy_(_dequant(wq, s, b, tp.spec).to(m.weight.dtype))
+                _quantize_linear(name, m, H[name], wanted[name], damp, clip, tensors, methods)
             hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
             bar.set_postfix_str(f"{len(tensors)}/{len(wanted)} tensors", refresh=False)
         bar.close()
-    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": False, "clip_search": clip, **calib.info,
+        target = _head(model, prep, wanted) if head else None  # after the last layer: `hidden` is its output
+        if target is not None:
+            name, out, norm = target
+            xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
+            H = sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
+            _quantize_linear(name, out, H, wanted[name], damp, clip, tensors, methods)
+    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": False, "clip_search": clip,
+            "head": target[0] if target is not None else None, **calib.info,
             "seconds": round(time.time() - t0, 1),
             "fallback_rtn": sorted(n for n, m in methods.items() if m != "gptq")}
     return Precomputed(tensors, methods, info)

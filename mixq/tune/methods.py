@@ -19,9 +19,9 @@ from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, cali
 
 
 def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True,
-               clip: bool = False) -> Precomputed:
+               clip: bool = False, head: bool = False) -> Precomputed:
     """Run the calibrated methods the plan of `prep` asks for on the calibration text (`clip`: gptq's range
-    search per group, tune/gptq.py CLIP_GRID)."""
+    search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too)."""
     from transformers import AutoTokenizer
 
     from mixq.tune.gptq import gptq_tensors
@@ -31,17 +31,17 @@ def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bo
     if unknown:
         raise MixqError(f"method {sorted(unknown)[0]!r} is not implemented yet; use one of {', '.join(METHODS)}")
     tok = AutoTokenizer.from_pretrained(str(prep.path))
-    return gptq_tensors(prep, calibration(tok, calib), progress=progress, clip=clip)
+    return gptq_tensors(prep, calibration(tok, calib), progress=progress, clip=clip, head=head)
 
 
 def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
             dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True,
-            clip: bool = False) -> Path:
+            clip: bool = False, head: bool = False) -> Path:
     """`quant.convert.convert` with the calibrated methods: the recipe's (or `method` for every tensor whose
     rule names none)."""
     (calib or CalibConfig()).check()
     prep = prepare(source, recipe, dtype, method=method)
-    pre = precompute(prep, calib, progress=progress, clip=clip) if prep.plan.calibrated() else None
+    pre = precompute(prep, calib, progress=progress, clip=clip, head=head) if prep.plan.calibrated() else None
     return quant_convert.write_mlx_folder(prep, out, force=force, shard_bytes=shard_bytes, progress=progress,
                                           precomputed=pre)
 
@@ -54,8 +54,11 @@ def add_arguments(p):
     add_calib_arguments(p)
     p.add_argument("--gptq-clip", action="store_true",
                    help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error")
+    p.add_argument("--gptq-head", action="store_true",
+                   help="gptq: the output head too (with tied embeddings: the embedding tensor, which is the head)")
 
 
 def cli(args):
     cfg = calib_config(args)
-    return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg, clip=args.gptq_clip))
+    return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg, clip=args.gptq_clip,
+                                                                             head=args.gptq_head))
