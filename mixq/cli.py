@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("mixq.quant.importer", "import a GGUF file or embedded model into a Hugging Face folder"),
     "recipes": ("mixq.quant.recipe", "list the built-in recipes"),
     "plan-show": ("mixq.quant.plan_show", "print the per-tensor table a recipe gives for a source"),
-    "convert": ("mixq.quant.convert", "convert a checkpoint to an MLX model folder under a recipe"),
+    "convert": ("mixq.tune.methods", "convert a checkpoint to an MLX model folder under a recipe"),
     "eval": ("mixq.eval.evaluate", "evaluate a model: the seven tasks, perplexity, KL divergence"),
     "measure": ("mixq.tune.measure", "measure each tensor's quantization sensitivity"),
     "plan": ("mixq.tune.allocate", "allocate bits per tensor to hit a target size"),

@@ -518,8 +518,8 @@ def test_read_back_catches_a_shard_cut_after_writing(src, tmp_path, capsys, monk
 
     real = C.write_weights
 
-    def cut(prep, folder, shard_bytes, progress):
-        weight_map = real(prep, folder, shard_bytes, progress)
+    def cut(prep, folder, shard_bytes, progress, pre=None):
+        weight_map = real(prep, folder, shard_bytes, progress, pre)
         f = folder / "model.safetensors"
         f.write_bytes(f.read_bytes()[:-512])
         return weight_map

@@ -206,6 +206,11 @@ def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool, pack
 
     prep = prepare(resolved, recipe_name)
     plan = prep.plan
+    if plan.calibrated():
+        tp = plan.calibrated()[0]
+        raise MixqError(f"recipe {prep.recipe.name}: method {tp.method} on {len(plan.calibrated())} tensors "
+                        f"({tp.name}...) needs calibration and is not applied on the fly; convert the model "
+                        f"first (mixq convert ... --recipe {prep.recipe.name}) and evaluate the folder")
     loaders = {info.name: load for info, load in prep.items}
 
     def tensors():

@@ -203,3 +203,22 @@ def read_artifact(path) -> Artifact:
         except ValueError as e:
             raise MixqError(f"{prov_file}: not valid JSON ({e})") from None
     return Artifact(path, config, q or None, tensors, files, provenance)
+
+
+def method_line(methods: dict, calibration: dict | None) -> str:
+    """One sentence on the calibrated methods and their calibration text ("" for round-to-nearest only).
+    `methods`: tensor name -> method as provenance records it ("rtn", "gptq", "rtn (why gptq did not apply)")."""
+    from collections import Counter
+
+    done = Counter(m for m in methods.values() if m and not m.startswith("rtn"))
+    fallback = sum(1 for m in methods.values() if m and m.startswith("rtn ("))
+    if not done and not fallback:
+        return ""
+    c = calibration or {}
+    what = ", ".join(f"{m} on {n} tensors" for m, n in sorted(done.items())) or "none"
+    fell = f" ({fallback} more asked for it and were rounded to nearest, see mixq_provenance.json)" if fallback else ""
+    where = (f", from token {c.get('first_token')} on (after eval's default ppl/KLD windows)"
+             if c.get("disjoint_from_eval") else "")
+    return (f"Calibrated quantization: {what}{fell}; the rest round to nearest. Calibration text "
+            f"{Path(str(c.get('file', '?'))).name} (sha256 {str(c.get('sha256', '?'))[:12]}), {c.get('samples')} "
+            f"windows of {c.get('length')} tokens, seed {c.get('seed')}{where}.\n")

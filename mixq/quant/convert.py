@@ -12,6 +12,8 @@ import math
 import shutil
 import threading
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from mixq.errors import MixqError
 from mixq.io.files import PROVENANCE_FILE, README_MARK, check_output, os_error, sha256_file, staged_dir
 from mixq.io.safetensors import INDEX_FILE, SafetensorsWriter, dtype_from_name, group_shards, shard_names
-from mixq.quant.artifact import read_artifact
+from mixq.quant.artifact import method_line, read_artifact
 from mixq.quant.checkpoint import check_against_config
 from mixq.quant.gguf_quants import DEFAULT_SCALE_DTYPE, SCALE_DTYPES
 from mixq.quant.plan import Plan, TensorPlan
@@ -40,6 +42,35 @@ COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "*.tiktoken")
 
 Stored = tuple[str, tuple[int, ...], torch.dtype]
+
+
+@dataclass
+class Precomputed:
+    """What a calibrated method (tune/: gptq) made, written instead of round-to-nearest for those tensors."""
+    tensors: dict           # tensor name -> (packed uint32, scales, biases) exactly as `quantize` returns them
+    methods: dict           # tensor name -> method applied ("gptq", or "rtn (why)" where it fell back), for every
+                            # tensor whose plan asks for a calibrated method
+    calibration: dict       # provenance: the calibration text (file, sha256, samples, length, seed) and settings
+
+
+def check_precomputed(plan: Plan, pre: Precomputed | None) -> None:
+    """Every tensor the plan gives a calibrated method is accounted for, and each precomputed one is planned
+    with the shapes and dtypes it is stored as."""
+    missing = [tp.name for tp in plan.calibrated() if pre is None or tp.name not in pre.methods]
+    if missing:
+        m = next(tp.method for tp in plan.calibrated() if tp.name == missing[0])
+        raise MixqError(f"recipe {plan.recipe.name}: method {m} for {missing[0]} (and {len(missing) - 1} more) "
+                        "needs calibration; convert with `mixq convert` (it runs the method) instead of writing "
+                        "the plan directly")
+    planned = {tp.name: tp for tp in plan.tensors}
+    for name, parts in (pre.tensors.items() if pre else ()):
+        tp = planned.get(name)
+        want = stored_tensors(tp) if tp is not None and tp.spec is not None else None
+        got = [(tuple(t.shape), t.dtype) for t in parts if t is not None]
+        if want is None or got != [(s, d) for _, s, d in want]:
+            raise MixqError(f"tensor {name}: the calibrated method's result {got} does not match the plan "
+                            f"({[(s, d) for _, s, d in want] if want else 'not quantized'}); please report this "
+                            "as a mixq bug")
 
 
 def stored_tensors(tp: TensorPlan) -> list[Stored]:
@@ -115,8 +146,8 @@ def _write_tensor(writer: SafetensorsWriter, tp: TensorPlan, load, advance) -> l
 
 
 def _write_quantized(writer: SafetensorsWriter, tp: TensorPlan, q: Quantized, advance) -> list[str]:
-    """Write a tensor that arrived quantized (a source format kept): its words, its scales and biases in the
-    planned dtype."""
+    """Write a tensor that arrived quantized (a source format kept, or a calibrated method's result): its words,
+    its scales and biases in the planned dtype."""
     outs = stored_tensors(tp)
     if q.spec != tp.spec or tuple(q.wq.shape) != outs[0][1]:
         raise MixqError(f"tensor {tp.name}: the source holds {q.spec} {list(q.wq.shape)}, planned {tp.spec} "
@@ -128,7 +159,8 @@ def _write_quantized(writer: SafetensorsWriter, tp: TensorPlan, q: Quantized, ad
     return [o[0] for o in outs]
 
 
-def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool) -> dict[str, str]:
+def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool,
+                  pre: Precomputed | None = None) -> dict[str, str]:
     """Quantize and write every tensor into safetensors shards; returns the weight map (tensor -> file)."""
     from tqdm import tqdm
 
@@ -145,8 +177,10 @@ def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool
             with SafetensorsWriter(folder / fname, entries, metadata={"format": "mlx"}) as writer:
                 for tp in shard:
                     per = dtype_from_name(tp.dtype).itemsize  # source bytes per element, for the bar
-                    for oname in _write_tensor(writer, tp, loaders[tp.name],
-                                               lambda n, per=per: bar.update(n * per)):
+                    load = loaders[tp.name]
+                    if pre is not None and tp.name in pre.tensors:  # made by a calibrated method (tune/)
+                        load = partial(Quantized, *pre.tensors[tp.name], tp.spec)
+                    for oname in _write_tensor(writer, tp, load, lambda n, per=per: bar.update(n * per)):
                         weight_map[oname] = fname
                     done += 1
                     bar.set_postfix_str(f"{done}/{len(plan.tensors)} tensors", refresh=False)
@@ -183,13 +217,17 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def provenance(prep: Prepared, hashes: dict, copied: list[str]) -> dict:
-    """mixq_provenance.json of a converted folder: recipe, source (hashed), per-tensor specs and sizes."""
+def provenance(prep: Prepared, hashes: dict, copied: list[str], pre: Precomputed | None = None) -> dict:
+    """mixq_provenance.json of a converted folder: recipe, source (hashed), per-tensor specs, methods and sizes,
+    the calibration of calibrated methods."""
     plan = prep.plan
+    methods = pre.methods if pre is not None else {}
     tensors = [{"name": tp.name, "shape": list(tp.shape), "dtype": tp.dtype,
                 "bits": tp.spec.bits if tp.spec else None, "group_size": tp.spec.group_size if tp.spec else None,
                 "mode": tp.spec.mode if tp.spec else None,
+                "method": methods.get(tp.name, "rtn") if tp.spec else None,
                 "bytes": int(tp.nbytes), "reason": tp.reason} for tp in plan.tensors]
+    extra = {"calibration": pre.calibration} if pre is not None else {}
     return {
         "mixq_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -202,6 +240,7 @@ def provenance(prep: Prepared, hashes: dict, copied: list[str]) -> dict:
         "bits_per_weight": float(plan.bits_per_weight),
         "bits_per_weight_quantized": float(plan.bits_per_weight_quantized) if plan.quantized_params else None,
         "copied_files": copied,
+        **extra,
         "tensors": tensors,
     }
 
@@ -211,11 +250,13 @@ def _hash_files(files: list[Path], result: dict) -> None:
         result[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f, 1 << 24)}
 
 
-def _readme(prep: Prepared, out_name: str) -> str:
+def _readme(prep: Prepared, out_name: str, pre: Precomputed | None = None) -> str:
     plan = prep.plan
     bpw = plan.bits_per_weight
     base = _base_model(prep)
     note = prep.provenance.get("note")
+    source_note = f"Source note: {note}.\n" if note else ""
+    calibrated = method_line(pre.methods, pre.calibration) if pre is not None else ""
     quant = (f"{plan.bits_per_weight_quantized:.3f} over the quantized tensors" if plan.quantized_params
              else "nothing quantized")
     return f"""---
@@ -235,7 +276,7 @@ pipeline_tag: text-generation
 
 Size {plan.total_bytes / 1e9:.3f} GB, {bpw:.3f} bits per weight ({quant}).
 Per-tensor choices: `mixq_provenance.json`.
-{f"Source note: {note}." + chr(10) if note else ""}(Run `mixq card` on this folder for the full model card.)
+{calibrated}{source_note}(Run `mixq card` on this folder for the full model card.)
 
 ## Use with mlx
 
@@ -340,16 +381,19 @@ def check_written(prep: Prepared, folder: Path, out=None) -> None:
 
 
 def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: int = SHARD_BYTES,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, precomputed: Precomputed | None = None) -> Path:
     """Write the prepared conversion to the MLX folder `out` (built beside it, renamed into place).
 
-    Checked before writing (`check_source`: tensors against config.json, tokenizer) and after, on the
-    folder read back (`check_written`); a failed check leaves nothing behind."""
+    `precomputed`: tensors a calibrated method quantized (tune/), written as given; every other tensor is
+    quantized here (round to nearest). Checked before writing (`check_source`: tensors against config.json,
+    tokenizer; `check_precomputed`) and after, on the folder read back (`check_written`); a failed check leaves
+    nothing behind."""
     out = Path(out)
     if not (isinstance(shard_bytes, int) and shard_bytes >= 1):
         raise MixqError(f"shard size {shard_bytes!r} bytes: must be a positive size (--shard-size GiB, default 5)")
     check_output(out, force, protect=[prep.path])
     check_source(prep)
+    check_precomputed(prep.plan, precomputed)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out.parent).free
@@ -366,13 +410,13 @@ def write_mlx_folder(prep: Prepared, out, *, force: bool = False, shard_bytes: i
         # Casting and quantizing run as many small torch ops per chunk; one thread is fastest
         # (and stays fast when the machine is busy).
         with torch.no_grad(), torch_threads(1):
-            weight_map = write_weights(prep, tmp, shard_bytes, progress)
+            weight_map = write_weights(prep, tmp, shard_bytes, progress, precomputed)
         write_index(prep.plan, tmp, weight_map)
         write_config(prep, tmp)
         copied = copy_side_files(prep.path, tmp)
         hasher.join()
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(prep, hashes, copied), indent=2))
-        (tmp / "README.md").write_text(_readme(prep, out.name))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance(prep, hashes, copied, precomputed), indent=2))
+        (tmp / "README.md").write_text(_readme(prep, out.name, precomputed))
         check_written(prep, tmp, out)
     return out
 
@@ -413,18 +457,28 @@ def add_arguments(p):
     p.add_argument("--shard-size", type=float, default=SHARD_BYTES / 2**30, help="max shard size in GiB (default 5)")
 
 
-def cli(args):
+def cli(args, precompute=None):
+    """`mixq convert`; `precompute(prep) -> Precomputed` runs the calibrated methods a plan asks for (the
+    command's module, tune/methods.py, passes it: quant cannot run a model)."""
     if not (math.isfinite(args.shard_size) and args.shard_size > 0):
         raise MixqError(f"--shard-size {args.shard_size}: give a positive size in GiB (default 5)")
     if not args.dry_run:
         check_output(Path(args.out), args.force)  # before any work (the source is protected again when known)
-    prep = prepare(args.source, args.recipe, args.dtype, scale_dtype=args.scale_dtype, requant=args.requant)
+    prep = prepare(args.source, args.recipe, args.dtype, scale_dtype=args.scale_dtype, requant=args.requant,
+                   method=getattr(args, "method", None))
     if args.dry_run:
         check_source(prep)
         print_plan(prep.plan, source=args.source)
         return 0
     t0 = time.time()
-    out = write_mlx_folder(prep, args.out, force=args.force, shard_bytes=max(1, int(args.shard_size * 2**30)))
+    pre = None
+    if prep.plan.calibrated():
+        check_source(prep)
+        if precompute is None:
+            check_precomputed(prep.plan, None)  # refuses, naming the method and how to run it
+        pre = precompute(prep)
+    out = write_mlx_folder(prep, args.out, force=args.force, shard_bytes=max(1, int(args.shard_size * 2**30)),
+                           precomputed=pre)
     plan = prep.plan
     print(f"wrote {out} ({plan.total_bytes / 1e9:.3f} GB, {plan.bits_per_weight:.3f} bpw, "
           f"recipe {prep.recipe.name}) in {time.time() - t0:.1f}s")

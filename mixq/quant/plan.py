@@ -29,6 +29,7 @@ class TensorPlan:
     reason: str
     nbytes: int
     source: bool = False  # stored as the source ships it (its loader returns `quantize.Quantized`)
+    method: str = "rtn"  # how it is quantized (recipe.METHODS); "rtn" for kept and float-mode tensors
 
     @property
     def module_path(self) -> str:
@@ -79,6 +80,10 @@ class Plan:
     @property
     def quantized(self) -> list[TensorPlan]:
         return [t for t in self.tensors if t.spec is not None]
+
+    def calibrated(self) -> list[TensorPlan]:
+        """The tensors whose method needs calibration (anything but round-to-nearest)."""
+        return [t for t in self.tensors if t.method != "rtn"]
 
     @property
     def quantized_params(self) -> int:
@@ -180,7 +185,7 @@ def plan_model(tensors: list[TensorInfo], recipe: Recipe | str, config: dict, *,
             dt = target
         nb = _dtype_bytes(dt, t.name)
         path = module_path(t.name)
-        spec, reason = None, ""
+        spec, reason, rule = None, "", None
         if not t.name.endswith(".weight"):
             reason = "bias" if t.name.endswith(".bias") else "not a .weight tensor"
         elif is_norm(path):
@@ -204,7 +209,7 @@ def plan_model(tensors: list[TensorInfo], recipe: Recipe | str, config: dict, *,
             if tied and recipe.tied_head and path.endswith("embed_tokens"):
                 head_rule, head_spec = recipe.match("lm_head", n_layers=n_layers)
                 if head_rule is not None and precision(head_spec) > precision(spec):
-                    spec = head_spec
+                    spec, rule = head_spec, head_rule
                     reason = f"tied head: {head_rule.describe()}"
             if router_suffix and path.endswith(router_suffix) and spec is not None \
                     and not (rule and rule.names(router_suffix.rsplit(".", 1)[-1])):
@@ -222,5 +227,5 @@ def plan_model(tensors: list[TensorInfo], recipe: Recipe | str, config: dict, *,
             nbytes = spec_nbytes(shape, spec, nb)
         else:
             nbytes = math.prod(shape) * nb
-        out.append(TensorPlan(t.name, shape, dt, spec, reason, nbytes))
+        out.append(TensorPlan(t.name, shape, dt, spec, reason, nbytes, method=recipe.method_for(rule, spec)))
     return Plan(recipe, out, n_layers=n_layers, tied=tied)

@@ -6,7 +6,7 @@ the engine applies it in memory, plan-show prints it, measure and allocate plan 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from mixq.quant import arch
 from mixq.quant.checkpoint import Checkpoint
 from mixq.quant.gguf_quants import DEFAULT_SCALE_DTYPE, SOURCE_RECIPE, plan_source
 from mixq.quant.plan import Plan, plan_model
-from mixq.quant.recipe import Recipe, load_recipe, parse_recipe
+from mixq.quant.recipe import METHODS, Recipe, load_recipe, parse_recipe
 from mixq.sources.resolve import ResolvedModel, resolve
 
 DEFAULT_RECIPE = "q6-hi"
@@ -79,11 +79,12 @@ def _resolve(source) -> ResolvedModel:
 
 
 def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str | None = None,
-            requant=None) -> Prepared:
+            requant=None, method: str | None = None) -> Prepared:
     """Resolve the source (a reference, or an already `ResolvedModel`), read its headers, build the MLX
     tensor list and the recipe's plan. Recipe `source`: a GGUF's tensors kept in their own format where MLX holds
     it exactly (`quant.gguf_quants`; `scale_dtype`, `requant` apply to it only), or a checkpoint's tensors that
-    ship quantized kept as they ship (`arch.source_loaders`), the rest unquantized."""
+    ship quantized kept as they ship (`arch.source_loaders`), the rest unquantized. `method`: the quantization
+    method for tensors whose rule names none (convert --method; default: the recipe's)."""
     r = _resolve(source)
     path, provenance, ref_recipe = Path(r.path), dict(r.provenance or {}), r.recipe
     ckpt = Checkpoint(path)
@@ -101,6 +102,10 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     if scale_dtype is not None or requant is not None:
         raise MixqError(f"--scale-dtype and --requant apply to --recipe {SOURCE_RECIPE} only (a GGUF kept as it is)")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    if method is not None:
+        if method not in METHODS:
+            raise MixqError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+        recipe = replace(recipe, method=method)
     store = storage_dtype(ckpt.config, dtype or recipe.dtype)  # --dtype > recipe's dtype > config.json's
     items = list(arch.mlx_tensors(ckpt))
     config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))

@@ -134,6 +134,26 @@ class Quantized:
     spec: Spec
 
 
+def _affine_params(w_max: torch.Tensor, w_min: torch.Tensor, n_bins: float):
+    """float32 (scale, bias) of groups with these max/min, as mx.quantize computes them (module docstring)."""
+    mask = w_min.abs() > w_max.abs()
+    scale = ((w_max - w_min) / n_bins).clamp_(min=1e-7)
+    scale = torch.where(mask, scale, -scale)
+    edge = torch.where(mask, w_min, w_max)
+    q0 = torch.round(edge / scale)
+    nz = q0 != 0
+    scale = torch.where(nz, edge / torch.where(nz, q0, 1.0), scale)
+    bias = torch.where(nz, edge, 0.0)
+    return scale, bias
+
+
+def affine_params(g: torch.Tensor, bits: int):
+    """float32 (scale, bias) [..., 1] of the groups `g` [..., group_size] as mx.quantize computes them (before they
+    are rounded to the stored dtype); calibrated methods (tune/gptq.py) use it to stay on MLX's grid."""
+    g = g.to(torch.float32)
+    return _affine_params(g.amax(-1, keepdim=True), g.amin(-1, keepdim=True), float((1 << bits) - 1))
+
+
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [rows, n] (each < 2**bits, n * bits % 32 == 0) -> uint32 words [rows, n * bits / 32], packed
     as mlx packs them."""
@@ -143,6 +163,11 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.empty(rows, n * bits // 32, dtype=torch.uint32)
     _pack_into(out, q.to(torch.uint8).contiguous(), bits)
     return out
+
+
+def unpack_codes(wq: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint32 words [rows, w] -> uint8 codes [rows, w * 32 / bits] (the inverse of `pack_codes`)."""
+    return _unpack(wq, bits)
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int, *, mode: str = "affine", name: str | None = None):
@@ -179,14 +204,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int, *, mode: str = "affine
             if not (bool(torch.isfinite(w_max).all()) and bool(torch.isfinite(w_min).all())):
                 raise MixqError(f"{_label(name)}: holds NaN or Inf values; "
                                 f"fix the checkpoint or keep this tensor unquantized")
-            mask = w_min.abs() > w_max.abs()
-            scale = ((w_max - w_min) / n_bins).clamp_(min=1e-7)
-            scale = torch.where(mask, scale, -scale)
-            edge = torch.where(mask, w_min, w_max)
-            q0 = torch.round(edge / scale)
-            nz = q0 != 0
-            scale = torch.where(nz, edge / torch.where(nz, q0, 1.0), scale)
-            bias = torch.where(nz, edge, 0.0)
+            scale, bias = _affine_params(w_max, w_min, n_bins)
             # clamping before rounding equals rounding before clamping: the bounds are integers
             q = g.sub_(bias).div_(scale).clamp_(0.0, n_bins).round_().to(torch.uint8)
             _pack_into(packed[a:b], q.view(b - a, cols), bits)

@@ -12,6 +12,8 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins;
                             # `mixq plan` writes the dtype its sizes count)
     # tied_head = true      # tied embeddings: rules naming lm_head also apply to embed_tokens
+    # method = "rtn"        # how affine tensors are quantized by default: "rtn" (round to nearest) or
+                            # "gptq" (calibrated, `mixq convert` runs it: tune/gptq.py)
 
     [[rule]]                          # ordered; the first matching rule wins
     pattern = "*.self_attn.v_proj"    # glob on the module path (tensor name minus ".weight");
@@ -26,6 +28,7 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     # keep = true                     # ... or keep the tensor unquantized
     # keep_source = true              # tensors the checkpoint ships quantized in a form MLX holds (gpt-oss's
                                       # MXFP4 experts) are kept as they ship, bit for bit; others get the spec
+    # method = "gptq"                 # this rule's quantization method (affine specs only; default: the recipe's)
 
 Modes (mlx 0.32's `mx.quantize(..., mode=)`; a spec's mode is "affine" unless it says otherwise, a rule
 does not inherit the default's): "affine" (bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128: a scale and a
@@ -72,9 +75,10 @@ from mixq.errors import MixqError
 from mixq.quant.spec import BITS, FLOAT_MODES, GROUP_SIZES, MODES, QUANT_DTYPES, Spec
 from mixq.quant.tensors import layer_index
 
-RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dtype", "tied_head"}
+RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dtype", "tied_head", "method"}
 RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "layer_range",
-             "bits", "group_size", "mode", "keep", "keep_source"}
+             "bits", "group_size", "mode", "keep", "keep_source", "method"}
+METHODS = ("rtn", "gptq")   # rtn: round to nearest (quant/quantize.py); gptq: tune/gptq.py (needs calibration)
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
 _BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 
@@ -144,6 +148,7 @@ class Rule:
     _compiled: tuple = field(default=(), compare=False, repr=False)
     where: str = ""                 # "FILE: rule I", for messages
     keep_source: bool = False       # tensors that ship quantized in a form MLX holds are kept as they ship
+    method: str | None = None       # quantization method; None: the recipe's
 
     def matches_path(self, path: str) -> bool:
         if self.regex:
@@ -206,6 +211,14 @@ class Recipe:
     path: str | None = None         # file it was read from ("builtin:NAME" for built-ins)
     dtype: str | None = None        # dtype to store tensors in, if the recipe says
     tied_head: bool = True
+    method: str = "rtn"             # default quantization method of affine tensors (METHODS)
+
+    def method_for(self, rule: Rule | None, spec: Spec | None) -> str:
+        """The method a tensor matched by `rule` (None: the default) with `spec` is quantized with: calibrated
+        methods apply to affine specs only, float modes and kept tensors are always "rtn"."""
+        if spec is None or spec.mode != "affine":
+            return "rtn"
+        return (rule.method if rule is not None and rule.method else None) or self.method
 
     def match(self, module_path: str, *, n_layers: int | None) -> tuple[Rule | None, Spec | None]:
         """(first matching rule or None for the default, its spec; None spec = keep)."""
@@ -294,7 +307,18 @@ def _rule(i: int, table, src: str, default_group: int) -> Rule:
     keep_source = table.get("keep_source", False)
     if not isinstance(keep_source, bool):
         raise MixqError(f"{where}: keep_source must be true or false, got {keep_source!r}")
-    return Rule(i, tuple(pats), regex, spec, tuple(sels), compiled, where, keep_source)
+    method = _method(table, f"{where} ({pats[0]})")
+    if method not in (None, "rtn") and (spec is None or spec.mode != "affine"):
+        raise MixqError(f"{where} ({pats[0]}): method {method!r} needs an affine spec (bits/group_size), not "
+                        f"{'keep' if spec is None else spec.mode}; drop the method or give bits")
+    return Rule(i, tuple(pats), regex, spec, tuple(sels), compiled, where, keep_source=keep_source, method=method)
+
+
+def _method(table: dict, where: str) -> str | None:
+    m = table.get("method")
+    if m is not None and (not isinstance(m, str) or m not in METHODS):
+        raise MixqError(f"{where}: method {m!r} not in {{{', '.join(METHODS)}}}")
+    return m
 
 
 def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> Recipe:
@@ -328,7 +352,7 @@ def parse_recipe(text: str, src: str = "<recipe>", name: str | None = None) -> R
     group = default.group_size if default and default.group_size in GROUP_SIZES else 64
     return Recipe(name=head.get("name") or name or Path(src).stem, description=head.get("description", ""),
                   text=text, default=default, rules=[_rule(i + 1, r, src, group) for i, r in enumerate(rules)],
-                  path=src, dtype=dtype, tied_head=tied_head)
+                  path=src, dtype=dtype, tied_head=tied_head, method=_method(head, f"{src}: [recipe]") or "rtn")
 
 
 def uniform_recipe(bits: int, group_size: int, mode: str = "affine") -> Recipe:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.io.files import README_MARK, write_atomic
-from mixq.quant.artifact import Artifact, read_artifact
+from mixq.quant.artifact import Artifact, method_line, read_artifact
 from mixq.quant.tensors import ATTENTION, EMBEDDING, EXPERTS, HEAD, MLP, NORM, OTHER, ROUTER, classify
 from mixq.report.compare import compare
 from mixq.report.render import to_markdown
@@ -336,6 +336,11 @@ def _how_made(info: FolderInfo, story: dict, recipe_name, recipe_text) -> str:
         out.append("- Converted to the MLX format (no mixq provenance recorded)")
     if recipe_name:
         out.append(f"- Recipe: `{recipe_name}`" + ("" if recipe_text else " (recipe text not recorded)"))
+    tensors = prov.get("tensors") if isinstance(prov.get("tensors"), list) else []
+    methods = {t.get("name"): t.get("method") for t in tensors if isinstance(t, dict) and t.get("method")}
+    calibrated = method_line(methods, prov.get("calibration") if isinstance(prov.get("calibration"), dict) else None)
+    if calibrated:
+        out.append(f"- {calibrated.strip()}")
     out += _source_lines(story)
     mt = info.config.get("model_type")
     if mt:

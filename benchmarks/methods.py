@@ -1,0 +1,101 @@
+"""Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
+
+    .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
+        [--methods rtn gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
+
+Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
+then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
+(the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
+so no evaluated token was seen in calibration. Runs are kept in OUT/runs/ and reused (an interrupted
+benchmark continues); the table is printed and written to OUT/methods.md and OUT/methods.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mixq.eval.evaluate import DEFAULT_WINDOWS, evaluate  # noqa: E402
+from mixq.eval.runs import read_results  # noqa: E402
+from mixq.tune.calib import CalibConfig  # noqa: E402
+from mixq.tune.methods import convert  # noqa: E402
+
+
+def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
+    """`method`: rtn, gptq, or gptq with options: gptq+clip (per-group range search), gptq+head (the output
+    head too), gptq+clip+head."""
+    """Convert (unless already done) and evaluate (unless already done) one combination; its row."""
+    base_method, *opts = method.split("+")
+    name = f"{model}-{recipe}-{method}"
+    folder, run = out / "folders" / name, out / "runs" / name
+    seconds = {}
+    if not (folder / "mixq_provenance.json").is_file():
+        t0 = time.time()
+        convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
+                head="head" in opts)
+        seconds["convert"] = round(time.time() - t0, 1)
+    if not (run / "results.json").is_file() or not read_results(run).get("complete"):
+        t0 = time.time()
+        evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True)
+        seconds["eval"] = round(time.time() - t0, 1)
+    r = read_results(run)
+    k = r["kld"]
+    prov = json.loads((folder / "mixq_provenance.json").read_text())
+    return {"model": model, "recipe": recipe, "method": method, "bits_per_weight": r["bits_per_weight"],
+            "kld_mean": k["kld_mean"], "kld_mean_stderr": k["kld_mean_stderr"], "kld_p99": k["kld_p99"],
+            "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
+            "n_tokens": k["n_tokens"], "seconds": seconds,
+            "calibration": {key: prov.get("calibration", {}).get(key)
+                            for key in ("samples", "length", "seed", "first_token", "seconds")}}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rtn = {(r["model"], r["recipe"]): r["kld_mean"] for r in rows if r["method"] == "rtn"}
+    lines = [head]
+    for r in rows:
+        base = rtn.get((r["model"], r["recipe"]))
+        rel = f"{100 * (r['kld_mean'] / base - 1):+.1f}%" if base and r["method"] != "rtn" else ""
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['method']} | {r['bits_per_weight']:.3f} | "
+                     f"{r['kld_mean']:.5f} ± {r['kld_mean_stderr']:.5f} | {rel} | {r['kld_p99']:.4f} | "
+                     f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-o", "--out", required=True, help="work folder (converted folders, runs, table)")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
+                   help="rtn, gptq, gptq+clip, gptq+head, gptq+clip+head")
+    p.add_argument("--calib", default=None)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="eval windows of 512 tokens (default 64)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
+    rows = []
+    for model in a.models:
+        for recipe in a.recipes:
+            for method in a.methods:
+                rows.append(run_one(model, recipe, method, calib, a.windows, out))
+                print(json.dumps(rows[-1]), flush=True)
+    md = table(rows)
+    print(md)
+    (out / "methods.md").write_text(md + "\n")
+    (out / "methods.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Calibration text for the calibrated quantization methods (GPTQ...): `--calib FILE`, samples, length, seed.
+
+The text file is tokenized whole (no special tokens, `perplexity.tokenize_file`, as eval does) and cut into
+consecutive non-overlapping windows of `length` tokens; `samples` of them are drawn with `seed`. The default
+file is the one eval's ppl/KLD windows read (WikiText-2 test, `perplexity.default_text_file`). Eval's default
+windows are the first `DEFAULT_WINDOWS` windows of `DEFAULT_CTX` tokens counted from the start of that file
+(`eval.evaluate`), so for that file calibration windows start after token `DEFAULT_WINDOWS * DEFAULT_CTX`:
+calibration and the default evaluation never share a token (`info["disjoint_from_eval"]`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixq.errors import MixqError
+from mixq.eval.evaluate import DEFAULT_WINDOWS
+from mixq.eval.perplexity import DEFAULT_CTX, default_text_file, tokenize_file
+from mixq.io.files import sha256_file
+
+DEFAULT_SAMPLES = 128   # GPTQ/AWQ papers: 128 random segments ...
+DEFAULT_LENGTH = 512    # ... of 512 (AWQ) to 2048 (GPTQ) tokens
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    file: str | None = None       # None: the default ppl/KLD text, minus eval's default windows
+    samples: int = DEFAULT_SAMPLES
+    length: int = DEFAULT_LENGTH
+    seed: int = DEFAULT_SEED
+
+    def check(self) -> None:
+        """Options checked before anything is loaded."""
+        for opt, v, low in (("--calib-samples", self.samples, 1), ("--calib-len", self.length, 2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise MixqError(f"{opt} {v!r}: give an integer of {low} or more")
+        if self.file is not None and not Path(self.file).expanduser().is_file():
+            raise MixqError(f"--calib {self.file}: no such text file; give a plain text file")
+
+
+@dataclass
+class Calibration:
+    ids: object        # torch.int64 [samples, length]
+    info: dict         # provenance: file, sha256, samples, length, seed, token ranges, disjoint_from_eval
+
+
+def eval_tokens(path: Path) -> int:
+    """Tokens of `path` that eval's default ppl/KLD windows cover from its start (0 for another file)."""
+    try:
+        same = path.resolve() == default_text_file().resolve()
+    except MixqError:  # no default text here: nothing to keep apart
+        same = False
+    return DEFAULT_WINDOWS * DEFAULT_CTX if same else 0
+
+
+def calibration(tokenizer, cfg: CalibConfig | None = None) -> Calibration:
+    """The calibration windows of `cfg` in this tokenizer's tokens, and what provenance records of them."""
+    import torch
+
+    cfg = cfg or CalibConfig()
+    cfg.check()
+    path = Path(cfg.file).expanduser() if cfg.file else default_text_file()
+    stream = tokenize_file(tokenizer, path)
+    skip = eval_tokens(path)
+    n_avail = max(0, (stream.numel() - skip) // cfg.length)
+    if n_avail < cfg.samples:
+        where = f" after the {skip} tokens eval's default windows read" if skip else ""
+        raise MixqError(f"{path}: {stream.numel()} tokens give {n_avail} calibration windows of {cfg.length} "
+                        f"tokens{where}, {cfg.samples} asked; lower --calib-samples / --calib-len or pass a "
+                        f"longer --calib file")
+    chosen = sorted(random.Random(cfg.seed).sample(range(n_avail), cfg.samples))
+    starts = [skip + k * cfg.length for k in chosen]
+    ids = torch.stack([stream[s:s + cfg.length] for s in starts]).clone()
+    info = {"file": str(path), "sha256": sha256_file(path), "samples": cfg.samples, "length": cfg.length,
+            "seed": cfg.seed, "tokens_in_file": int(stream.numel()), "first_token": skip,
+            "token_starts": starts, "eval_tokens_excluded": skip, "disjoint_from_eval": bool(skip),
+            "note": (f"calibration windows drawn after token {skip}: eval's default ppl/KLD windows "
+                     f"({DEFAULT_WINDOWS} x {DEFAULT_CTX} tokens from the start) are not used"
+                     if skip else "calibration text is not the default ppl/KLD text")}
+    return Calibration(ids, info)
+
+
+def add_calib_arguments(p) -> None:
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text file (default: WikiText-2 test after eval's default ppl/KLD windows)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"calibration windows (default {DEFAULT_SAMPLES})")
+    p.add_argument("--calib-len", type=int, default=DEFAULT_LENGTH,
+                   help=f"tokens per calibration window (default {DEFAULT_LENGTH})")
+    p.add_argument("--calib-seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed choosing the calibration windows (default {DEFAULT_SEED})")
+
+
+def calib_config(args) -> CalibConfig:
+    cfg = CalibConfig(args.calib, args.calib_samples, args.calib_len, args.calib_seed)
+    cfg.check()
+    return cfg

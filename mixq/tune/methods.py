@@ -1,0 +1,64 @@
+"""`mixq convert` with calibrated methods: `--method gptq` (or a recipe rule's `method`), `--calib FILE`.
+
+The plan (quant.prepare) says each tensor's method; tensors with a calibrated method are quantized here
+(tune/gptq.py) on calibration windows (tune/calib.py) and handed to convert's one writer
+(`quant.convert.write_mlx_folder(..., precomputed=)`), which rounds every other tensor to nearest. The
+folder is plain MLX affine; its provenance records the calibration and each tensor's method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixq.errors import MixqError
+from mixq.quant import convert as quant_convert
+from mixq.quant.convert import SHARD_BYTES, Precomputed
+from mixq.quant.prepare import Prepared, prepare
+from mixq.quant.recipe import METHODS
+from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, calibration
+
+
+def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True,
+               clip: bool = False, head: bool = False) -> Precomputed:
+    """Run the calibrated methods the plan of `prep` asks for on the calibration text (`clip`: gptq's range
+    search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too)."""
+    from transformers import AutoTokenizer
+
+    from mixq.tune.gptq import gptq_tensors
+
+    methods = {tp.method for tp in prep.plan.calibrated()}
+    unknown = methods - {"gptq"}
+    if unknown:
+        raise MixqError(f"method {sorted(unknown)[0]!r} is not implemented yet; use one of {', '.join(METHODS)}")
+    tok = AutoTokenizer.from_pretrained(str(prep.path))
+    return gptq_tensors(prep, calibration(tok, calib), progress=progress, clip=clip, head=head)
+
+
+def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
+            dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True,
+            clip: bool = False, head: bool = False) -> Path:
+    """`quant.convert.convert` with the calibrated methods: the recipe's (or `method` for every tensor whose
+    rule names none)."""
+    (calib or CalibConfig()).check()
+    prep = prepare(source, recipe, dtype, method=method)
+    pre = precompute(prep, calib, progress=progress, clip=clip, head=head) if prep.plan.calibrated() else None
+    return quant_convert.write_mlx_folder(prep, out, force=force, shard_bytes=shard_bytes, progress=progress,
+                                          precomputed=pre)
+
+
+def add_arguments(p):
+    quant_convert.add_arguments(p)
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="quantization method of tensors whose recipe rule names none (default: the recipe's, rtn); "
+                        "gptq runs the model on calibration text")
+    add_calib_arguments(p)
+    p.add_argument("--gptq-clip", action="store_true",
+                   help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error")
+    p.add_argument("--gptq-head", action="store_true",
+                   help="gptq: the output head too (with tied embeddings: the embedding tensor, which is the head)")
+
+
+def cli(args):
+    cfg = calib_config(args)
+    return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg, clip=args.gptq_clip,
+                                                                             head=args.gptq_head))

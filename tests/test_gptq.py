@@ -1,0 +1,204 @@
+"""Calibrated quantization (tune/calib.py, tune/gptq.py, tune/methods.py): GPTQ lowers the layer output error it
+minimises below round-to-nearest's for every bits value; the folder is plain MLX affine (mlx_lm.load, the engine);
+a recipe rule's method touches only its tensors; calibration windows never overlap eval's default windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_convert import TOKENS, mlx_logits, rel_err
+
+from mixq.errors import MixqError
+from mixq.eval.engine import load_model
+from mixq.eval.evaluate import DEFAULT_WINDOWS
+from mixq.eval.perplexity import DEFAULT_CTX, make_windows, tokenize_file
+from mixq.quant.quantize import dequantize, quantize
+from mixq.quant.recipe import parse_recipe
+from mixq.tune.calib import CalibConfig, calibration
+from mixq.tune.gptq import gptq_quantize
+from mixq.tune.methods import convert
+
+torch.set_num_threads(1)
+CALIB = CalibConfig(samples=4, length=64)
+
+
+def _inputs(n=768, d=256, seed=0):
+    """Correlated inputs with a few large channels, as a transformer layer's are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d // 8, generator=g) @ torch.randn(d // 8, d, generator=g)
+    x += 0.3 * torch.randn(n, d, generator=g)
+    x[:, :4] *= 8
+    return x
+
+
+def _out_err(x, w, parts, bits, gs):
+    wq = dequantize(*parts, bits, gs).float()
+    return float(torch.linalg.norm(x @ w.T - x @ wq.T))
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_gptq_layer_error_below_rtn(bits, gs):
+    """||XW^T - XWq^T|| on the calibration inputs: GPTQ's is below RTN's (same MLX grid, same stored format)."""
+    x = _inputs()
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float()
+    H = 2 * x.T @ x / x.shape[0]
+    g = gptq_quantize(w, H, bits, gs, dtype=torch.bfloat16)
+    r = quantize(w.to(torch.bfloat16), bits, gs)
+    assert [(t.shape, t.dtype) for t in g] == [(t.shape, t.dtype) for t in r]
+    e_g, e_r = _out_err(x, w, g, bits, gs), _out_err(x, w, r, bits, gs)
+    assert e_g < 0.9 * e_r, (bits, gs, e_g, e_r)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_identity_hessian_is_rtn(bits):
+    """With nothing to compensate (H diagonal) GPTQ stores exactly what mx.quantize stores: same grid, same codes."""
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    g = gptq_quantize(w, torch.eye(128), bits, 32, dtype=torch.bfloat16)
+    for a, b in zip(g, quantize(w, bits, 32)):
+        assert torch.equal(a, b)
+
+
+def test_clip_search_never_worse_per_group():
+    """The range search keeps mx.quantize's formula and picks, per row, a range no worse than max/min."""
+    from mixq.tune.gptq import CLIP_GRID, _group_params
+
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    g[:, 0] *= 6  # an outlier per row: shrinking the range helps the rest
+    d = torch.rand(32, generator=torch.Generator().manual_seed(4)) + 0.1
+
+    def err(s, z):
+        q = ((g - z[:, None]) / s[:, None]).clamp(0, 7).round()
+        return ((g - (s[:, None] * q + z[:, None])) ** 2 * d).sum(-1)
+
+    plain, best = _group_params(g, d, 3, torch.float32, (1.0,)), _group_params(g, d, 3, torch.float32, CLIP_GRID)
+    assert (err(*best) <= err(*plain)).all() and (err(*best) < err(*plain)).any()
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    x = _inputs(n=512, d=128)
+    parts = gptq_quantize(w, 2 * x.T @ x / 512, 3, 32, dtype=torch.float32, clip=True)
+    assert _out_err(x, w, parts, 3, 32) < _out_err(x, w, quantize(w, 3, 32), 3, 32)
+
+
+def _windows_file(tmp_path, n_words=40000):
+    import random
+
+    rnd = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Paris", "capital", "model", "2", "(x)"]
+    path = tmp_path / "wiki.test.raw"
+    path.write_text(" ".join(rnd.choice(words) for _ in range(n_words)) + "\n")
+    return path
+
+
+def test_calibration_disjoint_from_kld_windows(tiny_model, tmp_path, monkeypatch):
+    """Default calibration text = eval's default ppl/KLD text; its windows start after eval's default windows."""
+    from transformers import AutoTokenizer
+
+    path = _windows_file(tmp_path)
+    monkeypatch.setenv("MIXQ_WIKITEXT", str(path))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("llama")))
+    cal = calibration(tok, CalibConfig(samples=16, length=128, seed=3))
+    win = make_windows(tok, ctx=DEFAULT_CTX, max_windows=DEFAULT_WINDOWS)
+    stream = tokenize_file(tok, path)
+    eval_end = win.ids.numel()
+    assert torch.equal(win.ids.flatten(), stream[:eval_end])
+    starts = cal.info["token_starts"]
+    assert min(starts) >= eval_end and cal.info["disjoint_from_eval"]
+    assert len(set(starts)) == 16 and all(b - a >= 128 for a, b in zip(starts, starts[1:]))
+    for row, s in zip(cal.ids, starts):
+        assert torch.equal(row, stream[s:s + 128])
+    assert cal.info["sha256"] and cal.info["seed"] == 3
+    # another file is used whole (and said to be)
+    other = tmp_path / "other.txt"
+    other.write_text(path.read_text()[:20000])
+    cal2 = calibration(tok, CalibConfig(file=str(other), samples=2, length=64))
+    assert cal2.info["first_token"] == 0 and not cal2.info["disjoint_from_eval"]
+    with pytest.raises(MixqError, match="calibration windows"):
+        calibration(tok, CalibConfig(file=str(other), samples=10_000, length=64))
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_recipe_rule_method_touches_only_its_tensors(tiny_model, tmp_path):
+    """A rule's method = "gptq" changes exactly the tensors that rule matches; everything else is RTN, bit-exact."""
+    src = tiny_model("llama")
+    text = ('[recipe]\nname = "r"\nbits = 3\ngroup_size = 32\n'
+            '[[rule]]\npattern = "*.mlp.down_proj"\nbits = 3\nmethod = "gptq"\n')
+    rtn = convert(src, tmp_path / "rtn", parse_recipe(text.replace('method = "gptq"\n', "")), progress=False)
+    gq = convert(src, tmp_path / "gq", parse_recipe(text), calib=CALIB, progress=False)
+    a, b = _tensors(rtn), _tensors(gq)
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(".mlp.down_proj." in k for k in changed)
+    assert {k.rsplit(".", 1)[0] for k in changed} == {k.removesuffix(".weight") for k in a
+                                                     if k.endswith("mlp.down_proj.weight")}
+    prov = json.loads((gq / "mixq_provenance.json").read_text())
+    methods = {t["name"]: t["method"] for t in prov["tensors"] if t["bits"]}
+    assert {n for n, m in methods.items() if m == "gptq"} == {n for n in methods if ".mlp.down_proj." in n}
+    assert prov["calibration"]["samples"] == 4 and prov["calibration"]["length"] == 64
+    assert "gptq on 4 tensors" in (gq / "README.md").read_text()
+    from mixq.report.card import read_folder, render_card
+    card = render_card(read_folder(gq))
+    assert "gptq on 4 tensors" in card and "4 windows of 64 tokens, seed 0, from token 32768" in card
+
+
+def test_model_output_closer_with_gptq(tiny_model, tmp_path):
+    """End to end on calibration windows: the converted model's logits are closer to the source's with gptq."""
+    from transformers import AutoTokenizer
+
+    src = tiny_model("llama")
+    ids = calibration(AutoTokenizer.from_pretrained(str(src)), CALIB).ids
+    errs = {}
+    with torch.no_grad():
+        ref = load_model(str(src), progress=False).model(ids).logits
+        for method in ("rtn", "gptq"):
+            out = convert(src, tmp_path / method, "q3", method=method, calib=CALIB, progress=False)
+            errs[method] = float((load_model(str(out), progress=False).model(ids).logits - ref).square().mean())
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text", "qwen3_moe"])
+def test_gptq_folder_opens_in_mlx_lm(tiny_model, tmp_path, arch_name):
+    """A gptq folder is plain MLX affine: mlx_lm.load opens it; its logits are the engine's (dequantized, float32)."""
+    out = convert(tiny_model(arch_name), tmp_path / "out", "q4-hi", method="gptq", calib=CALIB, progress=False)
+    prov = json.loads((out / "mixq_provenance.json").read_text())
+    assert any(t["method"] == "gptq" for t in prov["tensors"])
+    engine = load_model(str(out), progress=False).model(torch.tensor(TOKENS)).logits.detach().numpy()
+    assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_gptq_head(tiny_model, tmp_path, arch_name):
+    """--gptq-head: the output head (tied llama: the embedding tensor; qwen2: lm_head) gets GPTQ on the final norm's
+    outputs; the folder still opens in mlx_lm with the engine's logits."""
+    out = convert(tiny_model(arch_name), tmp_path / "out", "q4-hi", method="gptq", calib=CALIB, head=True,
+                  progress=False)
+    prov = json.loads((out / "mixq_provenance.json").read_text())
+    head = "model.embed_tokens.weight" if arch_name == "llama" else "lm_head.weight"
+    assert {t["name"]: t["method"] for t in prov["tensors"]}[head] == "gptq" and prov["calibration"]["head"] == head
+    engine = load_model(str(out), progress=False).model(torch.tensor(TOKENS)).logits.detach().numpy()
+    assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
+
+
+def test_method_refusals(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    with pytest.raises(MixqError, match="needs an affine spec"):
+        parse_recipe('[recipe]\nbits = 4\n[[rule]]\npattern = "*"\nmode = "mxfp4"\nmethod = "gptq"\n')
+    with pytest.raises(MixqError, match="method 'awqq' not in"):
+        parse_recipe('[recipe]\nbits = 4\nmethod = "awqq"\n')
+    recipe = parse_recipe('[recipe]\nname = "g"\nbits = 4\nmethod = "gptq"\n')
+    with pytest.raises(MixqError, match="needs calibration"):  # never silently round-to-nearest
+        load_model(str(src), recipe=recipe, progress=False)
+    from mixq.quant.convert import convert as plain_convert
+    with pytest.raises(MixqError, match="needs calibration"):
+        plain_convert(src, tmp_path / "x", recipe=recipe, progress=False)
+    assert not (tmp_path / "x").exists()
