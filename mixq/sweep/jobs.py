@@ -88,7 +88,7 @@ def _eval(root, job, inputs, folder, cpus: int) -> dict:
 
 
 def _shard(root, job, inputs, folder, cpus: int) -> dict:
-    """Score one shard (every N-th document) of the tasks."""
+    """Score one part (K/N) of the tasks' documents: the scorer's batches K, K+N, ..."""
     s = {k: v for k, v in job.settings.items() if k != "threads"}
     run_dir = folder / "run"
     evaluate(str(job_dir(root, inputs["model"]) / "model"), s.pop("tasks"), run_dir, progress=False, threads=cpus,
