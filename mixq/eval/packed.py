@@ -357,15 +357,16 @@ def keep_dense(model, budget_bytes: int) -> int:
 
 
 def weight_bytes(model, device=None) -> int:
-    """Bytes the model's weights hold in memory: dense parameters and buffers (each storage once) plus packed
+    """Bytes the model's weights hold in memory: dense parameters and buffers (each once: tied ones share their
+    data; a view of a memory-mapped file counts its own bytes, a placeholder its one element) plus packed
     parameters as stored; only those on `device` if given."""
     seen, total = set(), 0
     dev = None if device is None else torch.device(device)
     for t in list(model.parameters()) + list(model.buffers()):
-        s = t.untyped_storage()
-        if (dev is None or t.device.type == dev.type) and (t.device, s.data_ptr()) not in seen:
-            seen.add((t.device, s.data_ptr()))
-            total += s.nbytes()
+        key = (t.device, t.data_ptr())
+        if (dev is None or t.device.type == dev.type) and key not in seen:
+            seen.add(key)
+            total += min(t.untyped_storage().nbytes(), t.numel() * t.element_size())
     state = packed_weights(model)
     for jp in state.params.values() if state is not None else ():
         for p in jp.parts:
