@@ -167,11 +167,9 @@ class JitParam:
     def routed(self, index: torch.Tensor) -> torch.Tensor:
         """An expert stack with only the experts `index` (sorted, unique) dequantized: a tensor of the dense
         parameter's shape and strides whose other experts are left unset (allocated, never written, never read:
-        every experts implementation computes an expert only for the tokens routed to it); all of them: `dense()`.
-        The experts made are the dense engine's, bit for bit: dequantization is row-wise and the layout functions
-        work per expert."""
-        if index.numel() == self.shape[0]:
-            return self.dense()
+        every experts implementation computes an expert only for the tokens routed to it). One expert at a time:
+        no whole stack is ever held in the stored dtype beside the result. The experts made are the dense engine's,
+        bit for bit: dequantization is row-wise and the layout functions work per expert."""
         meta = self._built([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.parts])
         full = torch.empty_strided(meta.shape, meta.stride(), dtype=self.dtype, device=self.device)
         for e in index.tolist():  # one expert at a time: no second copy of the experts made
