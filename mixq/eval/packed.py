@@ -167,11 +167,9 @@ class JitParam:
     def routed(self, index: torch.Tensor) -> torch.Tensor:
         """An expert stack with only the experts `index` (sorted, unique) dequantized: a tensor of the dense
         parameter's shape and strides whose other experts are left unset (allocated, never written, never read:
-        every experts implementation computes an expert only for the tokens routed to it); all of them: `dense()`.
-        The experts made are the dense engine's, bit for bit: dequantization is row-wise and the layout functions
-        work per expert."""
-        if index.numel() == self.shape[0]:
-            return self.dense()
+        every experts implementation computes an expert only for the tokens routed to it). One expert at a time:
+        no whole stack is ever held in the stored dtype beside the result. The experts made are the dense engine's,
+        bit for bit: dequantization is row-wise and the layout functions work per expert."""
         meta = self._built([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.parts])
         full = torch.empty_strided(meta.shape, meta.stride(), dtype=self.dtype, device=self.device)
         for e in index.tolist():  # one expert at a time: no second copy of the experts made
@@ -357,15 +355,16 @@ def keep_dense(model, budget_bytes: int) -> int:
 
 
 def weight_bytes(model, device=None) -> int:
-    """Bytes the model's weights hold in memory: dense parameters and buffers (each storage once) plus packed
+    """Bytes the model's weights hold in memory: dense parameters and buffers (each once: tied ones share their
+    data; a view of a memory-mapped file counts its own bytes, a placeholder its one element) plus packed
     parameters as stored; only those on `device` if given."""
     seen, total = set(), 0
     dev = None if device is None else torch.device(device)
     for t in list(model.parameters()) + list(model.buffers()):
-        s = t.untyped_storage()
-        if (dev is None or t.device.type == dev.type) and (t.device, s.data_ptr()) not in seen:
-            seen.add((t.device, s.data_ptr()))
-            total += s.nbytes()
+        key = (t.device, t.data_ptr())
+        if (dev is None or t.device.type == dev.type) and key not in seen:
+            seen.add(key)
+            total += min(t.untyped_storage().nbytes(), t.numel() * t.element_size())
     state = packed_weights(model)
     for jp in state.params.values() if state is not None else ():
         for p in jp.parts:
