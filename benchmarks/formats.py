@@ -41,44 +41,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from mixq.eval.engine import load_model  # noqa: E402
 from mixq.eval.perplexity import base_dists, make_windows, token_stats  # noqa: E402
 from mixq.quant.prepare import DTYPES, prepare  # noqa: E402
-from mixq.quant.quantize import dequantize, quantize  # noqa: E402
 from mixq.quant.recipe import keep_recipe, load_recipe, parse_recipe  # noqa: E402
 from mixq.threads import available_cores, torch_threads  # noqa: E402
 from mixq.tune.allocate import allocate, mix_text  # noqa: E402
-from mixq.tune.measure import load_measurement, measure, parse_key  # noqa: E402
+from mixq.tune.measure import apply_round_trips, load_measurement, measure, parse_key  # noqa: E402
 
 RECIPES = ["mxfp4", "nvfp4", "mxfp8", "q4-hi", "q8-hi", "qx86-mx", "qx86-hi"]
 
 
-def round_trip(w: torch.Tensor, spec, dtype: str, name: str) -> torch.Tensor:
-    """`w` cast to the stored dtype, quantized to `spec` and dequantized as the engine reads it."""
-    src = w.to(getattr(torch, dtype))
-    b, g, m = spec.bits, spec.group_size, spec.mode
-    return dequantize(*quantize(src, b, g, mode=m, name=name), b, g, mode=m, name=name)
-
-
-def apply_plan(model, plan, originals) -> None:
-    """Every planned tensor of `model` set to its round trip (kept ones: cast to the stored dtype and back)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for tp in plan.tensors:
-            if tp.name not in params:
-                continue
-            w = originals[tp.name]
-            if tp.spec is None:
-                params[tp.name].copy_(w.to(getattr(torch, tp.dtype)).to(w.dtype))
-            else:
-                params[tp.name].copy_(round_trip(w, tp.spec, tp.dtype, tp.name).to(w.dtype))
-
-
 def evaluate(model, originals, windows, base, plan) -> dict:
     t0 = time.time()
-    apply_plan(model, plan, originals)
+    apply_round_trips(model, plan, originals)
     ts = token_stats(model, windows, base, progress=False)
     n = ts.kld.size
     return {"bpw": plan.bits_per_weight, "bpw_quantized": plan.bits_per_weight_quantized if plan.quantized else None,

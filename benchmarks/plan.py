@@ -36,37 +36,24 @@ from scipy.stats import spearmanr  # noqa: E402
 from mixq.eval.engine import load_model  # noqa: E402
 from mixq.eval.perplexity import base_dists, make_windows, token_stats  # noqa: E402
 from mixq.quant.prepare import DTYPES, prepare  # noqa: E402
-from mixq.quant.quantize import dequantize, quantize  # noqa: E402
 from mixq.quant.recipe import keep_recipe, load_recipe, parse_recipe  # noqa: E402
 from mixq.threads import torch_threads  # noqa: E402
 from mixq.tune.allocate import allocate  # noqa: E402
-from mixq.tune.measure import Measurer, calib_windows, key_of, load_measurement, measurement_damages  # noqa: E402
+from mixq.tune.measure import (  # noqa: E402
+    Measurer,
+    apply_round_trips,
+    calib_windows,
+    key_of,
+    load_measurement,
+    measurement_damages,
+)
 
 NAMED = ["q4-hi", "mixed_3_6", "mixed_4_6", "q5-hi", "qx64-hi", "qx65-hi", "q6-hi", "qx85-hi", "qx86-hi", "q8-hi"]
 MORE = ["q4", "q5", "q6", "q8"]  # add with --named
 TARGET_FROM = ["q4-hi", "q5-hi", "q6-hi", "qx86-hi", "q8-hi"]
 
 
-_DEQ: dict = {}  # (tensor, bits, group, mode) -> dequantized weights (shared across recipes)
-
-
-def apply_plan(model, plan, originals):
-    """Set every quantized tensor of the plan in `model` to its quantize->dequantize round trip (others: original)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for tp in plan.tensors:
-            if tp.name not in params:
-                continue
-            w = originals[tp.name]
-            if tp.spec is None:
-                params[tp.name].copy_(w)
-                continue
-            b, g, m = tp.spec.bits, tp.spec.group_size, tp.spec.mode
-            key = (tp.name, b, g, m)
-            if key not in _DEQ:
-                src = w.to(getattr(torch, tp.dtype))
-                _DEQ[key] = dequantize(*quantize(src, b, g, mode=m, name=tp.name), b, g, mode=m)
-            params[tp.name].copy_(_DEQ[key].to(w.dtype))
+_DEQ: dict = {}  # (tensor, spec) -> round trip (shared across recipes)
 
 
 def additive_prediction(plan, meas) -> float | None:
@@ -141,7 +128,7 @@ def allocations(prep, meas, args) -> dict:
 
 def evaluate_row(model, originals, windows, base, name, plan, alloc) -> dict:
     t0 = time.time()
-    apply_plan(model, plan, originals)
+    apply_round_trips(model, plan, originals, _DEQ)
     ts = token_stats(model, windows, base, progress=False)
     kld = float(ts.kld.mean())
     return {"recipe": name, "bpw": plan.bits_per_weight, "bytes": plan.total_bytes,

@@ -154,3 +154,23 @@ def test_measure_cli_device_cpu(tiny, capsys):
     assert "peak memory:" in capsys.readouterr().out
     cli = load_measurement(d / "cli.json")
     assert cli["tensors"] == api["tensors"] and len(cli["tensors"]) == 1 + 7 * 2
+
+
+@pytest.mark.parametrize("recipe", ["q4", "qx86-hi", "mxfp4"])
+def test_round_trips_in_place_equal_the_recipe_on_the_fly(tiny_model, recipe):
+    """`apply_round_trips` (what the benchmarks and measurements set a model to) computes what `mixq eval
+    MODEL@RECIPE` computes: same logits, bit for bit."""
+    from mixq.eval.engine import load_model
+    from mixq.quant.prepare import prepare
+
+    src = tiny_model("llama", num_hidden_layers=2)
+    prep = prepare(str(src), recipe, "bfloat16")
+    base = load_model(str(src), progress=False).model
+    originals = {k: v.detach().clone() for k, v in base.named_parameters()}
+    cache: dict = {}
+    M.apply_round_trips(base, prep.plan, originals, cache)
+    assert cache and all(k[1] is not None for k in cache)
+    fly = load_model(f"{src}@{recipe}", dtype="float32", progress=False, packed=False).model
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 100, 11]])
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, fly(ids).logits)

@@ -344,3 +344,10 @@ def _dequantize_float(wq, scales, biases, bits: int, group_size: int, mode: str,
             q = values[_unpack(wq2[a:b], bits).long()].view(b - a, ng, group_size)
             torch.mul(sv[a:b], q, out=out[a:b].view(b - a, ng, group_size))
     return out.view(*lead, cols)
+
+
+def round_trip(w: torch.Tensor, spec, name: str | None = None) -> torch.Tensor:
+    """`w` quantized to `spec` and dequantized again (what convert stores, read back as the engine reads it:
+    affine in w's dtype, the float modes in bfloat16, exact for them), in w's dtype."""
+    b, g, m = spec.bits, spec.group_size, spec.mode
+    return dequantize(*quantize(w, b, g, mode=m, name=name), b, g, mode=m, name=name).to(w.dtype)

@@ -50,7 +50,7 @@ from mixq.eval.head import output_head
 from mixq.eval.perplexity import _kld_rows, make_windows
 from mixq.io.files import write_atomic
 from mixq.quant.prepare import prepare
-from mixq.quant.quantize import dequantize, quantize
+from mixq.quant.quantize import round_trip
 from mixq.quant.recipe import uniform_recipe
 from mixq.quant.spec import FLOAT_MODES, Spec
 from mixq.quant.tensors import layer_index, module_path
@@ -111,11 +111,27 @@ def calib_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
 # The model-side machinery
 
 
-def _round_trip(w, spec: Spec, name: str):
-    """`w` quantized to `spec` and dequantized again (what convert stores, read back as the engine reads it:
-    affine in w's dtype, the float modes in bfloat16, exact for them), in w's dtype."""
-    b, g, m = spec.bits, spec.group_size, spec.mode
-    return dequantize(*quantize(w, b, g, mode=m, name=name), b, g, mode=m, name=name).to(w.dtype)
+def apply_round_trips(model, plan, originals: dict, cache: dict | None = None) -> None:
+    """Set every planned tensor of `model` to what the plan stores, read back: quantized ones to their round trip
+    from the stored dtype, kept ones cast to the stored dtype and back (`originals`: name -> source tensor;
+    `cache`: (name, spec) -> round trip, shared across plans)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for tp in plan.tensors:
+            if tp.name not in params:
+                continue
+            w = originals[tp.name]
+            stored = w.to(getattr(torch, tp.dtype))
+            if tp.spec is None:
+                params[tp.name].copy_(stored.to(w.dtype))
+                continue
+            key = (tp.name, tp.spec)
+            deq = cache.get(key) if cache is not None else None
+            if deq is None:
+                deq = round_trip(stored, tp.spec, tp.name)
+                if cache is not None:
+                    cache[key] = deq
+            params[tp.name].copy_(deq.to(w.dtype))
 
 
 def _parameters(model, names) -> dict:
@@ -258,7 +274,7 @@ class Measurer:
         p = self.params[name]
         orig = p.data.clone()
         try:
-            deq = _round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
+            deq = round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
             p.data.copy_(deq.to(p.dtype))
             d = self.kld(self.forward_from(self.start_layer(name)))
             err = self.proxy_error(name, (deq.to(torch.float64) - orig.to(torch.float64)))
@@ -269,7 +285,7 @@ class Measurer:
     def proxy_only(self, name: str, src_dtype, bits: int, group_size: int, mode: str = "affine") -> float:
         """The proxy error of `name` quantized to (bits, group_size, mode), without a forward pass."""
         orig = self.params[name].data
-        deq = _round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
+        deq = round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
         return self.proxy_error(name, deq.to(torch.float64) - orig.to(torch.float64))
 
     def proxy_error(self, name: str, dw) -> float:
@@ -341,7 +357,7 @@ def _candidate_deltas(params: dict, tensors, progress: bool) -> dict:
                      leave=False):
         dtype_name, cands = tensors[name]
         w = params[name].detach()
-        rows = [(_round_trip(w.to(getattr(torch, dtype_name)), c, name).float() - w.float())
+        rows = [(round_trip(w.to(getattr(torch, dtype_name)), c, name).float() - w.float())
                 .reshape(-1).to(torch.bfloat16) for c in cands]
         dws[name] = torch.stack(rows)
     return dws
