@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
+from oracles import mlx_logits, rel_err
 from safetensors.torch import load_file
-from test_convert import TOKENS, mlx_logits, rel_err
+from test_convert import TOKENS
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model
@@ -22,7 +23,19 @@ from mixq.tune.gptq import gptq_quantize
 from mixq.tune.methods import convert
 
 torch.set_num_threads(1)
-CALIB = CalibConfig(samples=4, length=64)
+CALIB = CalibConfig(samples=4, length=64)   # the default text: set to a generated one below, never the machine's
+
+
+@pytest.fixture(scope="module")
+def _default_text(tmp_path_factory):
+    return _windows_file(tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_data(_default_text, monkeypatch):
+    """The default calibration text (WikiText-2 next to the project) is a generated text file here, long enough to
+    leave windows after eval's default ones: the tests run the default path without depending on shared data."""
+    monkeypatch.setenv("MIXQ_WIKITEXT", str(_default_text))
 
 
 def _inputs(n=768, d=256, seed=0):
