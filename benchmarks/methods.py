@@ -28,9 +28,10 @@ from mixq.tune.methods import convert  # noqa: E402
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
-    """`method`: rtn, gptq, or gptq with options: gptq+clip (per-group range search), gptq+head (the output
-    head too), gptq+clip+head."""
-    """Convert (unless already done) and evaluate (unless already done) one combination; its row."""
+    """Convert (unless already done) and evaluate (unless already done) one combination; its row.
+
+    `method`: rtn, gptq (the output head included, convert's default), or gptq with options: gptq+clip (per-group
+    range search), gptq+nohead (the head left round-to-nearest, `--no-gptq-head`), gptq+clip+nohead."""
     base_method, *opts = method.split("+")
     name = f"{model}-{recipe}-{method}"
     folder, run = out / "folders" / name, out / "runs" / name
@@ -38,7 +39,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
         convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                head="head" in opts)
+                head="nohead" not in opts)
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, gptq+clip, gptq+head, gptq+clip+head")
+                   help="rtn, gptq, gptq+clip, gptq+nohead, gptq+clip+nohead")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

@@ -237,7 +237,7 @@ def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods) -> None:
 
 
 def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progress: bool = True,
-                 threads: int | None = None, clip: bool = False, head: bool = False) -> Precomputed:
+                 threads: int | None = None, clip: bool = False, head: bool = True) -> Precomputed:
     """GPTQ for every tensor the plan of `prep` (quant.prepare.Prepared) gives method "gptq": a `Precomputed`
     for convert's writer (tensors, per-tensor methods with fallbacks, calibration provenance). `head`: the output
     head too (inputs: the final norm's outputs; with tied embeddings this is the embedding tensor)."""
@@ -246,8 +246,8 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
     from mixq.eval.engine import load_model
 
     wanted = {tp.name: tp for tp in prep.plan.tensors if tp.method == "gptq"}
-    methods = {name: "rtn (gptq applies to the decoder layers' linears"
-                                  f"{'' if head else '; the output head with --gptq-head'})" for name in wanted}
+    methods = {name: "rtn (gptq applies to the decoder layers' linears and the output head"
+                     f"{'' if head else ', which --no-gptq-head left out'})" for name in wanted}
     tensors: dict = {}
     t0 = time.time()
     with torch.no_grad(), torch_threads(threads or torch.get_num_threads()):
