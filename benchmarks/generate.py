@@ -4,8 +4,10 @@
         [--backends torch,mlx] [--prompt-tokens 512] [--gen-tokens 128] [--mlx-prompt-tokens 128]
         [--mlx-gen-tokens 32]
 
-torch: `mixq.load("MODEL@VARIANT", backend="torch")` (weights dequantized into the compute dtype, so
-every variant runs at the same speed; the table shows the memory that costs). mlx: each variant is
+torch: `mixq.load("MODEL@VARIANT", backend="torch", max_memory=...)` for each `--max-memory` (GB; `auto`:
+generation's default, dense copies of the quantized weights while they fit half the available memory, so every
+variant runs at the same speed; `0`: every quantized weight packed, dequantized per forward: the memory floor and
+what decoding costs without a dense cache); the table shows the memory each holds. mlx: each variant is
 converted once with `mixq convert` (into the cache) and run by mixq's mlx backend and by mlx_lm's own
 `stream_generate` on the same folder. On Linux the mlx wheel is a slow CPU reference build, so the
 mlx rows use fewer tokens by default; on Apple silicon pass the full counts.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mixq.eval.engine import parse_memory
 from mixq.infer.generate import MlxSession, TorchSession, load, param_bytes, peak_rss_gb
 from mixq.io.files import cache_dir
 from mixq.threads import torch_threads
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--threads", default=None,
                     help="torch thread counts to try, e.g. 1,2 (default: torch's own); on a loaded machine "
                          "one thread can be many times faster for decoding than two")
+    ap.add_argument("--max-memory", default="auto",
+                    help="torch: weight memory budgets to try, GB or auto, e.g. auto,0 (0: all packed)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best is reported")
     ap.add_argument("--folders", type=Path, default=None, help="where converted mlx folders go (default: cache)")
     args = ap.parse_args()
@@ -122,9 +127,9 @@ def main() -> None:
 
     if "torch" in backends:
         threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-        for v in variants:
+        for v, budget in ((v, b) for v in variants for b in args.max_memory.split(",")):
             ref = args.model if v == "bf16" else f"{args.model}@{v}"
-            model, tok = load(ref, backend="torch", dtype=args.dtype)
+            model, tok = load(ref, backend="torch", dtype=args.dtype, max_memory=parse_memory(budget))
             ids = prompt_tokens(tok, args.prompt_tokens)
             s = TorchSession(model, tok)
             s.eos = set()
@@ -132,9 +137,9 @@ def main() -> None:
                 with torch_threads(n_threads):
                     run_session(s, ids[:16], 4)  # warm-up
                     r = best(partial(run_session, s, ids, args.gen_tokens), args.repeats)
-                rows.append(dict(backend=f"torch {args.dtype}, {n_threads} thread(s)", variant=v, engine="mixq",
-                                 p=args.prompt_tokens, g=args.gen_tokens, mem=param_bytes(model),
-                                 size=model.mixq_info.size_bytes, **r))
+                rows.append(dict(backend=f"torch {args.dtype}, {n_threads} thread(s), --max-memory {budget}",
+                                 variant=v, engine="mixq", p=args.prompt_tokens, g=args.gen_tokens,
+                                 mem=param_bytes(model), size=model.mixq_info.size_bytes, **r))
                 print(rows[-1], file=sys.stderr)
             del model, s
 
