@@ -215,3 +215,24 @@ def test_method_refusals(tiny_model, tmp_path):
     with pytest.raises(MixqError, match="needs calibration"):
         plain_convert(src, tmp_path / "x", recipe=recipe, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_plan_table_shows_each_tensors_method(tiny_model):
+    """plan-show / convert --dry-run: a method column and a methods line once a recipe asks for a calibrated method."""
+    from rich.console import Console
+
+    from mixq.quant.plan_show import print_plan
+    from mixq.quant.prepare import prepare
+
+    text = ('[recipe]\nname = "r"\nbits = 4\ngroup_size = 32\n'
+            '[[rule]]\npattern = "*.mlp.down_proj"\nbits = 4\nmethod = "gptq"\n')
+    src = tiny_model("llama")
+    for recipe, calibrated in ((parse_recipe(text), True), ("q4-hi", False)):
+        console = Console(record=True, width=300)
+        print_plan(prepare(src, recipe).plan, console=console)
+        out = console.export_text()
+        header = next(line for line in out.splitlines() if "path" in line and "reason" in line)
+        assert ("method" in header) == calibrated and ("methods: " in out) == calibrated, out
+        if calibrated:
+            rows = [line for line in out.splitlines() if ".mlp." in line or ".self_attn." in line]
+            assert rows and all(("gptq" in r) == (".down_proj" in r) for r in rows), rows

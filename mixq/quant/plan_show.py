@@ -12,7 +12,7 @@ def _fmt_shape(shape) -> str:
 
 
 def print_plan(plan, source: str = "", console=None) -> None:
-    """Print the plan as a table (path, shape, dtype, bits, group, mode, MB, reason) followed by the totals."""
+    """Print the plan as a table (path, shape, dtype, bits, group, mode, [method,] MB, reason), then the totals."""
     from rich.console import Console
     from rich.table import Table
 
@@ -24,16 +24,19 @@ def print_plan(plan, source: str = "", console=None) -> None:
             console = Console(width=min(path_w + reason_w + 68, 400))
     table = Table(title=f"{source}  recipe {plan.recipe.name}" if source else f"recipe {plan.recipe.name}",
                   show_lines=False, header_style="bold")
-    for col, just in (("path", "left"), ("shape", "right"), ("dtype", "left"), ("bits", "right"),
-                      ("group", "right"), ("mode", "left"), ("MB", "right"), ("reason", "left")):
+    calibrated = any(tp.method != "rtn" for tp in plan.tensors)   # a method column only when it says something
+    cols = [("path", "left"), ("shape", "right"), ("dtype", "left"), ("bits", "right"), ("group", "right"),
+            ("mode", "left")] + ([("method", "left")] if calibrated else []) + [("MB", "right"), ("reason", "left")]
+    for col, just in cols:
         table.add_column(col, justify=just, no_wrap=col != "reason")
     for tp in plan.tensors:
         path = tp.name.removesuffix(".weight") if tp.spec else tp.name
         bits = str(tp.spec.bits) if tp.spec else "-"
         group = str(tp.spec.group_size) if tp.spec else "-"
         mode = tp.spec.mode if tp.spec else "-"
+        method = [tp.method if tp.spec else "-"] if calibrated else []
         style = None if tp.spec else "dim"
-        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group, mode,
+        table.add_row(path, _fmt_shape(tp.shape), _SHORT.get(tp.dtype, tp.dtype), bits, group, mode, *method,
                       f"{tp.nbytes / 1e6:.3f}", tp.reason, style=style)
     console.print(table)
     for line in summary_lines(plan):
@@ -61,6 +64,11 @@ def summary_lines(plan) -> list[str]:
         hist[key] = hist.get(key, 0) + tp.params
     total = max(plan.total_params, 1)
     lines.append("share of parameters: " + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(hist.items())))
+    methods: dict = {}
+    for tp in plan.quantized:
+        methods[tp.method] = methods.get(tp.method, 0) + tp.params
+    if set(methods) - {"rtn"}:
+        lines.append("methods: " + ", ".join(f"{m} {v / total:.1%}" for m, v in sorted(methods.items())))
     return lines
 
 
