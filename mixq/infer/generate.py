@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import math
 import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -325,8 +324,7 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, generator=None) -> int
 
 def peak_rss_gb() -> float:
     """Peak resident set size of this process, in GB."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1e9 if sys.platform == "darwin" else r * 1024 / 1e9
+    return peak_memory()["rss"] / 1e9
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

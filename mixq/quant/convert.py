@@ -152,8 +152,7 @@ def _write_quantized(writer: SafetensorsWriter, tp: TensorPlan, q: Quantized, ad
     if q.spec != tp.spec or tuple(q.wq.shape) != outs[0][1]:
         raise MixqError(f"tensor {tp.name}: the source holds {q.spec} {list(q.wq.shape)}, planned {tp.spec} "
                         f"{list(outs[0][1])}; please report this as a mixq bug")
-    parts = [q.wq, q.scales if q.scales.dtype == torch.uint8 else q.scales.to(outs[1][2]), q.biases]
-    for (name, shape, dt), part in zip(outs, parts):
+    for (name, shape, dt), part in zip(outs, (q.wq, q.scales, q.biases)):  # float modes: no biases stored
         writer.write(name, part.to(dt).view(shape))
     advance(tp.params)
     return [o[0] for o in outs]
@@ -314,10 +313,14 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def has_tokenizer_file(folder: Path) -> bool:
+    return any(any(Path(folder).glob(p)) for p in TOKENIZER_FILES)
+
+
 def check_tokenizer(folder: Path) -> None:
     """Refuse a source without a tokenizer that loads: the converted folder would not open in mlx_lm.load."""
     folder = Path(folder)
-    if not any(any(folder.glob(p)) for p in TOKENIZER_FILES):
+    if not has_tokenizer_file(folder):
         raise MixqError(f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); mlx_lm.load needs one: copy the "
                         "tokenizer files of the original model into this folder")
     import transformers
@@ -372,7 +375,7 @@ def check_written(prep: Prepared, folder: Path, out=None) -> None:
         wrong.append(f"{INDEX_FILE} does not list exactly the stored tensors")
     if art.size_bytes != prep.plan.total_bytes:
         wrong.append(f"{art.size_bytes} bytes of weights, planned {prep.plan.total_bytes}")
-    if not any(any(folder.glob(p)) for p in TOKENIZER_FILES):
+    if not has_tokenizer_file(folder):
         wrong.append("no tokenizer file")
     if wrong:
         raise MixqError(f"{out}: the written folder is not what was planned ({'; '.join(wrong[:3])}"
