@@ -137,13 +137,15 @@ def _open_lock(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock (fcntl) on `path`, held for the `with` block."""
+def _held(fd: int, busy: str | None = None):
+    """Hold an exclusive flock on `fd` for the block, then close it; with `busy`, do not wait: raise it instead."""
     import fcntl
 
-    fd = _open_lock(Path(path))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if busy is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MixqError(busy) from None
         try:
             yield
         finally:
@@ -153,29 +155,24 @@ def file_lock(path: Path):
 
 
 @contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (fcntl) on `path`, held for the `with` block."""
+    with _held(_open_lock(Path(path))):
+        yield
+
+
+@contextlib.contextmanager
 def output_lock(out: Path):
     """Hold an exclusive lock on output path `out` for the block; a second writer gets a one-line MixqError.
 
     The lock file lives in the cache (`locks/out-<hash of the absolute path>.lock`), not beside `out`."""
-    import fcntl
-
     key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:24]
     try:
         fd = _open_lock(cache_dir() / "locks" / f"out-{key}.lock")
     except OSError as e:
         raise os_error(e, cache_dir() / "locks") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MixqError(f"{out}: another mixq process is writing it now; wait for it to finish "
-                            "or write elsewhere") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _held(fd, busy=f"{out}: another mixq process is writing it now; wait for it to finish or write elsewhere"):
+        yield
 
 
 def _tmp_stem(name: str) -> str:
