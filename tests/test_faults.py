@@ -579,6 +579,49 @@ def test_sigkill_mid_convert_then_rerun(slow_model, tmp_path, capsys):
     assert art.size_bytes == json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())["size_bytes"]
 
 
+# ================================================================== convert --method gptq: calibration options
+def gptq_args(src, out, *extra):
+    return convert_args(src, out, "--method", "gptq", *extra)
+
+
+def test_calib_file_missing(src, tmp_path, capsys):
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", "--calib", tmp_path / "nope.txt"), "nope.txt")
+
+
+def test_calib_file_is_a_folder(src, tmp_path, capsys):
+    (tmp_path / "texts").mkdir()
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", "--calib", tmp_path / "texts"), "texts")
+
+
+def test_calib_file_empty(src, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", "--calib", tmp_path / "empty.txt"), "empty.txt")
+
+
+def test_calib_file_not_utf8(src, tmp_path, capsys):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00text" * 50)
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", "--calib", tmp_path / "bin.txt"), "bin.txt")
+
+
+def test_calib_text_too_short_for_the_windows(src, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("hello world\n")
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", "--calib", tmp_path / "short.txt"),
+            "short.txt", "--calib-samples")
+
+
+@pytest.mark.parametrize("option,value", [("--calib-samples", "0"), ("--calib-samples", "-3"),
+                                          ("--calib-len", "1"), ("--calib-len", "x")])
+def test_calib_counts(src, tmp_path, capsys, option, value):
+    refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", option, value), option)
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "source"])
+def test_method_without_affine_tensors(src, tmp_path, capsys, recipe):
+    """gptq quantizes affine tensors only: a recipe that has none must not give a silently round-to-nearest folder."""
+    refused(capsys, tmp_path, ["convert", src, tmp_path / "out", "--recipe", recipe, "--method", "gptq"],
+            "--method", recipe)
+
+
 # ================================================================== GGUF import
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def tokenize_file(tokenizer, path: Path) -> "torch.Tensor":  # noqa: F821
     except UnicodeDecodeError as e:
         raise MixqError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a plain text file") from None
     if not text.strip():
-        raise MixqError(f"{path}: the text file is empty")
+        raise MixqError(f"{path}: the text file is empty; give a file with text in it")
     verbosity = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()  # "sequence longer than max length" is expected
     try:

@@ -91,6 +91,9 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     arch.check_supported(ckpt.config)
     recipe = recipe or ref_recipe or DEFAULT_RECIPE
     ref = source.ref if isinstance(source, ResolvedModel) else str(source)
+    if recipe == SOURCE_RECIPE and method not in (None, "rtn"):
+        raise MixqError(f"--method {method} re-quantizes weights; --recipe {SOURCE_RECIPE} keeps them as the source "
+                        "ships them: choose an affine recipe (e.g. q4-hi) or drop --method")
     if recipe == SOURCE_RECIPE and r.gguf is not None:
         return _prepare_source(r, ref, ckpt, dtype, scale_dtype or DEFAULT_SCALE_DTYPE, requant)
     if recipe == SOURCE_RECIPE:
@@ -111,6 +114,10 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     config = arch.mlx_config(ckpt.config, tied=arch.is_tied(ckpt))
     plan = plan_model([info for info, _ in items], recipe, config,
                       dtype=torch_dtype_name(store) if store is not None else None)
+    if method not in (None, "rtn") and not plan.calibrated():
+        raise MixqError(f"--method {method}: recipe {recipe.name} has no affine tensor for it to quantize ({method} "
+                        "applies to affine specs only, not mxfp4/nvfp4/mxfp8 or kept tensors); choose an affine recipe "
+                        "or drop --method")
     shipped = {tp.name for tp in plan.tensors if tp.source}
     if shipped:  # kept as the checkpoint ships them: their loaders give the quantized tensors
         loaders = arch.source_loaders(ckpt)
