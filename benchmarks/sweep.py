@@ -1,7 +1,10 @@
 """Benchmark `mixq sweep`: the same sweep run sequentially, with the local executor and on a local Ray instance.
 
-    .venv/bin/python benchmarks/sweep.py [--model smollm2-135m] [--variants bf16,q8-hi,q6-hi,qx86-hi,qx64-hi]
-        [--tasks arc_easy,ppl,kld] [--limit 10] [--windows 2] [--workers 2] [--executors serial,local,ray] [-o DIR]
+    .venv/bin/python benchmarks/sweep.py [--model M] [--variants V1,V2,..] [--tasks T] [--limit N] [--windows N]
+        [--workers 2] [--executors serial,local,ray] [-o DIR]
+
+The sweep is the demo's (the built-in `demo` sweep: smollm2-135m; bf16, q8-hi, q6-hi, qx86-hi, qx64-hi against
+q8-hi; the seven tasks, ppl and KLD; its limit and windows); each option replaces one of its settings.
 
 First a one-variant warm-up sweep imports the model, fetches the task data and caches the KLD base
 distributions, so no executor pays for them. Then each executor runs the whole sweep into a fresh folder:
@@ -73,10 +76,13 @@ class PeakMemory:
         self.thread.join()
 
 
-def sweep_text(args, variants: list[str]) -> str:
-    return (f'models = ["{args.model}"]\nvariants = {json.dumps(variants)}\nref = "{variants[0]}"\n'
-            f'dtype = "bfloat16"\n[eval]\ntasks = "{args.tasks}"\nlimit = {args.limit}\nwindows = {args.windows}\n'
-            f'dtype = "float32"\n')
+def sweep_text(args, variants: list[str], ref: str) -> str:
+    """The demo's sweep file with the benchmark's settings."""
+    demo = load_sweep("demo")
+    return (f'models = ["{args.model or demo.models[0]}"]\nvariants = {json.dumps(variants)}\nref = "{ref}"\n'
+            f'dtype = "{demo.dtype}"\n[eval]\ntasks = "{args.tasks or ",".join(demo.tasks)}"\n'
+            f'limit = {args.limit or demo.eval["limit"]}\nwindows = {args.windows or demo.eval["windows"]}\n'
+            f'dtype = "{demo.eval["dtype"]}"\n')
 
 
 def _strip(obj):
@@ -135,25 +141,29 @@ def run_one(args, executor: str, sweep_file: Path, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--variants", default="q8-hi,bf16,q6-hi,qx86-hi,qx64-hi", help="the first is the reference")
-    ap.add_argument("--tasks", default="arc_easy,ppl,kld")
-    ap.add_argument("--limit", type=int, default=10)
-    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--model", help="default: the demo's")
+    ap.add_argument("--variants", help="default: the demo's (its reference first); the first is the reference")
+    ap.add_argument("--tasks", help="default: the demo's (all,ppl,kld)")
+    ap.add_argument("--limit", type=int, help="documents per task (default: the demo's)")
+    ap.add_argument("--windows", type=int, help="ppl/KLD windows (default: the demo's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--executors", default="serial,local,ray")
     ap.add_argument("-o", "--out", default=None, help="work folder (default: a new temporary one)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="mixq-bench-sweep-"))
     out.mkdir(parents=True, exist_ok=True)
-    variants = args.variants.split(",")
-    (out / "warm.toml").write_text(sweep_text(args, variants[:1]))
-    (out / "sweep.toml").write_text(sweep_text(args, variants))
+    demo = load_sweep("demo")
+    variants = args.variants.split(",") if args.variants else \
+        [demo.ref] + [v.label for v in demo.variants if v.label != demo.ref]
+    (out / "warm.toml").write_text(sweep_text(args, variants[:1], variants[0]))
+    (out / "sweep.toml").write_text(sweep_text(args, variants, variants[0]))
     t0 = time.time()
     run_sweep(load_sweep(out / "warm.toml", out=out / "warm"), "serial", progress=False)
     print(f"warm-up (import, task data, KLD base cache, one variant): {time.time() - t0:.1f} s")
-    print(f"sweep: {args.model} x {len(variants)} variants, tasks {args.tasks}, limit {args.limit}, "
-          f"windows {args.windows}; {os.cpu_count()} cores, {args.workers} workers")
+    sweep = load_sweep(out / "sweep.toml")
+    print(f"sweep: {', '.join(sweep.models)} x {len(variants)} variants ({', '.join(variants)}), tasks "
+          f"{','.join(sweep.tasks)}, limit {sweep.eval['limit']}, windows {sweep.eval['windows']}; "
+          f"{os.cpu_count()} cores, {args.workers} workers")
     rows = [run_one(args, ex, out / "sweep.toml", out / ex) for ex in args.executors.split(",")]
     serial = next((r for r in rows if r["executor"] == "serial"), None)
     print(f"{'executor':8} {'wall s':>7} {'init s':>7} {'jobs':>5} {'in-job s':>9} {'peak MB':>8} "
