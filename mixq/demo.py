@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mixq.report.compare import compare
 from mixq.report.render import print_rich
-from mixq.sweep.command import MODELS_DIR, add_executor_arguments, run_from_args
+from mixq.sweep.command import MODELS_DIR, add_executor_arguments, executor_of, run_from_args
 from mixq.sweep.graph import build_graph, dry_run_text
 from mixq.sweep.spec import Sweep, load_sweep, slug
 
@@ -77,6 +77,7 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
+    executor_of(args)   # options checked before the sweep is read
     sweep = demo_sweep(args.out, **settings_from_args(args))
     if args.dry_run:
         print(dry_run_text(build_graph(sweep)))

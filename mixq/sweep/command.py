@@ -107,11 +107,16 @@ def add_executor_arguments(p) -> None:
     p.add_argument("--workers", type=int, help="local worker processes at most (default: the cores)")
 
 
-def run_from_args(sweep: Sweep, args) -> SweepResult:
-    """Run the sweep with the executor the arguments of `add_executor_arguments` ask for; print what ran."""
+def executor_of(args) -> str:
+    """The executor the arguments of `add_executor_arguments` ask for (checked)."""
     if args.workers is not None and args.workers < 1:
         raise MixqError(f"--workers {args.workers}: must be 1 or more")
-    executor = "ray" if args.ray is not None else "serial" if args.serial else "local"
+    return "ray" if args.ray is not None else "serial" if args.serial else "local"
+
+
+def run_from_args(sweep: Sweep, args) -> SweepResult:
+    """Run the sweep with the executor the arguments of `add_executor_arguments` ask for; print what ran."""
+    executor = executor_of(args)
     t0 = time.time()
     result = run_sweep(sweep, executor, address=args.ray or None, workers=args.workers)
     print(f"[sweep] {len(result.ran)} jobs run ({executor}) in {time.time() - t0:.0f} s; "
@@ -128,8 +133,7 @@ def add_arguments(p) -> None:
 
 
 def cli(args) -> int:
-    if args.workers is not None and args.workers < 1:
-        raise MixqError(f"--workers {args.workers}: must be 1 or more")
+    executor_of(args)   # options checked before the file is read
     sweep = load_sweep(args.sweep, out=args.out)
     if args.dry_run:
         print(dry_run_text(build_graph(sweep)))
