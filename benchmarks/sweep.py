@@ -14,17 +14,24 @@ distributions, so no executor pays for them. Then each executor runs the whole s
 Printed per executor: wall time, the seconds spent inside jobs, peak memory (RSS summed over this process and
 all its descendants: workers, and Ray's raylet/GCS/workers; sampled every 0.1 s), idle worker-seconds per job,
 the extra seconds inside jobs per job against the serial run, and for Ray the round trip of an empty task.
-Also checked: the three give identical per-document samples and results (timing fields aside).
+Also compared, pair by pair: results.json and samples.jsonl (timing fields aside), identical or how far apart.
 
-Measured 2026-12-02 on the shared 2-core machine (load average ~9 from other work, so times are rough),
-`--tasks arc_easy --limit 5` (14 jobs): serial 131.1 s wall (peak 1685 MB), local 86.0 s (3920 MB, idle 2.6 s
-per job), Ray 61.6 s + 9.6 s ray.init (4122 MB, idle 1.2 s per job, an empty task's round trip 2.2 ms);
-outputs identical. The demo's full evaluation (7 tasks x 100 documents, ppl+kld) did not fit the 10-minute budget.
+Measured 2026-12-02 on the shared 2-core machine, heavily loaded by other work (load average 14-19 throughout,
+so times are rough: the serial pass, run first, met the worst of it, and a `mixq demo` check ran beside its
+last 4 minutes; its 4.5x against local is the load, not the executor). The demo's sweep with `--limit 3
+--windows 2` (seven tasks x 3 documents, ppl+KLD on 2 windows; 14 jobs): warm-up 277.5 s;
+serial 1523.2 s wall (peak 1530 MB); local 335.0 s (2999 MB, idle 8.0 s per job); Ray 234.2 s + 9.5 s
+ray.init (3824 MB, idle 3.9 s per job, an empty task's round trip 1.9 ms). Local and Ray: identical
+results.json and samples.jsonl. Serial (evals on 2 threads, the workers' on 1): the same results.json; 5 of
+105 sample lines differ in the 6th digit of a log-likelihood (4.5e-06; eval.threads makes runs bit-identical).
+The demo's full evaluation (7 tasks x 100 documents, 16 windows) was not run: at this load one evaluation
+with limit 25 alone took 19 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -104,6 +111,17 @@ def outputs(sweep) -> dict:
     return out
 
 
+def difference(a: dict, b: dict) -> str:
+    """'identical', or how many results/sample lines differ and the largest log-likelihood difference."""
+    if a == b:
+        return "results.json and samples.jsonl identical (timing fields aside)"
+    results = sum(a[k][0] != b[k][0] for k in a)
+    lines = [(x, y) for k in a for x, y in zip(a[k][1], b[k][1]) if x != y]
+    lls = [abs(u - v) for x, y in lines for u, v in zip(json.loads(x).get("lls", []), json.loads(y).get("lls", []))]
+    return (f"{results} of {len(a)} results.json differ; {len(lines)} of {sum(len(v[1]) for v in a.values())} sample "
+            f"lines differ (largest log-likelihood difference {max(lls, default=0):.2e})")
+
+
 def ray_task_latency(n: int = 20) -> float:
     """Seconds for one no-op Ray task, submit to result, on warm workers (mean of n, one at a time)."""
     import ray
@@ -175,10 +193,9 @@ def main() -> None:
     print("idle/job: (wall x worker slots - seconds inside jobs) / jobs (dependency stalls, worker start, "
           "scheduling); extra/job: seconds inside jobs beyond the serial run's, per job (cold imports in "
           "fresh workers, two jobs sharing two cores); no-op task: one empty Ray task round trip")
-    ref = outputs(rows[0]["sweep"])
-    for r in rows[1:]:
-        same = outputs(r["sweep"]) == ref
-        print(f"{r['executor']} results and samples identical to {rows[0]['executor']}: {same}")
+    outs = [outputs(r["sweep"]) for r in rows]
+    for i, j in itertools.combinations(range(len(rows)), 2):
+        print(f"{rows[j]['executor']} vs {rows[i]['executor']}: {difference(outs[j], outs[i])}")
     for r in rows:
         kinds = {}
         graph = build_graph(r["sweep"])

@@ -18,8 +18,6 @@ from mixq.sweep.spec import Sweep, builtin_sweeps, load_sweep, slug
 
 EXECUTORS = ("serial", "local", "ray")
 INDEX_FILE = "sweep.json"
-
-
 MODELS_DIR = "models"
 
 
@@ -40,7 +38,7 @@ def named_links(graph: Graph) -> dict[Path, tuple[Job, Path]]:
 def check_links(graph: Graph) -> None:
     """Refuse before any work when a name the sweep links is taken by something it did not write."""
     for link in named_links(graph):
-        if (link.exists() or link.is_symlink()) and not link.is_symlink():
+        if link.exists() and not link.is_symlink():
             raise MixqError(f"{link}: is in the way of the sweep's link to its job folder (an older layout, or "
                             f"not mixq's); move it away or give another output folder (-o)")
 
