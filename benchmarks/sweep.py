@@ -1,7 +1,10 @@
 """Benchmark `mixq sweep`: the same sweep run sequentially, with the local executor and on a local Ray instance.
 
-    .venv/bin/python benchmarks/sweep.py [--model smollm2-135m] [--variants bf16,q8-hi,q6-hi,qx86-hi,qx64-hi]
-        [--tasks arc_easy,ppl,kld] [--limit 10] [--windows 2] [--workers 2] [--executors serial,local,ray] [-o DIR]
+    .venv/bin/python benchmarks/sweep.py [--model M] [--variants V1,V2,..] [--tasks T] [--limit N] [--windows N]
+        [--workers 2] [--executors serial,local,ray] [-o DIR]
+
+The sweep is the demo's (the built-in `demo` sweep: smollm2-135m; bf16, q8-hi, q6-hi, qx86-hi, qx64-hi against
+q8-hi; the seven tasks, ppl and KLD; its limit and windows); each option replaces one of its settings.
 
 First a one-variant warm-up sweep imports the model, fetches the task data and caches the KLD base
 distributions, so no executor pays for them. Then each executor runs the whole sweep into a fresh folder:
@@ -11,17 +14,24 @@ distributions, so no executor pays for them. Then each executor runs the whole s
 Printed per executor: wall time, the seconds spent inside jobs, peak memory (RSS summed over this process and
 all its descendants: workers, and Ray's raylet/GCS/workers; sampled every 0.1 s), idle worker-seconds per job,
 the extra seconds inside jobs per job against the serial run, and for Ray the round trip of an empty task.
-Also checked: the three give identical per-document samples and results (timing fields aside).
+Also compared, pair by pair: results.json and samples.jsonl (timing fields aside), identical or how far apart.
 
-Measured 2026-12-02 on the shared 2-core machine (load average ~9 from other work, so times are rough),
-`--tasks arc_easy --limit 5` (14 jobs): serial 131.1 s wall (peak 1685 MB), local 86.0 s (3920 MB, idle 2.6 s
-per job), Ray 61.6 s + 9.6 s ray.init (4122 MB, idle 1.2 s per job, an empty task's round trip 2.2 ms);
-outputs identical. The demo's full evaluation (7 tasks x 100 documents, ppl+kld) did not fit the 10-minute budget.
+Measured 2026-12-02 on the shared 2-core machine, heavily loaded by other work (load average 14-19 throughout,
+so times are rough: the serial pass, run first, met the worst of it, and a `mixq demo` check ran beside its
+last 4 minutes; its 4.5x against local is the load, not the executor). The demo's sweep with `--limit 3
+--windows 2` (seven tasks x 3 documents, ppl+KLD on 2 windows; 14 jobs): warm-up 277.5 s;
+serial 1523.2 s wall (peak 1530 MB); local 335.0 s (2999 MB, idle 8.0 s per job); Ray 234.2 s + 9.5 s
+ray.init (3824 MB, idle 3.9 s per job, an empty task's round trip 1.9 ms). Local and Ray: identical
+results.json and samples.jsonl. Serial (evals on 2 threads, the workers' on 1): the same results.json; 5 of
+105 sample lines differ in the 6th digit of a log-likelihood (4.5e-06; eval.threads makes runs bit-identical).
+The demo's full evaluation (7 tasks x 100 documents, 16 windows) was not run: at this load one evaluation
+with limit 25 alone took 19 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -73,10 +83,13 @@ class PeakMemory:
         self.thread.join()
 
 
-def sweep_text(args, variants: list[str]) -> str:
-    return (f'models = ["{args.model}"]\nvariants = {json.dumps(variants)}\nref = "{variants[0]}"\n'
-            f'dtype = "bfloat16"\n[eval]\ntasks = "{args.tasks}"\nlimit = {args.limit}\nwindows = {args.windows}\n'
-            f'dtype = "float32"\n')
+def sweep_text(args, variants: list[str], ref: str) -> str:
+    """The demo's sweep file with the benchmark's settings."""
+    demo = load_sweep("demo")
+    return (f'models = ["{args.model or demo.models[0]}"]\nvariants = {json.dumps(variants)}\nref = "{ref}"\n'
+            f'dtype = "{demo.dtype}"\n[eval]\ntasks = "{args.tasks or ",".join(demo.tasks)}"\n'
+            f'limit = {args.limit or demo.eval["limit"]}\nwindows = {args.windows or demo.eval["windows"]}\n'
+            f'dtype = "{demo.eval["dtype"]}"\n')
 
 
 def _strip(obj):
@@ -96,6 +109,17 @@ def outputs(sweep) -> dict:
         res = _strip(json.loads((run / "results.json").read_text().replace(str(sweep.out), "OUT")))
         out[job.label] = (res, sorted((run / "samples.jsonl").read_text().splitlines()))
     return out
+
+
+def difference(a: dict, b: dict) -> str:
+    """'identical', or how many results/sample lines differ and the largest log-likelihood difference."""
+    if a == b:
+        return "results.json and samples.jsonl identical (timing fields aside)"
+    results = sum(a[k][0] != b[k][0] for k in a)
+    lines = [(x, y) for k in a for x, y in zip(a[k][1], b[k][1]) if x != y]
+    lls = [abs(u - v) for x, y in lines for u, v in zip(json.loads(x).get("lls", []), json.loads(y).get("lls", []))]
+    return (f"{results} of {len(a)} results.json differ; {len(lines)} of {sum(len(v[1]) for v in a.values())} sample "
+            f"lines differ (largest log-likelihood difference {max(lls, default=0):.2e})")
 
 
 def ray_task_latency(n: int = 20) -> float:
@@ -135,25 +159,29 @@ def run_one(args, executor: str, sweep_file: Path, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--variants", default="q8-hi,bf16,q6-hi,qx86-hi,qx64-hi", help="the first is the reference")
-    ap.add_argument("--tasks", default="arc_easy,ppl,kld")
-    ap.add_argument("--limit", type=int, default=10)
-    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--model", help="default: the demo's")
+    ap.add_argument("--variants", help="default: the demo's (its reference first); the first is the reference")
+    ap.add_argument("--tasks", help="default: the demo's (all,ppl,kld)")
+    ap.add_argument("--limit", type=int, help="documents per task (default: the demo's)")
+    ap.add_argument("--windows", type=int, help="ppl/KLD windows (default: the demo's)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--executors", default="serial,local,ray")
     ap.add_argument("-o", "--out", default=None, help="work folder (default: a new temporary one)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="mixq-bench-sweep-"))
     out.mkdir(parents=True, exist_ok=True)
-    variants = args.variants.split(",")
-    (out / "warm.toml").write_text(sweep_text(args, variants[:1]))
-    (out / "sweep.toml").write_text(sweep_text(args, variants))
+    demo = load_sweep("demo")
+    variants = args.variants.split(",") if args.variants else \
+        [demo.ref] + [v.label for v in demo.variants if v.label != demo.ref]
+    (out / "warm.toml").write_text(sweep_text(args, variants[:1], variants[0]))
+    (out / "sweep.toml").write_text(sweep_text(args, variants, variants[0]))
     t0 = time.time()
     run_sweep(load_sweep(out / "warm.toml", out=out / "warm"), "serial", progress=False)
     print(f"warm-up (import, task data, KLD base cache, one variant): {time.time() - t0:.1f} s")
-    print(f"sweep: {args.model} x {len(variants)} variants, tasks {args.tasks}, limit {args.limit}, "
-          f"windows {args.windows}; {os.cpu_count()} cores, {args.workers} workers")
+    sweep = load_sweep(out / "sweep.toml")
+    print(f"sweep: {', '.join(sweep.models)} x {len(variants)} variants ({', '.join(variants)}), tasks "
+          f"{','.join(sweep.tasks)}, limit {sweep.eval['limit']}, windows {sweep.eval['windows']}; "
+          f"{os.cpu_count()} cores, {args.workers} workers")
     rows = [run_one(args, ex, out / "sweep.toml", out / ex) for ex in args.executors.split(",")]
     serial = next((r for r in rows if r["executor"] == "serial"), None)
     print(f"{'executor':8} {'wall s':>7} {'init s':>7} {'jobs':>5} {'in-job s':>9} {'peak MB':>8} "
@@ -165,10 +193,9 @@ def main() -> None:
     print("idle/job: (wall x worker slots - seconds inside jobs) / jobs (dependency stalls, worker start, "
           "scheduling); extra/job: seconds inside jobs beyond the serial run's, per job (cold imports in "
           "fresh workers, two jobs sharing two cores); no-op task: one empty Ray task round trip")
-    ref = outputs(rows[0]["sweep"])
-    for r in rows[1:]:
-        same = outputs(r["sweep"]) == ref
-        print(f"{r['executor']} results and samples identical to {rows[0]['executor']}: {same}")
+    outs = [outputs(r["sweep"]) for r in rows]
+    for i, j in itertools.combinations(range(len(rows)), 2):
+        print(f"{rows[j]['executor']} vs {rows[i]['executor']}: {difference(outs[j], outs[i])}")
     for r in rows:
         kinds = {}
         graph = build_graph(r["sweep"])

@@ -1,126 +1,87 @@
-"""`mixq demo`: convert, evaluate and compare the standard variants of one model.
+"""`mixq demo`: the built-in `demo` sweep (mixq/sweep/builtin/demo.toml) with the demo's options on top.
 
-The README's main command. On the embedded default (smollm2-135m) it builds bf16 (the base),
-q8-hi, q6-hi, qx86-hi and qx64-hi, evaluates each on the seven tasks (first `limit` documents),
-perplexity and KL divergence against the unquantized source, then writes a report folder.
-Every step reuses finished work, so an interrupted demo resumes where it stopped.
+The README's main command. On the embedded default (smollm2-135m) it builds bf16 (the base), q8-hi, q6-hi,
+qx86-hi and qx64-hi, evaluates each on the seven tasks (first 100 documents), perplexity and KL divergence
+against the unquantized source, compares them against q8-hi, and writes the sweep's report and a card in
+every converted folder. The work is the sweep's jobs (`mixq sweep demo` is the same sweep, in the same
+folder), so a re-run, or an interrupted demo, does only what is missing.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from mixq.errors import MixqError
-from mixq.eval.evaluate import evaluate
-from mixq.eval.tasks import TASK_NAMES
-from mixq.io.files import read_provenance
-from mixq.quant.convert import convert
-from mixq.report.card import write_card
 from mixq.report.compare import compare
-from mixq.report.render import print_rich, write_report
-from mixq.sources.resolve import resolve
+from mixq.report.render import print_rich
+from mixq.sweep.command import MODELS_DIR, add_executor_arguments, executor_of, run_from_args
+from mixq.sweep.graph import build_graph, dry_run_text
+from mixq.sweep.spec import Sweep, load_sweep, slug
 
-SEVEN_TASKS = TASK_NAMES
-DEFAULT_VARIANTS = ("bf16", "q8-hi", "q6-hi", "qx86-hi", "qx64-hi")
-DEFAULT_LIMIT = 100   # documents per task; the whole demo took 19 minutes on 2 CPU cores (measured)
-DEFAULT_WINDOWS = 16  # 512-token WikiText-2 windows for perplexity and KLD
-
-
-@dataclass
-class DemoConfig:
-    model: str = "smollm2-135m"
-    variants: tuple[str, ...] = DEFAULT_VARIANTS
-    tasks: tuple[str, ...] = SEVEN_TASKS
-    limit: int | None = DEFAULT_LIMIT
-    windows: int = DEFAULT_WINDOWS
-    out: Path = Path("mixq-demo")
-    ref: str = "q8-hi"
-    dtype: str = "float32"          # compute dtype of the evaluation
-    storage_dtype: str = "bfloat16"  # dtype of kept tensors and of scales/biases, as MLX quants ship
-    extra_eval: dict = field(default_factory=dict)
+DEMO = "demo"                  # the built-in sweep's name
+TEXT_TASKS = ("ppl", "kld")    # always evaluated by the demo (the report's KLD and frontier need them)
+DEFAULT_OUT = "mixq-demo"
 
 
-def _model_slug(ref: str) -> str:
-    return Path(ref).name.replace("@", "-") if Path(ref).exists() else ref.replace("/", "-").replace("@", "-")
+def demo_sweep(out=DEFAULT_OUT, **settings) -> Sweep:
+    """The demo's sweep; `settings` replace the built-in file's (sweep-file keys; `eval` key by key)."""
+    return load_sweep(DEMO, out=out, settings=settings)
 
 
-def _same_recipe(folder: Path, recipe: str) -> bool:
-    return (read_provenance(folder).get("recipe") or {}).get("name") == recipe
+def settings_from_args(args) -> dict:
+    """The demo's options as sweep-file settings (None: the built-in file's)."""
+    s: dict = {"eval": {}}
+    if args.model:
+        s["models"] = [args.model]
+    if args.variants:
+        s["variants"] = [v for v in args.variants.split(",") if v]
+        if not args.ref and load_sweep(DEMO).ref not in s["variants"]:
+            s["ref"] = s["variants"][0]   # the default reference is not among them: the first is
+    if args.ref:
+        s["ref"] = args.ref
+    if args.tasks:
+        s["eval"]["tasks"] = [t for t in args.tasks.split(",") if t and t not in TEXT_TASKS] + list(TEXT_TASKS)
+    if args.full:
+        s["eval"]["limit"] = None   # every document
+    elif args.limit is not None:
+        s["eval"]["limit"] = args.limit
+    if args.windows is not None:
+        s["eval"]["windows"] = args.windows
+    if args.dtype:
+        s["eval"]["dtype"] = args.dtype
+    return s
 
 
-def build_variant(source_path: Path, out: Path, recipe: str, dtype: str) -> Path:
-    """Convert once; a folder already converted with the same recipe is reused."""
-
-    if out.exists() and _same_recipe(out, recipe):
-        print(f"[demo] {out.name}: already converted, reusing")
-        return out
-    return convert(str(source_path), out, recipe=recipe, dtype=dtype, force=out.exists())
-
-
-def run_demo(cfg: DemoConfig) -> Path:
-
-    t0 = time.time()
-    source = resolve(cfg.model)
-    slug = _model_slug(cfg.model)
-    # Runs and report are keyed by the evaluation size, so a re-run with other limits starts afresh
-    # while one with the same settings resumes.
-    scope = f"{'full' if cfg.limit is None else f'n{cfg.limit}'}-w{cfg.windows}-{cfg.dtype}"
-    models_dir, runs_dir = cfg.out / "models", cfg.out / "runs" / scope
-    report_dir = cfg.out / "report" / scope
-    for d in (models_dir, runs_dir):
-        d.mkdir(parents=True, exist_ok=True)
-
-    tasks = list(cfg.tasks) + ["ppl", "kld"]
-    run_paths = []
-    folders = {}
-    for variant in cfg.variants:
-        folder = build_variant(source.path, models_dir / f"{slug}-{variant}", variant, cfg.storage_dtype)
-        folders[variant] = folder
-        run_dir = runs_dir / variant
-        print(f"[demo] evaluating {variant} ({', '.join(tasks)}; limit {cfg.limit or 'none'})")
-        evaluate(str(folder), tasks, run_dir, base=str(source.path), limit=cfg.limit,
-                 windows=cfg.windows, dtype=cfg.dtype, resume=run_dir.exists(), **cfg.extra_eval)
-        run_paths.append(run_dir)
-
-    ref = cfg.ref if cfg.ref in cfg.variants else cfg.variants[0]
-    comparison = compare(run_paths, ref=str(runs_dir / ref))
-    print_rich(comparison)
-    write_report(comparison, report_dir)
-    for variant, folder in folders.items():   # each card with its comparison against the reference variant
-        runs = [runs_dir / variant] if variant == ref else [runs_dir / variant, runs_dir / ref]   # its own first
-        write_card(folder, runs=runs, ref=str(runs_dir / ref), force=True)   # the demo converted these folders
-    (report_dir / "demo.json").write_text(json.dumps({
-        "model": cfg.model, "source": str(source.path), "variants": list(cfg.variants),
-        "tasks": list(cfg.tasks), "limit": cfg.limit, "windows": cfg.windows,
-        "models": {v: str(p) for v, p in folders.items()}, "seconds": round(time.time() - t0, 1),
-    }, indent=2))
-    print(f"[demo] report written to {report_dir} in {time.time() - t0:.0f} s")
-    return report_dir
+def show(sweep: Sweep) -> None:
+    """Print each model's comparison and where the report, the comparison files and the models are."""
+    ref = sweep.ref_variant.slug
+    for model in sweep.models:
+        folder = sweep.out / "report" / slug(model)
+        print_rich(compare(sorted((folder / "runs").iterdir()), ref=str(folder / "runs" / ref)))
+        print(f"[demo] comparison: {folder}/comparison.md (.json, accuracy_vs_bpw.png, kld_vs_bpw.png)")
+    print(f"[demo] report: {sweep.out / 'report' / 'report.md'}; models, each with its card README.md: "
+          f"{sweep.out / MODELS_DIR}/")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="any model ref (default: smollm2-135m)")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated recipes")
-    p.add_argument("--tasks", default=",".join(SEVEN_TASKS), help="comma-separated tasks")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="documents per task (first N)")
+    demo = load_sweep(DEMO)
+    p.add_argument("--model", help=f"any model ref (default: {demo.models[0]})")
+    p.add_argument("--variants", help=f"comma-separated recipes (default: {','.join(v.label for v in demo.variants)})")
+    p.add_argument("--tasks", help="comma-separated tasks (default: the seven); ppl and kld are always evaluated")
+    p.add_argument("--limit", type=int, help=f"documents per task, the first N (default: {demo.eval['limit']})")
     p.add_argument("--full", action="store_true", help="evaluate every document of each split")
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="512-token windows for ppl/KLD")
-    p.add_argument("--ref", default="q8-hi", help="variant the differences are taken against")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("-o", "--out", default="mixq-demo", help="output folder (models, runs, report)")
+    p.add_argument("--windows", type=int, help=f"512-token windows for ppl/KLD (default: {demo.eval['windows']})")
+    p.add_argument("--ref", help=f"variant the differences are taken against (default: {demo.ref})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help=f"compute dtype of the evaluation (default: {demo.eval['dtype']})")
+    p.add_argument("-o", "--out", default=DEFAULT_OUT, help="output folder (the sweep's; default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the sweep's jobs, what is done and the work")
+    add_executor_arguments(p)
 
 
 def cli(args) -> int:
-    variants = tuple(v for v in args.variants.split(",") if v)
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in SEVEN_TASKS]
-    if unknown:
-        raise MixqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(SEVEN_TASKS)}")
-    cfg = DemoConfig(model=args.model, variants=variants, tasks=tasks,
-                     limit=None if args.full else args.limit, windows=args.windows,
-                     out=Path(args.out), ref=args.ref, dtype=args.dtype)
-    run_demo(cfg)
+    executor_of(args)   # options checked before the sweep is read
+    sweep = demo_sweep(args.out, **settings_from_args(args))
+    if args.dry_run:
+        print(dry_run_text(build_graph(sweep)))
+        return 0
+    run_from_args(sweep, args)
+    show(sweep)
     return 0

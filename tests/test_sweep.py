@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import worker_faults
 from tiny_models import _TEXT
 
 import mixq.sweep.jobs as jobs
+import mixq.sweep.local as local_exec
+import mixq.sweep.ray_exec as ray_exec
 from mixq.cli import main
 from mixq.errors import MixqError
 from mixq.sweep.command import run_sweep
@@ -102,8 +105,12 @@ def test_graph_hashes_follow_the_inputs(tmp_path):
     assert {j.kind for j in a.jobs.values() if j.id not in c.jobs} == {"eval", "compare", "cards", "report"}
 
 
-def test_local_and_ray_give_the_same_results(sweep_file, tmp_path, capsys):
+def test_serial_local_and_ray_give_the_same_results_when_a_ray_worker_dies(sweep_file, tmp_path, capsys,
+                                                                           monkeypatch):
     ray = pytest.importorskip("ray")
+    sweep_file.write_text(sweep_file.read_text() + "threads = 1\n")   # numbers independent of the core split
+    serial = load_sweep(sweep_file, out=tmp_path / "serial")
+    run_sweep(serial, "serial", progress=False)
     local = load_sweep(sweep_file, out=tmp_path / "local")
     assert main(["sweep", str(sweep_file), "-o", str(local.out), "--dry-run"]) == 0
     assert "8 jobs" in capsys.readouterr().out
@@ -112,15 +119,36 @@ def test_local_and_ray_give_the_same_results(sweep_file, tmp_path, capsys):
     assert set(result.ran) == set(graph.jobs) and all(is_done(graph.root, j) for j in graph.jobs.values())
     assert os.getpid() not in result.pids.values()   # every job ran in a worker process
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Ray's workers import the fault-injecting job bodies from tests/
+    path = os.pathsep.join(p for p in (str(Path(worker_faults.__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
+        # the first evaluation kills its worker process (os._exit): a system failure, which Ray retries
+        real = ray_exec._run_remote
+        monkeypatch.setattr(ray_exec, "_run_remote", worker_faults.run_job_dying_once)
         on_ray = load_sweep(sweep_file, out=tmp_path / "ray")
-        assert set(run_sweep(on_ray, "ray", progress=False).ran) == set(build_graph(on_ray).jobs)
+        ran = run_sweep(on_ray, "ray", progress=False)
+        died, pid = worker_faults.marker(on_ray.out).read_text().split()
+        redone = next(j for j in build_graph(on_ray).jobs.values() if j.name == died)
+        assert set(ran.ran) == set(build_graph(on_ray).jobs) and redone.kind == "eval"
+        assert ran.pids[redone.id] != int(pid)   # retried in another worker process
+
+        # an error raised in a job is not retried (Ray retries exceptions only with retry_exceptions): the sweep
+        # stops with it in one line; a re-run resumes (the jobs finished before are not run again)
+        monkeypatch.setattr(ray_exec, "_run_remote", worker_faults.run_job_raising_once)
+        failing = load_sweep(sweep_file, out=tmp_path / "ray-error")
+        with pytest.raises(MixqError, match="injected error in an evaluation"):
+            run_sweep(failing, "ray", progress=False)
+        monkeypatch.setattr(ray_exec, "_run_remote", real)
+        before = {j.id for j in build_graph(failing).jobs.values() if is_done(failing.out, j)}
+        assert {"import", "convert"} <= {build_graph(failing).jobs[i].kind for i in before}
+        assert set(run_sweep(failing, "ray", progress=False).ran) == set(build_graph(failing).jobs) - before
     finally:
         ray.shutdown()
     m = slug(local.models[0])
-    assert _samples(local) == _samples(on_ray) and len(_samples(local)[f"{m}/q4"]) == 2
-    assert _numbers(local) == _numbers(on_ray)
+    for other in (local, on_ray, failing):
+        assert _samples(other) == _samples(serial) and _numbers(other) == _numbers(serial)
+    assert len(_samples(serial)[f"{m}/q4"]) == 2
 
     report = (local.out / "report" / "report.md").read_text()
     assert "Size against KL divergence" in report and "| q4 |" in report
@@ -129,6 +157,24 @@ def test_local_and_ray_give_the_same_results(sweep_file, tmp_path, capsys):
     for job in graph.by_kind("convert"):
         card = (job_dir(graph.root, job) / "model" / "README.md").read_text()
         assert "## Evaluation" in card and "q8-hi" in card
+
+
+def test_a_local_worker_that_dies_stops_the_sweep_in_one_line_and_it_resumes(sweep_file, capsys, monkeypatch):
+    sweep = load_sweep(sweep_file)
+    monkeypatch.setattr(local_exec, "run_job", worker_faults.run_job_dying_once)
+    assert main(["sweep", str(sweep_file), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    died = worker_faults.marker(sweep.out).read_text().split()[0]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "mixq sweep: error: sweep: a worker process died") and died in err.strip().splitlines()[-1]
+    graph = build_graph(sweep)
+    before = {j.id for j in graph.jobs.values() if is_done(graph.root, j)}
+    assert {"import", "convert"} <= {graph.jobs[i].kind for i in before} and len(before) < len(graph.jobs)
+
+    monkeypatch.setattr(local_exec, "run_job", jobs.run_job)
+    ran = run_sweep(sweep, "local", workers=2, progress=False).ran
+    assert set(ran) == set(graph.jobs) - before and all(is_done(graph.root, j) for j in graph.jobs.values())
+    assert len(_samples(sweep)[f"{slug(sweep.models[0])}/q4"]) == 2
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_jobs(sweep_file, monkeypatch):

@@ -147,7 +147,7 @@ class _Builder:
 
     def build(self) -> Graph:
         sw = self.sweep
-        ref = next(v.slug for v in sw.variants if v.label == sw.ref)
+        ref = sw.ref_variant.slug
         compares = {}
         for model in sw.models:
             converts, evals = self.model_jobs(model)

@@ -44,22 +44,37 @@ class _Slots:
         self.used_memory += sign * mem
 
 
+def _lost(jobs: list[Job]) -> MixqError:
+    names = ", ".join(f"{j.name} ({j.label})" for j in jobs) or "a job"
+    return MixqError(f"sweep: a worker process died (killed, out of memory, or a script calling run_sweep without an "
+                     f"`if __name__ == '__main__':` guard) while running {names}; finished jobs are kept: re-run to "
+                     f"resume")
+
+
 def run_local(graph: Graph, progress: Progress, workers: int | None = None) -> SweepResult:
-    """Jobs in dependency order; ready jobs in parallel worker processes (spawned: no forked torch state)."""
+    """Jobs in dependency order; ready jobs in parallel worker processes (spawned: no forked torch state).
+
+    The first failure stops new jobs; running ones end first. A worker process that dies breaks the pool: every
+    job running then is lost (their folders stay unfinished) and one MixqError names them."""
     cores = available_cores()
     slots = _Slots(cores, int(psutil.virtual_memory().available * 0.9))
     workers = workers or cores
     result, pending, running = SweepResult(), graph.pending(), {}
     finished = {j.id for j in graph.jobs.values()} - {j.id for j in pending}
-    error = None
+    error, lost, broken = None, [], False
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while (pending and error is None) or running:
-            for job in [j for j in pending if all(d.id in finished for d in graph.deps(j))] if error is None else []:
+        while (pending and error is None and not broken) or running:
+            for job in [j for j in pending if all(d.id in finished for d in graph.deps(j))]:
                 cpus, mem = job_cpus(graph, job, cores, workers), memory_estimate(graph, job)
-                if len(running) >= workers or not slots.fits(cpus, mem, len(running)):
+                if error or broken or len(running) >= workers or not slots.fits(cpus, mem, len(running)):
+                    continue
+                try:
+                    fut = pool.submit(run_job, graph.root, job, _inputs(graph, job), cpus)
+                except BrokenProcessPool:   # a worker died since the last wait: its job is reported below
+                    broken = True
                     continue
                 slots.take(cpus, mem)
-                running[pool.submit(run_job, graph.root, job, _inputs(graph, job), cpus)] = (job, cpus, mem)
+                running[fut] = (job, cpus, mem)
                 pending.remove(job)
                 progress.start(job)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -69,14 +84,15 @@ def run_local(graph: Graph, progress: Progress, workers: int | None = None) -> S
                 try:
                     result.add(job, fut.result())
                 except BrokenProcessPool:
-                    error = error or MixqError(
-                        f"sweep: a worker process died running {job.name} ({job.label}) (out of memory? or a script "
-                        f"calling run_sweep without an `if __name__ == '__main__':` guard); re-run to resume")
+                    broken = True
+                    lost.append(job)
                 except Exception as e:  # noqa: BLE001 - the first failure is raised once running jobs end
                     error = error or e
                 else:
                     finished.add(job.id)
                 progress.finish(job)
+    if broken:
+        raise _lost(lost)
     if error is not None:
         raise error
     return result

@@ -2,8 +2,12 @@
 
 Each job is one remote task requesting its cores, its estimated memory and (for a CUDA evaluation) a GPU; a
 task's input jobs are passed as object refs, so Ray starts it once they are finished. Outputs go to the
-sweep's output folder, which every node must see at the same path (a shared filesystem). A task lost with
-its worker is retried (`max_retries`); an error in mixq is not retried, it is raised here.
+sweep's output folder, which every node must see at the same path (a shared filesystem).
+
+Failures: a task whose worker process (or node) dies is a system failure, which Ray re-runs up to `max_retries`
+times; the retry finds the job's folder unfinished and starts it again (an eval resumes its run folder). An
+exception raised by a job is an application error, which Ray does not retry (`retry_exceptions` stays off: a
+mixq error would only recur); it is raised here as one line, and a re-run resumes. tests/test_sweep.py checks both.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ frontier across every variant of every model (Markdown table, JSON, PNG)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,16 +53,21 @@ def frontier_markdown(fr: Frontier) -> str:
 
 
 def write_sweep_report(compares: dict[str, Path], ref: str, out: Path) -> Path:
-    """report.md (per-model comparisons, frontier), frontier.json and kld_vs_bpw.png into `out`.
+    """report.md (per-model comparisons, frontier), frontier.json and kld_vs_bpw.png into `out`, and `out/MODEL`
+    -> that model's compare folder (comparison.md/.json and its plots; relative links).
 
     `compares`: model slug -> a compare job's folder (its runs/VARIANT links)."""
     comparisons = {}
     for model, folder in compares.items():
         runs = sorted((folder / "runs").iterdir())
         comparisons[model] = compare(runs, ref=str(folder / "runs" / ref))
+        if not (out / model).is_symlink():
+            os.symlink(os.path.relpath(folder, out), out / model)
     parts = ["# mixq sweep report", ""]
     for model, comp in comparisons.items():
-        parts += [to_markdown(comp, title=f"{model} (vs {comp.ref})", details=True), ""]
+        parts += [to_markdown(comp, title=f"{model} (vs {comp.ref})", details=True), "",
+                  f"Files: [{model}/comparison.md]({model}/comparison.md), [comparison.json]({model}/comparison.json)"
+                  f", plots in `{model}/`.", ""]
     fr = frontier(comparisons)
     if fr.variants:
         parts += ["## Size against KL divergence, all variants", "",

@@ -86,6 +86,10 @@ class Sweep:
         return self.eval["tasks"]
 
     @property
+    def ref_variant(self) -> Variant:
+        return next(v for v in self.variants if v.label == self.ref)
+
+    @property
     def wants_base(self) -> bool:
         """KLD needs the unquantized source as the base."""
         return "kld" in self.tasks
@@ -179,12 +183,27 @@ def _models(src: str, base_dir: Path, models) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_sweep(text: str, base_dir: Path, src: str = "<sweep>") -> Sweep:
-    """Parse and check sweep TOML text; relative paths are taken from `base_dir`."""
+def _merged(data: dict, settings: dict) -> dict:
+    out = dict(data)
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merged(out[key], value)
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_sweep(text: str, base_dir: Path, src: str = "<sweep>", settings: dict | None = None) -> Sweep:
+    """Parse and check sweep TOML text; relative paths are taken from `base_dir`.
+
+    `settings` replace the file's (same keys; the eval and measure tables key by key; None removes a key)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MixqError(f"{src}: not valid TOML ({e}); fix the sweep file") from None
+    data = _merged(data, settings or {})
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise MixqError(f"{src}: unknown key {unknown[0]!r}; a sweep file has {', '.join(sorted(TOP_KEYS))}")
@@ -212,17 +231,18 @@ def parse_sweep(text: str, base_dir: Path, src: str = "<sweep>") -> Sweep:
                  _measure_settings(src, base_dir, data.get("measure", {})))
 
 
-def load_sweep(path, out: str | Path | None = None) -> Sweep:
-    """Read a sweep file (or a built-in one by name, `builtin_sweeps`); `out` overrides its output folder."""
+def load_sweep(path, out: str | Path | None = None, settings: dict | None = None) -> Sweep:
+    """Read a sweep file (or a built-in one by name, `builtin_sweeps`); `out` replaces its output folder,
+    `settings` its other settings (as `parse_sweep`). A built-in sweep's paths are taken from the current folder."""
     p = Path(path)
     builtin = not p.is_file() and str(path) in builtin_sweeps()
     if builtin:
         p = builtin_sweeps()[str(path)]
     if not p.is_file():
         raise MixqError(f"{path}: no such sweep file (built-in ones: {', '.join(builtin_sweeps())})")
-    sweep = parse_sweep(p.read_text(), p.parent, str(p))
-    if builtin and out is None:   # a built-in sweep writes into the current folder, never into the package
-        out = sweep.out.name
+    src = f"{path} (built-in sweep)" if builtin else str(p)
+    sweep = parse_sweep(p.read_text(), Path.cwd() if builtin else p.parent, src, settings)
+    sweep = replace(sweep, path=p)
     if out is not None:
         sweep = replace(sweep, out=Path(out).expanduser().resolve())
     return sweep
