@@ -74,6 +74,7 @@ def test_sweep_file_is_checked(tmp_path):
         (good + "[eval]\ntasks = \"arc_easy,mmlu\"\n", "unknown task 'mmlu'"),
         (good + "[eval]\nlimit = \"2\"\n", "eval.limit"),
         ('models = []\nvariants = ["q8-hi"]\n', "models must be"),
+        ('models = ["a/m b", "a/m-b"]\nvariants = ["q8-hi"]\n', "share the folder name 'a-m-b'"),
     ]:
         with pytest.raises(MixqError, match=words):
             parse_sweep(text, tmp_path, "s.toml")

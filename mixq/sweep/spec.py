@@ -180,6 +180,12 @@ def _models(src: str, base_dir: Path, models) -> tuple[str, ...]:
         out.append(str(local.resolve()) if local.exists() else m)
     if len(set(out)) < len(out):
         raise MixqError(f"{src}: a model is listed twice in models")
+    by_slug: dict[str, str] = {}
+    for m in out:   # the slug names the model's report and converted folders: two models must not share one
+        if slug(m) in by_slug:
+            raise MixqError(f"{src}: models {by_slug[slug(m)]!r} and {m!r} would share the folder name "
+                            f"{slug(m)!r}; rename or move one of them")
+        by_slug[slug(m)] = m
     return tuple(out)
 
 
