@@ -425,18 +425,31 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the system after loading (glibc): reading, casting and quantizing
-    leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak."""
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing). After loading: reading, casting and
+    quantizing leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak.
+    After each batch of scoring or perplexity: every forward allocates vocabulary-sized blocks and dense weights of
+    several sizes; glibc keeps blocks under its adaptive mmap threshold (up to 32 MB) on the heap, where they
+    fragment (without it, a 64-window KLD run on SmolLM2 grew to 5.3 GB)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
     import ctypes
     import ctypes.util
     import sys
 
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def parse_memory(text: str | float | None) -> int | None:
@@ -528,7 +541,7 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
             to_device(model, device)
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
-    _trim_heap()
+    trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})
     info = ModelInfo(ref=ref, path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,
