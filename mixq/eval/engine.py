@@ -23,13 +23,13 @@ while the weights fit `max_memory` (None: "auto", half the memory available at l
 
 The default budget per command, decided on benchmarks/scale.py (SmolLM2-135M q6-hi and qx86-hi, float32,
 1 thread, a shared 2-core machine; `--tasks arc_easy --limit 50` / `--tasks ppl --windows 4`; 2 runs each,
-interleaved): `mixq eval` holds the weights packed (`--max-memory 0`). Against the dense engine: peak RSS
-0.71x (arc_easy) and 0.66x (ppl), about 1.03 GB and 0.86 GB instead of 1.46 and 1.30 (the weights: 135-143 MB
-instead of 538 MB; the rest is the runtime, ~0.35 GB, and scoring's logits, which do not shrink); CPU time
-+6-11% (arc_easy) and +8-13% (ppl: one 512-token window per forward, so every weight is dequantized once per
-511 scored tokens), wall time +2-19% (noisy: `auto`, the same work as dense, ran 0.91-1.30x); every document
-and the perplexity identical. Half the peak at most 10% slower is not reached at this size: the parts that do
-not shrink dominate a 135M model's peak.
+interleaved): `mixq eval` holds the weights packed (`--max-memory 0`). Peak RSS 0.67-0.69 GB, against 1.30-1.46 GB
+for the dense engine before the memory work (0.47-0.52x) and 1.23-1.31 GB for the dense engine now (0.53-0.55x: it
+gained the scoring changes too); every document and the perplexity identical. What is left is the runtime, which does
+not shrink: torch, transformers and the tokenizer take ~0.51 GB before any weight is read (the dense engine's
+0.54 GB of weights come on top of it, so half of the dense engine's peak is out of reach at this size). CPU time
++2-14% (every weight dequantized once per forward; a module's memory-mapped pages are given back after it ran and
+read again next time); wall time noisy on the shared machine (0.71-1.13x medians).
 Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
 every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
