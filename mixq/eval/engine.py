@@ -30,6 +30,9 @@ not shrink: torch, transformers and the tokenizer take ~0.51 GB before any weigh
 0.54 GB of weights come on top of it, so half of the dense engine's peak is out of reach at this size). CPU time
 +2-14% (every weight dequantized once per forward; a module's memory-mapped pages are given back after it ran and
 read again next time); wall time noisy on the shared machine (0.71-1.13x medians).
+Gemma-3-270m q6-hi (same runs): 1.65-1.75 GB instead of 2.25-2.28 (0.73-0.77x; ~0.95 GB of it is the runtime
+with its 262k-token tokenizer; the rest grows during the first forwards and is not heap fragmentation: fixing glibc's
+mmap threshold or arenas changes it by < 0.1 GB), CPU time +6-15%.
 Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
 every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
