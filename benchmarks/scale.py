@@ -84,11 +84,12 @@ def _child_cpu() -> float:
 
 
 def _convert(model: str, recipe: str, out: Path) -> Path:
-    from mixq.quant.convert import convert
-
+    """MODEL converted under RECIPE (once), in a process of its own: this one stays small, since every eval it
+    starts reports a peak RSS (ru_maxrss) that counts the starting process's resident memory too (Linux keeps
+    the high-water mark across exec)."""
     folder = out / "models" / f"{model}-{recipe}"
     if not (folder / "config.json").exists():
-        convert(model, folder, recipe=recipe, progress=False)
+        _cli("-", ["convert", model, folder, "--recipe", recipe])
     return folder
 
 

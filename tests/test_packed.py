@@ -199,6 +199,54 @@ def test_mlx_folder_is_memory_mapped(tiny_model, tmp_path, arch):
     assert words and all(any(a <= w.data_ptr() < b for a, b in ranges) for w in words)
 
 
+def _resident(path: Path) -> int:
+    """Bytes of `path`'s maps resident in this process (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_drop_pages(tmp_path):
+    """drop_pages gives back a mapped tensor's resident pages (its values read again from the file) and leaves any
+    other tensor alone."""
+    from safetensors.torch import save_file
+
+    from mixq.io.safetensors import drop_pages, mapped_tensors
+
+    want = {"a": torch.arange(1 << 20, dtype=torch.int32), "b": torch.randn(300, 1000)}
+    save_file(want, tmp_path / "x.safetensors")
+    got = mapped_tensors(tmp_path / "x.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)  # every page read
+    before = _resident(tmp_path / "x.safetensors")
+    assert before >= 4 << 20
+    assert drop_pages(got["a"], None) >= (4 << 20) - 8192
+    assert _resident(tmp_path / "x.safetensors") <= before - ((4 << 20) - 8192)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # read again
+    heap = want["b"].clone()
+    assert drop_pages(heap, got["a"][:10]) == 0 and torch.equal(heap, want["b"])  # not mapped; under a page
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_forward_drops_mapped_pages(tiny_model, tmp_path):
+    """After each module's forward its packed weights' pages are given back: an MLX folder's files stay (almost)
+    unread in memory after a forward, whatever the model's size, and the logits are the dense engine's."""
+    from mixq.quant.convert import convert
+
+    out = convert(str(tiny_model("llama", hidden_size=256, intermediate_size=1024)), tmp_path / "m", recipe="q8",
+                  progress=False)
+    dense, packed = _pair(str(out))
+    x = _ids(dense, seed=3)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    (f,) = out.glob("*.safetensors")
+    assert _resident(f.resolve()) < 0.25 * f.stat().st_size
+
+
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
 def test_output_head_rows(tiny_model, tmp_path, arch):
     """The packed head (tied to the embedding for gemma3) gives the dense head's rows and logits, slice by slice,
@@ -215,6 +263,9 @@ def test_output_head_rows(tiny_model, tmp_path, arch):
         assert torch.equal(hd.logits(h, a, b), hp.logits(h, a, b))
     rows = torch.tensor([5, 0, 99, 5, hd.vocab_size - 1])
     assert torch.equal(hd.logits(h, rows=rows), hp.logits(h, rows=rows))
+    for step in (64, 100, hd.vocab_size - 10, 10_000):  # slice by slice (a narrow tail joins the slice before)
+        assert torch.equal(hd.all_logits(h, step), hd.logits(h)) and torch.equal(hp.all_logits(h, step), hd.logits(h))
+        assert all(b - a >= min(step, 64) for a, b in hd.slices(step)) and hd.slices(step)[-1][1] == hd.vocab_size
     torch.save(head_state(hp), tmp_path / "head.pt")
     back = head_from_state(torch.load(tmp_path / "head.pt", weights_only=True))
     assert isinstance(back.weight, JitParam) and torch.equal(back.logits(h), hd.logits(h))

@@ -23,13 +23,16 @@ while the weights fit `max_memory` (None: "auto", half the memory available at l
 
 The default budget per command, decided on benchmarks/scale.py (SmolLM2-135M q6-hi and qx86-hi, float32,
 1 thread, a shared 2-core machine; `--tasks arc_easy --limit 50` / `--tasks ppl --windows 4`; 2 runs each,
-interleaved): `mixq eval` holds the weights packed (`--max-memory 0`). Against the dense engine: peak RSS
-0.71x (arc_easy) and 0.66x (ppl), about 1.03 GB and 0.86 GB instead of 1.46 and 1.30 (the weights: 135-143 MB
-instead of 538 MB; the rest is the runtime, ~0.35 GB, and scoring's logits, which do not shrink); CPU time
-+6-11% (arc_easy) and +8-13% (ppl: one 512-token window per forward, so every weight is dequantized once per
-511 scored tokens), wall time +2-19% (noisy: `auto`, the same work as dense, ran 0.91-1.30x); every document
-and the perplexity identical. Half the peak at most 10% slower is not reached at this size: the parts that do
-not shrink dominate a 135M model's peak.
+interleaved): `mixq eval` holds the weights packed (`--max-memory 0`). Peak RSS 0.67-0.69 GB, against 1.30-1.46 GB
+for the dense engine before the memory work (0.47-0.52x) and 1.23-1.31 GB for the dense engine now (0.53-0.55x: it
+gained the scoring changes too); every document and the perplexity identical. What is left is the runtime, which does
+not shrink: torch, transformers and the tokenizer take ~0.51 GB before any weight is read (the dense engine's
+0.54 GB of weights come on top of it, so half of the dense engine's peak is out of reach at this size). CPU time
++2-14% (every weight dequantized once per forward; a module's memory-mapped pages are given back after it ran and
+read again next time); wall time noisy on the shared machine (0.71-1.13x medians).
+Gemma-3-270m q6-hi (same runs): 1.65-1.75 GB instead of 2.25-2.28 (0.73-0.77x; ~0.95 GB of it is the runtime
+with its 262k-token tokenizer; the rest grows during the first forwards and is not heap fragmentation: fixing glibc's
+mmap threshold or arenas changes it by < 0.1 GB), CPU time +6-15%.
 Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
 every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
@@ -425,18 +428,31 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the system after loading (glibc): reading, casting and quantizing
-    leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak."""
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing). After loading: reading, casting and
+    quantizing leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak.
+    After each batch of scoring or perplexity: every forward allocates vocabulary-sized blocks and dense weights of
+    several sizes; glibc keeps blocks under its adaptive mmap threshold (up to 32 MB) on the heap, where they
+    fragment (without it, a 64-window KLD run on SmolLM2 grew to 5.3 GB)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
     import ctypes
     import ctypes.util
     import sys
 
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def parse_memory(text: str | float | None) -> int | None:
@@ -528,7 +544,7 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
             to_device(model, device)
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
-    _trim_heap()
+    trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})
     info = ModelInfo(ref=ref, path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,

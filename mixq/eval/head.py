@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 from mixq.eval.packed import JitParam, Packed, jit_param
 
+VOCAB_SLICE = 2048   # vocabulary rows of the weight per matmul in `all_logits`
+_MIN_SLICE = 64      # a last slice narrower than this joins the one before (a matmul of 1-3 columns may round
+                     # differently from a wide one; from 4 columns on, every column is the one-call's, bit for bit)
+
 
 @dataclass
 class OutputHead:
@@ -50,6 +54,25 @@ class OutputHead:
         """The weight's rows a..b, or the rows `rows` (an index tensor), dense in the compute dtype."""
         index = slice(a, b) if rows is None else rows
         return self.weight[index] if isinstance(self.weight, torch.Tensor) else self.weight.rows(index)
+
+    def slices(self, step: int = VOCAB_SLICE) -> list[tuple[int, int]]:
+        """The vocabulary cut into slices of `step` rows (a narrow tail joined to the slice before)."""
+        v = self.vocab_size
+        cuts = list(range(0, v, step))
+        if len(cuts) > 1 and v - cuts[-1] < _MIN_SLICE:
+            cuts.pop()
+        return list(zip(cuts, cuts[1:] + [v]))
+
+    def all_logits(self, h: torch.Tensor, step: int = VOCAB_SLICE) -> torch.Tensor:
+        """All vocabulary logits of `h` [..., d], made slice by slice (`slices`): the numbers of one `logits(h)`
+        call (each column of a matmul is computed alone), while a packed head holds only one slice dense."""
+        out = None
+        for a, b in self.slices(step):
+            x = self.logits(h, a, b)
+            if out is None:
+                out = torch.empty((*x.shape[:-1], self.vocab_size), dtype=x.dtype, device=x.device)
+            out[..., a:b] = x
+        return out
 
     def logits(self, h: torch.Tensor, a: int = 0, b: int | None = None, *,
                rows: torch.Tensor | None = None) -> torch.Tensor:

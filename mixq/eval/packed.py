@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from mixq.io.safetensors import drop_pages
 from mixq.quant import arch
 from mixq.quant.quantize import dequantize
 
@@ -72,6 +73,11 @@ class Packed:
             wq, s, b = wq[index], s[index], (None if b is None else b[index])
         return dequantize(wq, s, b, bits=self.bits, group_size=self.group_size, name=self.name, **self.extra)
 
+    def drop_pages(self, index: slice | None = None) -> None:
+        """Give back the resident pages of its memory-mapped tensors (all, or the rows `index` of dim 0)."""
+        ts = (self.wq, self.scales, self.biases)
+        drop_pages(*(ts if index is None else (None if t is None else t[index] for t in ts)))
+
     def to(self, device) -> "Packed":
         return Packed(self.wq.to(device), self.scales.to(device), None if self.biases is None else
                       self.biases.to(device), self.bits, self.group_size, self.name, self.extra)
@@ -85,6 +91,13 @@ def _dense(part, index=None) -> torch.Tensor:
     if isinstance(part, Packed):
         return part.dense(index)
     return part if index is None else part[index]
+
+
+def _drop_pages(part, index: slice | None = None) -> None:
+    if isinstance(part, Packed):
+        part.drop_pages(index)
+    else:
+        drop_pages(part if index is None else part[index])
 
 
 # ---------------------------------------------------------------- MLX tensors -> model parameters
@@ -186,7 +199,15 @@ class JitParam:
         part = self.parts[0]
         if isinstance(index, torch.Tensor):
             index = index.to(_where(part))
-        return _dense(part, index).to(device=self.device, dtype=self.dtype)
+        out = _dense(part, index).to(device=self.device, dtype=self.dtype)
+        _drop_pages(part, index if isinstance(index, slice) else None)
+        return out
+
+    def drop_pages(self) -> None:
+        """Give back the resident pages of its parts read from a memory-mapped file (after each use: what a
+        forward reads stays bounded by a module, whatever the model's size; the next use reads them again)."""
+        for p in self.parts:
+            _drop_pages(p)
 
     @property
     def nbytes(self) -> int:
@@ -250,6 +271,7 @@ class _Hooks:
     def post(self, module, args, output):
         for attr, jp in self.params.items():
             module._parameters[attr] = jp.holder
+            jp.drop_pages()
         if self.rows:
             module.padding_idx = self.padding_idx
         return None

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model, model_fingerprint
+from mixq.eval.engine import load_model, model_fingerprint, trim_heap
 from mixq.eval.head import OutputHead, head_from_state, head_state, output_head
 from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.io.files import cache_dir
@@ -280,37 +280,9 @@ def _batches(windows: Windows, batch_size: int, progress: bool, desc: str):
     bar = tqdm(total=n, desc=desc, unit="win", disable=not progress, leave=False)
     for i in range(0, n, batch_size):
         yield windows.ids[i:i + batch_size]
-        _return_free_heap()
+        trim_heap()
         bar.update(min(batch_size, n - i))
     bar.close()
-
-
-def _return_free_heap() -> None:
-    """Give freed heap memory back to the system after each window (glibc only).
-
-    Each window allocates vocabulary-sized float32/float64 blocks of several sizes; glibc keeps
-    blocks under its adaptive mmap threshold (up to 32 MB) on the heap, where they fragment:
-    without this, peak memory of a 64-window KLD run on smollm2 grew to 5.3 GB.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def token_nll(model, windows: Windows, *, batch_size: int = 1, progress: bool = True) -> np.ndarray:

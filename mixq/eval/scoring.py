@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
+from mixq.eval.engine import trim_heap
 from mixq.eval.head import output_head
 from mixq.eval.metrics import mean_stderr
 from mixq.eval.tasks import Task, get_task, predictions
@@ -41,6 +42,7 @@ DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most
 DEFAULT_MAX_TOKENS = 1024    # lines x padded length per forward pass at most
 DEFAULT_PACK_TOKENS = 256    # documents are packed into lines of this many tokens (or the longest document)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # scored positions x vocabulary per output-head call (128 MB of float32)
+LOG_SOFTMAX_ROWS = 16          # scored positions per log-softmax (each row's numbers do not depend on the others)
 
 
 # --- tokenization, as the harness's HFLM does it -------------------------------------------------------
@@ -233,7 +235,6 @@ def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[fl
             head = output_head(model)
             if head is None:
                 raise ValueError("the model has no linear output head")  # _check_tree falls back to plain scoring
-            head = head.dense()  # a packed head: dequantized once per batch, not once per chunk
             base = getattr(model, model.base_model_prefix)
             if _is_causal(lines):
                 hidden = base(input_ids=lay.ids, use_cache=False).last_hidden_state
@@ -243,8 +244,8 @@ def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[fl
                 hidden = base(input_ids=lay.ids, attention_mask=mask, position_ids=lay.pos,
                               use_cache=False).last_hidden_state
 
-            def logits_at(li, si):  # only the scored positions go through the output head
-                return head.logits(hidden[li, si])
+            def logits_at(li, si):  # only the scored positions go through the output head, slice by slice
+                return head.all_logits(hidden[li, si])
         else:
             logits_all = model(input_ids=lay.ids, attention_mask=(lay.doc >= 0).long(), use_cache=False).logits
 
@@ -274,7 +275,11 @@ def _target_logps(logits_at, lay: _Layout, vocab: int, device=None) -> list[floa
     logp = []
     for a in range(0, len(lay.toks), chunk):
         b = slice(a, a + chunk)
-        logp += torch.log_softmax(logits_at(li[b], si[b]).float(), dim=-1).gather(1, ti[b, None])[:, 0].tolist()
+        logits, t = logits_at(li[b], si[b]), ti[b, None]
+        for r in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):  # row by row the same numbers, less memory
+            rows = slice(r, r + LOG_SOFTMAX_ROWS)
+            logp += torch.log_softmax(logits[rows].float(), dim=-1).gather(1, t[rows])[:, 0].tolist()
+        del logits
     return logp
 
 
@@ -473,6 +478,7 @@ def _scored(model, job: _Job, batches, tree: bool, opts: ScoreOptions, first=Non
         for i in todo:
             batch = batches[i]
             sums = first if first and i == 0 else _run(model, batch, tree, job.pad_id)
+            trim_heap()
             for r, s in zip((r for line in batch for r in line), sums):
                 if mine is not None and r.index not in mine:
                     continue   # another part's document, in a batch shared in plain mode

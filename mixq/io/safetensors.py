@@ -8,11 +8,14 @@ without reading their data. Names of shards follow transformers / mlx-lm: `model
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
 import struct
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -116,7 +119,51 @@ def mapped_tensors(file: Path) -> dict[str, torch.Tensor]:
         if (start + a) % dtype.itemsize:
             raw = raw.clone()
         out[name] = raw.view(dtype).reshape(shape)
+    if out:
+        _MAPS[whole.untyped_storage().data_ptr()] = weakref.WeakSet(t for t in out.values() if t.numel() and
+                                                                    t.untyped_storage().data_ptr() == whole.data_ptr())
     return out
+
+
+_MAPS: dict[int, weakref.WeakSet] = {}   # base address of a `mapped_tensors` map -> its tensors (while alive)
+_MADV_DONTNEED = 4
+
+
+def drop_pages(*tensors) -> int:
+    """Give back the resident pages of tensors that are views of a `mapped_tensors` map (madvise MADV_DONTNEED,
+    the pages wholly inside each tensor; Linux): the map is private and never written, so a later read fetches the
+    file's bytes again (from the page cache or the disk) and a model larger than memory stays bounded by what
+    is in use. Any other tensor (None, heap, a copy) is left alone. Returns the bytes advised."""
+    done = 0
+    for t in tensors:
+        if t is None or not t.numel() or _LIBC is None:
+            continue
+        views = _MAPS.get(t.untyped_storage().data_ptr())
+        if not views:  # not a map, or one whose tensors are all gone (its address may be reused)
+            continue
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size() if t.is_contiguous() else None
+        if b is None:
+            continue
+        a, b = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
+        if b > a and _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+            done += b - a
+    return done
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def read_headers(files: Iterable[Path]) -> dict[str, tuple[Path, dict, int]]:
