@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixq.errors import MixqError
 from mixq.io.safetensors import dtype_from_name
 from mixq.quant.convert import Precomputed
 from mixq.quant.quantize import affine_params, dequantize, pack_codes
@@ -160,10 +161,17 @@ def observe(layer, linears: dict, norms: dict, hidden: list, calls: list):
     acc = {n: [torch.zeros(m.in_features, m.in_features), torch.zeros(m.in_features), 0, None]
            for n, m in linears.items()}
     norm_out: dict = {}
+    last: list = [None, None]    # the last input seen and its linear: q/k/v (gate/up) get the same tensor object
+    same: dict = {}              # linear -> the linear whose statistics it shares (its input is the same tensor)
 
     def seen(name):
         def add(module, args):
-            x = args[0].detach()
+            x = args[0]
+            if x is last[0]:
+                same[name] = last[1]
+                return
+            last[0], last[1] = x, name
+            x = x.detach()
             a = acc[name]
             a[3] = x if a[3] is None else a[3]
             x = x.reshape(-1, x.shape[-1]).to(torch.float32)
@@ -184,7 +192,14 @@ def observe(layer, linears: dict, norms: dict, hidden: list, calls: list):
     finally:
         for h in handles:
             h.remove()
-    stats = {n: Inputs(a[0] * (2.0 / max(a[2], 1)), a[1] / max(a[2], 1), a[3]) for n, a in acc.items()}
+    last[0] = None
+    stats = {n: Inputs(a[0] * (2.0 / max(a[2], 1)), a[1] / max(a[2], 1), a[3]) for n, a in acc.items()
+             if n not in same}
+    for n, owner in same.items():
+        if acc[n][2]:   # not always the same tensor as another's: statistics would be split, refuse
+            raise MixqError(f"{n}: its inputs are sometimes another linear's and sometimes not; please report this "
+                            "as a mixq bug")
+        stats[n] = stats[owner]
     return stats, norm_out, outs
 
 
@@ -255,9 +270,11 @@ def scale_layer(layer, linears: dict, method: dict, spec: dict, stats: dict, nor
                 ref, n_grid: int = N_GRID, damp: float = gptq.DAMP) -> LayerScales:
     """Search and fold the scales of one layer's groups (module docstring). `method` / `spec`: the planned method
     and (bits, group size, dtype) of the layer's calibrated linears, by local name. A group of awq+gptq linears
-    keeps its scale only where GPTQ of the scaled weights has less output error than GPTQ of the unscaled ones."""
+    keeps its scale only where GPTQ of the scaled weights has less output error than GPTQ of the unscaled ones.
+    The folds are checked together (one layer run); if that fails, one by one, and the failing ones undone."""
     norms = _norms(layer)
     res = LayerScales({}, set(), {}, {})
+    found = []   # (group, s, alpha, error ratio, offset) of the groups searched
     for g in find_groups(linears, stats, norm_out):
         if not any(method.get(c) in AWQ_METHODS for c in g.consumers):
             continue
@@ -265,31 +282,43 @@ def scale_layer(layer, linears: dict, method: dict, spec: dict, stats: dict, nor
         offset = norm_offset(norms[g.prev]) if g.kind == "norm" and why is None else 0.0
         if offset is None:
             why = f"{g.prev}'s gain is neither w nor 1 + w"
-        if why is None:
-            weights = [(linears[c].weight.to(torch.float32), *spec[c]) for c in g.consumers]
-            H = stats[g.consumers[0]].H
-            s, err, base, alpha = search_scale(weights, H, stats[g.consumers[0]].mean_abs, n_grid)
-            if alpha > 0 and any(method[c] == "awq+gptq" for c in g.consumers):
-                # GPTQ follows: keep the scale only if GPTQ on the scaled weights beats GPTQ alone (its objective)
-                err, base = gptq_error(weights, H, s, damp), gptq_error(weights, H, torch.ones_like(s), damp)
-                if err >= base:
-                    s, err, alpha = torch.ones_like(s), base, 0.0
-            saved = fold(g, s, linears, norms, offset)
-            rel = _rel_change(layer, hidden0, call0, ref)
-            if rel > FOLD_TOL:
-                for p, old in saved:
-                    p.copy_(old)
-                why = f"{g.prev}'s output reaches more than {', '.join(g.consumers)} (folding changed the layer " \
-                      f"output by {rel:.1e})"
-            else:
-                res.s.update(dict.fromkeys(g.consumers, s))
-                res.alphas[g.prev] = (alpha, err / base if base else 1.0)
-                res.changed.update(f"{g.prev}.{p}" for p in ("weight", "bias")
-                                   if g.kind == "norm" and getattr(norms[g.prev], p, None) is not None)
-                if g.kind == "linear" and linears[g.prev].bias is not None:
-                    res.changed.add(f"{g.prev}.bias")
         if why is not None:
             res.not_scaled.update({c: why for c in g.consumers if method.get(c) in AWQ_METHODS})
+            continue
+        weights = [(linears[c].weight.to(torch.float32), *spec[c]) for c in g.consumers]
+        H = stats[g.consumers[0]].H
+        s, err, base, alpha = search_scale(weights, H, stats[g.consumers[0]].mean_abs, n_grid)
+        if alpha > 0 and any(method[c] == "awq+gptq" for c in g.consumers):
+            # GPTQ follows: keep the scale only if GPTQ on the scaled weights beats GPTQ alone (its objective)
+            err, base = gptq_error(weights, H, s, damp), gptq_error(weights, H, torch.ones_like(s), damp)
+            if err >= base:
+                s, err, alpha = torch.ones_like(s), base, 0.0
+        found.append((g, s, alpha, err / base if base else 1.0, offset))
+    saved = [fold(g, s, linears, norms, offset) for g, s, _, _, offset in found]
+    if found and _rel_change(layer, hidden0, call0, ref) > FOLD_TOL:
+        for undo in reversed(saved):
+            for p, old in undo:
+                p.copy_(old)
+        kept = []
+        for item in found:
+            g, s, _, _, offset = item
+            undo = fold(g, s, linears, norms, offset)
+            rel = _rel_change(layer, hidden0, call0, ref)
+            if rel <= FOLD_TOL:
+                kept.append(item)
+                continue
+            for p, old in undo:
+                p.copy_(old)
+            res.not_scaled.update({c: f"{g.prev}'s output reaches more than {', '.join(g.consumers)} (folding "
+                                      f"changed the layer output by {rel:.1e})"
+                                   for c in g.consumers if method.get(c) in AWQ_METHODS})
+        found = kept
+    for g, s, alpha, ratio, _ in found:
+        res.s.update(dict.fromkeys(g.consumers, s))
+        res.alphas[g.prev] = (alpha, ratio)
+        owner = norms[g.prev] if g.kind == "norm" else linears[g.prev]
+        res.changed.update(f"{g.prev}.{p}" for p in ("weight", "bias")
+                           if (g.kind == "norm" or p == "bias") and getattr(owner, p, None) is not None)
     return res
 
 
@@ -383,7 +412,7 @@ def run_awq(model, prep, ids: torch.Tensor, *, n_grid: int = N_GRID, damp: float
         methods[name] = _label(wanted[name].method, False)
         if wanted[name].method in AWQ_METHODS:
             not_scaled[name] = "the output head: no op before it can take a scale"
-    info = {"method": "+".join(sorted({tp.method for tp in wanted.values()})), "n_grid": n_grid,
+    info = {"method": ", ".join(sorted({tp.method for tp in wanted.values()})), "n_grid": n_grid,
             "clip_grid": list(CLIP_GRID), "damp": damp, "head": target[0] if target is not None else None,
             "awq_scaled_groups": alphas, "awq_not_scaled": dict(sorted(not_scaled.items())),
             "fallback_rtn": sorted(n for n, m in methods.items() if m.startswith("rtn"))}
