@@ -1,7 +1,7 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
-        [--methods rtn gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--methods rtn awq gptq awq+gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
@@ -26,14 +26,17 @@ from mixq.eval.runs import read_results  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
+OPTIONS = ("clip", "nohead")
+
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
-    `method`: rtn, gptq (the output head included, convert's default), or gptq with options: gptq+clip (per-group
-    range search), gptq+nohead (the head left round-to-nearest, `--no-gptq-head`), gptq+clip+nohead."""
-    base_method, *opts = method.split("+")
-    name = f"{model}-{recipe}-{method}"
+    `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
+    +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`)."""
+    opts = [o for o in method.split("+") if o in OPTIONS]
+    base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
+    name = f"{model}-{recipe}-{method.replace('+', '_')}"
     folder, run = out / "folders" / name, out / "runs" / name
     seconds = {}
     if not (folder / "mixq_provenance.json").is_file():
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, gptq+clip, gptq+nohead, gptq+clip+nohead")
+                   help="rtn, gptq, awq, awq+gptq, each with +clip and/or +nohead (e.g. gptq+clip+nohead)")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

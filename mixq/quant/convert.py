@@ -12,7 +12,7 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,11 +46,13 @@ Stored = tuple[str, tuple[int, ...], torch.dtype]
 
 @dataclass
 class Precomputed:
-    """What a calibrated method (tune/: gptq) made, written instead of round-to-nearest for those tensors."""
+    """What a calibrated method (tune/: gptq, awq) made, written instead of round-to-nearest for those tensors."""
     tensors: dict           # tensor name -> (packed uint32, scales, biases) exactly as `quantize` returns them
     methods: dict           # tensor name -> method applied ("gptq", or "rtn (why)" where it fell back), for every
                             # tensor whose plan asks for a calibrated method
     calibration: dict       # provenance: the calibration text (file, sha256, samples, length, seed) and settings
+    floats: dict = field(default_factory=dict)  # unquantized tensor name -> its new value (AWQ's scales folded
+                                                # into norm weights and biases), written instead of the source's
 
 
 def check_precomputed(plan: Plan, pre: Precomputed | None) -> None:
@@ -63,6 +65,13 @@ def check_precomputed(plan: Plan, pre: Precomputed | None) -> None:
                         "needs calibration; convert with `mixq convert` (it runs the method) instead of writing "
                         "the plan directly")
     planned = {tp.name: tp for tp in plan.tensors}
+    for name, t in (pre.floats.items() if pre else ()):
+        tp = planned.get(name)
+        if tp is None or tp.spec is not None or tuple(t.shape) != tuple(tp.shape) \
+                or t.dtype != dtype_from_name(tp.dtype):
+            raise MixqError(f"tensor {name}: the calibrated method's float tensor {list(t.shape)} {t.dtype} does not "
+                            f"match the plan ({'not planned' if tp is None else f'{tp.shape} {tp.dtype} {tp.spec}'}); "
+                            "please report this as a mixq bug")
     for name, parts in (pre.tensors.items() if pre else ()):
         tp = planned.get(name)
         want = stored_tensors(tp) if tp is not None and tp.spec is not None else None
@@ -179,6 +188,8 @@ def write_weights(prep: Prepared, folder: Path, shard_bytes: int, progress: bool
                     load = loaders[tp.name]
                     if pre is not None and tp.name in pre.tensors:  # made by a calibrated method (tune/)
                         load = partial(Quantized, *pre.tensors[tp.name], tp.spec)
+                    elif pre is not None and tp.name in pre.floats:  # changed by one (AWQ's folded scales)
+                        load = partial(pre.floats.get, tp.name)
                     for oname in _write_tensor(writer, tp, load, lambda n, per=per: bar.update(n * per)):
                         weight_map[oname] = fname
                     done += 1
@@ -221,10 +232,11 @@ def provenance(prep: Prepared, hashes: dict, copied: list[str], pre: Precomputed
     the calibration of calibrated methods."""
     plan = prep.plan
     methods = pre.methods if pre is not None else {}
+    folded = pre.floats if pre is not None else {}
     tensors = [{"name": tp.name, "shape": list(tp.shape), "dtype": tp.dtype,
                 "bits": tp.spec.bits if tp.spec else None, "group_size": tp.spec.group_size if tp.spec else None,
                 "mode": tp.spec.mode if tp.spec else None,
-                "method": methods.get(tp.name, "rtn") if tp.spec else None,
+                "method": methods.get(tp.name, "rtn") if tp.spec else ("awq-folded" if tp.name in folded else None),
                 "bytes": int(tp.nbytes), "reason": tp.reason} for tp in plan.tensors]
     extra = {"calibration": pre.calibration} if pre is not None else {}
     return {
@@ -255,7 +267,8 @@ def _readme(prep: Prepared, out_name: str, pre: Precomputed | None = None) -> st
     base = _base_model(prep)
     note = prep.provenance.get("note")
     source_note = f"Source note: {note}.\n" if note else ""
-    calibrated = method_line(pre.methods, pre.calibration) if pre is not None else ""
+    calibrated = (method_line({**pre.methods, **dict.fromkeys(pre.floats, "awq-folded")}, pre.calibration)
+                  if pre is not None else "")
     quant = (f"{plan.bits_per_weight_quantized:.3f} over the quantized tensors" if plan.quantized_params
              else "nothing quantized")
     return f"""---

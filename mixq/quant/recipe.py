@@ -12,8 +12,9 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins;
                             # `mixq plan` writes the dtype its sizes count)
     # tied_head = true      # tied embeddings: rules naming lm_head also apply to embed_tokens
-    # method = "rtn"        # how affine tensors are quantized by default: "rtn" (round to nearest) or
-                            # "gptq" (calibrated, `mixq convert` runs it: tune/gptq.py)
+    # method = "rtn"        # how affine tensors are quantized by default: "rtn" (round to nearest),
+                            # "gptq" (tune/gptq.py), "awq" (tune/awq.py) or "awq+gptq" (AWQ's scales folded,
+                            # then GPTQ); the calibrated ones run in `mixq convert`
 
     [[rule]]                          # ordered; the first matching rule wins
     pattern = "*.self_attn.v_proj"    # glob on the module path (tensor name minus ".weight");
@@ -78,7 +79,9 @@ from mixq.quant.tensors import layer_index
 RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dtype", "tied_head", "method"}
 RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "layer_range",
              "bits", "group_size", "mode", "keep", "keep_source", "method"}
-METHODS = ("rtn", "gptq")   # rtn: round to nearest (quant/quantize.py); gptq: tune/gptq.py (needs calibration)
+# rtn: round to nearest (quant/quantize.py); the others need calibration: gptq (tune/gptq.py), awq (tune/awq.py),
+# awq+gptq (AWQ's scales folded, then GPTQ on the scaled weights: tune/awq.py)
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
 _BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 

@@ -1,7 +1,8 @@
-"""`mixq convert` with calibrated methods: `--method gptq` (or a recipe rule's `method`), `--calib FILE`.
+"""`mixq convert` with calibrated methods: `--method gptq|awq|awq+gptq` (or a recipe rule's `method`), `--calib FILE`.
 
 The plan (quant.prepare) says each tensor's method; tensors with a calibrated method are quantized here
-(tune/gptq.py) on calibration windows (tune/calib.py) and handed to convert's one writer
+(tune/gptq.py; tune/awq.py when any tensor asks for awq or awq+gptq: it runs the gptq ones too, in the same pass)
+on calibration windows (tune/calib.py) and handed to convert's one writer
 (`quant.convert.write_mlx_folder(..., precomputed=)`), which rounds every other tensor to nearest. The
 folder is plain MLX affine; its provenance records the calibration and each tensor's method.
 """
@@ -25,14 +26,16 @@ def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bo
     search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too)."""
     from transformers import AutoTokenizer
 
+    from mixq.tune.awq import AWQ_METHODS, CALIBRATED, awq_tensors
     from mixq.tune.gptq import gptq_tensors
 
     methods = {tp.method for tp in prep.plan.calibrated()}
-    unknown = methods - {"gptq"}
+    unknown = methods - set(CALIBRATED)
     if unknown:
         raise MixqError(f"method {sorted(unknown)[0]!r} is not implemented yet; use one of {', '.join(METHODS)}")
     tok = AutoTokenizer.from_pretrained(str(prep.path))
-    return gptq_tensors(prep, calibration(tok, calib), progress=progress, clip=clip, head=head)
+    run = awq_tensors if methods & set(AWQ_METHODS) else gptq_tensors
+    return run(prep, calibration(tok, calib), progress=progress, clip=clip, head=head)
 
 
 def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
@@ -51,14 +54,15 @@ def add_arguments(p):
     quant_convert.add_arguments(p)
     p.add_argument("--method", choices=METHODS, default=None,
                    help="quantization method of tensors whose recipe rule names none (default: the recipe's, rtn); "
-                        "gptq runs the model on calibration text")
+                        "gptq, awq and awq+gptq (AWQ's scales, then GPTQ) run the model on calibration text")
     add_calib_arguments(p)
     p.add_argument("--gptq-clip", action="store_true",
                    help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error")
     p.add_argument("--gptq-head", action=argparse.BooleanOptionalAction, default=True,
-                   help="gptq: the output head too, when the recipe gives it gptq (with tied embeddings: the "
-                        "embedding tensor, which is the head); default on: on smollm2-135m it took KLD from -25%% to "
-                        "-34%% vs RTN at q4-hi and from -41%% to -49%% at q3-hi (benchmarks/methods.py)")
+                   help="gptq, awq: the output head too, when the recipe gives it a calibrated method (awq: its "
+                        "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
+                        "on: on smollm2-135m gptq's took KLD from -25%% to -34%% vs RTN at q4-hi and from -41%% to "
+                        "-49%% at q3-hi (benchmarks/methods.py)")
 
 
 def cli(args):
