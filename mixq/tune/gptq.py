@@ -77,6 +77,13 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     return pack_codes(codes, bits), scales, biases
 
 
+def gptq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, *, damp: float = DAMP) -> torch.Tensor:
+    """`w` [out, in] quantized by GPTQ under the input Hessian `H` to the affine `spec`, read back as MLX dequantizes
+    it, in w's dtype (the stored dtype): quant.quantize.round_trip's counterpart (`mixq measure --method gptq`)."""
+    wq, s, b = gptq_quantize(w, H, spec.bits, spec.group_size, dtype=w.dtype, damp=damp)
+    return _dequant(wq, s, b, spec).to(w.dtype)
+
+
 def _levels(s_dt: torch.Tensor, z_dt: torch.Tensor, bits: int):
     """float32 [rows, 2**bits]: every code's dequantized value per row (scale * q, rounded, + bias, rounded, in the
     stored dtype, as mx.dequantize computes it)."""
