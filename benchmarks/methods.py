@@ -31,7 +31,8 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
     `method`: rtn, gptq (the output head included, convert's default), or gptq with options: gptq+clip (per-group
-    range search), gptq+nohead (the head left round-to-nearest, `--no-gptq-head`), gptq+clip+nohead."""
+    range search), gptq+nohead (the head left round-to-nearest, `--no-gptq-head`), gptq+clip+nohead, gptq+act
+    (act-order with static groups, `--gptq-act-order`)."""
     base_method, *opts = method.split("+")
     name = f"{model}-{recipe}-{method}"
     folder, run = out / "folders" / name, out / "runs" / name
@@ -39,7 +40,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
         convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                head="nohead" not in opts)
+                head="nohead" not in opts, act_order="act" in opts)
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, gptq+clip, gptq+nohead, gptq+clip+nohead")
+                   help="rtn, gptq, gptq+clip, gptq+nohead, gptq+clip+nohead, gptq+act")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

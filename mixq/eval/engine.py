@@ -431,7 +431,7 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "bfloat16"
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give the heap's free pages back to the system after loading (glibc): reading, casting and quantizing
     leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak."""
     import ctypes
@@ -534,7 +534,7 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
             to_device(model, device)
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
-    _trim_heap()
+    trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})
     info = ModelInfo(ref=ref, path=Path(resolved.path), kind=resolved.kind, recipe=recipe, dtype=dtype,
