@@ -85,8 +85,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         return _act_order(w, H, bits, group_size, dtype=dtype, damp=damp, block=block, clip=clip)
     if block % group_size:
         raise ValueError(f"block {block} must be a multiple of the group size {group_size}")
-    W = w.to(dtype).to(torch.float32).clone()   # the weight as stored: RTN starts from the same values
-    rows, cols = W.shape
+    # the weight as stored (RTN starts from the same values), transposed: one float32 copy, column c is row c
+    Wt = w.to(dtype).to(torch.float32).T.clone(memory_format=torch.contiguous_format)
+    cols, rows = Wt.shape
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     scales = torch.empty(rows, cols // group_size, dtype=dtype)
     biases = torch.empty_like(scales)
@@ -95,7 +96,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     with torch_threads(1, at_most=True):
         Hinv = _inverse_factor(H.to(torch.float32), damp)
         grid = CLIP_GRID if clip else (1.0,)
-        _columns(W, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
+        _columns(Wt, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
     return pack_codes(codes, bits), scales, biases
 
 
@@ -187,16 +188,16 @@ def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> t
     return best[1], best[2]
 
 
-def _columns(W, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
+def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
     """The GPTQ column loop: fills codes, scales and biases. In numpy on transposed (column-contiguous) copies:
     one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and several times that in
     torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes."""
     import numpy as np
 
-    rows, cols = W.shape
+    cols, rows = Wt.shape                    # the weight transposed (updated in place): column c is row c
     dtype = scales.dtype
     maxq = float((1 << bits) - 1)
-    Wt = W.T.contiguous().numpy()            # [cols, rows]: column c is row c
+    Wt = Wt.numpy()
     Hn = Hinv.numpy()
     ct = np.empty((cols, rows), dtype=np.uint8)
     flat = np.arange(rows) * (1 << bits)
