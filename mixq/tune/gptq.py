@@ -123,6 +123,13 @@ def _act_order(w, H, bits: int, group_size: int, *, dtype, damp: float, block: i
     return pack_codes(codes, bits), scales, biases
 
 
+def _lazy_update(Wt, Hn, E, a: int, b: int, chunk: int = 128) -> None:
+    """GPTQ's lazy batch update of the columns after block [a, b): Wt[b:] -= Hn[a:b, b:]^T E, a chunk of columns at a
+    time (the product for all of them at once is a temporary as large as the weight: 113 MB at smollm2's head)."""
+    for c in range(b, Wt.shape[0], chunk):
+        Wt[c:c + chunk] -= Hn[a:b, c:c + chunk].T @ E
+
+
 def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block: int) -> torch.Tensor:
     """The GPTQ column loop with fixed per-group (scale, bias): column i is rounded on group `group_of[i]`'s grid
     (codes as mx.quantize rounds them; the error with the value MLX dequantizes). -> uint8 codes [rows, cols]."""
@@ -151,7 +158,7 @@ def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block:
             err = (w - deq) / Hn[i, i]
             Wt[i:b] -= np.outer(Hn[i, i:b], err)
             E[i - a] = err
-        Wt[b:] -= Hn[a:b, b:].T @ E
+        _lazy_update(Wt, Hn, E, a, b)
     return torch.from_numpy(ct).T.contiguous()
 
 
@@ -223,7 +230,7 @@ def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int,
             err = (w - levels[flat + q]) / Hn[i, i]
             Wt[i:b] -= np.outer(Hn[i, i:b], err)
             E[i - a] = err
-        Wt[b:] -= Hn[a:b, b:].T @ E
+        _lazy_update(Wt, Hn, E, a, b)
     codes.copy_(torch.from_numpy(ct).T)
 
 
