@@ -26,14 +26,15 @@ from mixq.eval.runs import read_results  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
-OPTIONS = ("clip", "nohead")
+OPTIONS = ("clip", "nohead", "act")
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
     `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
-    +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`)."""
+    +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
+    act-order with static groups, `--gptq-act-order`)."""
     opts = [o for o in method.split("+") if o in OPTIONS]
     base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
     name = f"{model}-{recipe}-{method.replace('+', '_')}"
@@ -42,7 +43,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
         convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                head="nohead" not in opts)
+                head="nohead" not in opts, act_order="act" in opts)
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, awq, awq+gptq, each with +clip and/or +nohead (e.g. gptq+clip+nohead)")
+                   help="rtn, gptq, awq, awq+gptq, each with +clip, +nohead and/or +act (e.g. gptq+clip+nohead)")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

@@ -39,10 +39,10 @@ from mixq.quant.prepare import DTYPES, prepare  # noqa: E402
 from mixq.quant.recipe import keep_recipe, load_recipe, parse_recipe  # noqa: E402
 from mixq.threads import torch_threads  # noqa: E402
 from mixq.tune.allocate import allocate  # noqa: E402
+from mixq.tune.calib import tail_windows  # noqa: E402
 from mixq.tune.measure import (  # noqa: E402
     Measurer,
     apply_round_trips,
-    calib_windows,
     key_of,
     load_measurement,
     measurement_damages,
@@ -240,7 +240,7 @@ def validate(model, tokenizer, meas, n, out):
     step = len(names) / n
     pick = [names[int(i * step + step / 2)] for i in range(n)]
     cal = meas["calib"]
-    windows, _ = calib_windows(tokenizer, cal["file"], n_tokens=cal["n_windows"] * cal["ctx"], ctx=cal["ctx"])
+    windows, _ = tail_windows(tokenizer, cal["file"], n_tokens=cal["n_windows"] * cal["ctx"], ctx=cal["ctx"])
     m = Measurer(model, windows.ids, full_vocab=True)
     for name in pick:
         if name in done:

@@ -174,3 +174,67 @@ def test_round_trips_in_place_equal_the_recipe_on_the_fly(tiny_model, recipe):
     ids = torch.tensor([[1, 5, 9, 42, 7, 3, 100, 11]])
     with torch.no_grad():
         assert torch.equal(base(ids).logits, fly(ids).logits)
+
+
+def _gptq_and_rtn(tiny, tmp_path, **kw):
+    src, calib, _ = tiny
+    kw = dict(levels=(2, 3), group_sizes=(32,), modes=("mxfp4",), calib=str(calib), tokens=128, ctx=64,
+              direct="all", progress=False, **kw)
+    return measure(str(src), out=tmp_path / "gptq.json", quant="gptq", **kw), \
+        measure(str(src), out=tmp_path / "rtn.json", **kw)
+
+
+def test_measure_under_gptq_damages_at_most_rtn_and_plans(tiny, tmp_path):
+    """`--method gptq` (direct KLD): each decoder linear and the tied head/embedding is perturbed by what convert's
+    GPTQ stores; every such damage is at or below round to nearest's, float modes stay rtn's; `mixq plan` on it
+    writes a valid recipe that says method = "gptq" for every affine tensor."""
+    from mixq.quant.recipe import parse_recipe
+    from mixq.tune.allocate import allocate
+
+    gq, rtn = _gptq_and_rtn(tiny, tmp_path, method="direct")
+    assert gq["quant_method"] == "gptq" and rtn["quant_method"] == "rtn"
+    assert gq["tensors"].keys() == rtn["tensors"].keys() and len(gq["tensors"]) == 1 + 7 * 2
+    for name in gq["tensors"]:
+        g, r = gq["tensors"][name]["damage"], rtn["tensors"][name]["damage"]
+        assert g["mxfp4"] == r["mxfp4"]   # float modes: round to nearest under gptq too
+        for key in ("2:32", "3:32"):
+            assert g[key] <= r[key] * 1.02, (name, key, g[key], r[key])
+    assert sum(t["damage"]["3:32"] for t in gq["tensors"].values()) < \
+        0.8 * sum(t["damage"]["3:32"] for t in rtn["tensors"].values())
+    alloc = allocate(str(tiny[0]), gq, target_bpw=4.0)
+    assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "gptq"
+    assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {"gptq"}
+    assert {tp.method for tp in allocate(str(tiny[0]), rtn, target_bpw=4.0).plan.quantized} == {"rtn"}
+
+
+def test_measure_under_gptq_fisher_sums_below_rtn(tiny, tmp_path):
+    """The Fisher estimate under gptq: the summed damage per candidate is below rtn's (same windows, same label
+    draws; per tensor the estimate is noisy at few draws)."""
+    gq, rtn = _gptq_and_rtn(tiny, tmp_path, method="fisher", draws=16)
+    for key in ("2:32", "3:32"):
+        g, r = (sum(t["damage"][key] for t in d["tensors"].values()) for d in (gq, rtn))
+        assert g < 0.8 * r, (key, g, r)
+
+
+def test_method_options_of_measure_and_plan(tiny, tmp_path):
+    """measure: --method names the quantization method (rtn, gptq) and, as before, fisher/direct the estimator;
+    plan: --method gptq refuses a measurement made under rtn."""
+    import argparse
+
+    from mixq.cli import main
+    from mixq.tune.measure import method_options
+
+    def opts(method=None, estimator=None):
+        return method_options(argparse.Namespace(method=method, estimator=estimator))
+
+    assert opts() == ("rtn", "fisher") and opts("gptq", "direct") == ("gptq", "direct")
+    assert opts("direct") == ("rtn", "direct") and opts("fisher", "fisher") == ("rtn", "fisher")
+    with pytest.raises(MixqError, match="--estimator"):
+        opts("direct", "fisher")
+    src, calib, _ = tiny
+    m = tmp_path / "m.json"
+    measure(str(src), levels=(4,), group_sizes=(32,), modes=(), calib=str(calib), tokens=64, ctx=64, draws=1,
+            progress=False, out=m)
+    assert main(["plan", str(src), "--target-bpw", "5", "--measurement", str(m), "--method", "gptq",
+                 "-o", str(tmp_path / "r.toml")]) == 2
+    assert not (tmp_path / "r.toml").exists()

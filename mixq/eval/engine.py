@@ -361,6 +361,12 @@ def _build_mlx(config: dict, named, dtype: str, where, packed: bool):
     return model
 
 
+def build_from_state(config: dict, state: dict, dtype: str = "float32", where="") -> object:
+    """A transformers model (eval mode) from an MLX config.json dict and an HF-named state dict (`arch.hf_state_dict`);
+    zero-stride placeholders (`packed.placeholder`) stand in for weights a caller fills in later (no memory)."""
+    return _build(_hf_config(arch.hf_config(config)), state, dtype, where)
+
+
 # ---------------------------------------------------------------- memory
 
 def dense_budget(model, max_memory: int | None, device: str = "cpu") -> int:

@@ -210,13 +210,16 @@ def method_line(methods: dict, calibration: dict | None) -> str:
     `methods`: tensor name -> method as provenance records it ("rtn", "gptq", "rtn (why gptq did not apply)")."""
     from collections import Counter
 
-    done = Counter(m for m in methods.values() if m and not m.startswith("rtn"))
+    done = Counter(m.split(" (")[0] for m in methods.values() if m and not m.startswith("rtn"))
     fallback = sum(1 for m in methods.values() if m and m.startswith("rtn ("))
+    partial = sum(1 for m in methods.values() if m and not m.startswith("rtn") and " (" in m)
     if not done and not fallback:
         return ""
     c = calibration or {}
     what = ", ".join(f"{m} on {n} tensors" for m, n in sorted(done.items())) or "none"
     fell = f" ({fallback} more asked for it and were rounded to nearest, see mixq_provenance.json)" if fallback else ""
+    if partial:   # MoE expert stacks: experts with too few routed calibration tokens rounded to nearest
+        fell += f" ({partial} of them with some experts rounded to nearest: too few routed tokens, see provenance)"
     where = (f", from token {c.get('first_token')} on (after eval's default ppl/KLD windows)"
              if c.get("disjoint_from_eval") else "")
     return (f"Calibrated quantization: {what}{fell}; the rest round to nearest. Calibration text "

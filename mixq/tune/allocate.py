@@ -36,7 +36,7 @@ from mixq.quant.plan import Plan
 from mixq.quant.prepare import DTYPES, prepare
 from mixq.quant.recipe import keep_recipe, parse_recipe, uniform_recipe
 from mixq.quant.spec import Spec
-from mixq.tune.measure import load_measurement, measure, measurement_damages, parse_key
+from mixq.tune.measure import QUANT_METHODS, load_measurement, measure, measurement_damages, parse_key
 
 # ---------------------------------------------------------------------------------------------
 # The knapsack
@@ -287,7 +287,8 @@ def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, 
     choices = {n: items[n][j][0] for n, j in zip(names, res.choice)}
     damages = {n: items[n][j][2] for n, j in zip(names, res.choice)}
     rules = rules_text(choices, damages, items)
-    plan = prep.plan_with(parse_recipe(_recipe_table("allocation", "", prep.dtype) + rules, "<allocation>"))
+    method = measurement.get("quant_method", "rtn")
+    plan = prep.plan_with(parse_recipe(_recipe_table("allocation", "", prep.dtype, method) + rules, "<allocation>"))
     alloc = Allocation(model, target_bytes, res.damage, res.lower_bound, choices, damages, plan)
     alloc.text = recipe_text(alloc, measurement, measurement_path, rules)
     _check_roundtrip(alloc, prep, fixed + res.cost)
@@ -333,9 +334,11 @@ def rules_text(choices: dict, damages: dict, items: dict) -> str:
     return "\n".join(lines)
 
 
-def _recipe_table(name: str, description: str, dtype: str | None) -> str:
+def _recipe_table(name: str, description: str, dtype: str | None, method: str = "rtn") -> str:
     lines = ["[recipe]", f'name = "{name}"', f'description = "{description}"',
              "keep = true  # default for anything not named below (every quantizable tensor has its own rule)"]
+    if method != "rtn":
+        lines.append(f'method = "{method}"  # the damages were measured under it: convert makes this quant')
     if dtype is not None:
         lines.append(f'dtype = "{dtype}"  # scales, biases and kept tensors: the dtype the sizes above count')
     return "\n".join(lines) + "\n\n"
@@ -357,6 +360,7 @@ def recipe_text(alloc: Allocation, measurement: dict, measurement_path, rules: s
         f"# predicted KLD (sum of the per-tensor damages, additive model): {alloc.predicted_kld:.6g}",
         f"#   (lower bound for any allocation at this size, Lagrangian: {alloc.lower_bound:.6g})",
         f"# measurement: {measurement_path or '?'} (method {measurement.get('method', '?')}, "
+        f"quantization {measurement.get('quant_method', 'rtn')}, "
         f"calibration {measurement.get('calib', {}).get('file', '?')}, "
         f"{_tokens_used(measurement)} tokens)"
         + ("; damages per tensor and group size fitted to c / (2^bits - 1)^2" if measurement.get("method") == "fisher"
@@ -367,7 +371,7 @@ def recipe_text(alloc: Allocation, measurement: dict, measurement_path, rules: s
     ]
     table = _recipe_table(f"plan-{_slug(alloc.model)}-{bpw:.2f}bpw",
                           f"mixq plan: measured sensitivity, {bpw:.2f} bpw, predicted KLD {alloc.predicted_kld:.4g}",
-                          alloc.dtype)
+                          alloc.dtype, measurement.get("quant_method", "rtn"))
     return "\n".join(lines) + "\n" + table + rules
 
 
@@ -389,8 +393,8 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s).rstrip("/").rsplit("/", 1)[-1]) or "model"
 
 
-def default_measurement_path(model: str) -> Path:
-    return Path(cache_dir()) / "measurements" / f"{_slug(model)}.json"
+def default_measurement_path(model: str, quant: str = "rtn") -> Path:
+    return Path(cache_dir()) / "measurements" / f"{_slug(model)}{'' if quant == 'rtn' else '-' + quant}.json"
 
 
 def add_arguments(p) -> None:
@@ -404,6 +408,9 @@ def add_arguments(p) -> None:
     p.add_argument("--measurement", help="measurement file from `mixq measure` (default: measure now, with its "
                                          "defaults, into the cache, resuming if interrupted)")
     p.add_argument("--no-keep", action="store_true", help="never keep a quantizable tensor unquantized")
+    p.add_argument("--method", choices=QUANT_METHODS, default=None,
+                   help="quantization method the plan is for: damages measured under it (a --measurement must have "
+                        "been measured so; default: the measurement's, rtn when measuring now) and the recipe says it")
     p.add_argument("-o", "--output", required=True, help="recipe TOML to write")
     add_device_arguments(p, dtype=False)   # for measuring now (--dtype above is the storage dtype)
 
@@ -414,9 +421,15 @@ def cli(args) -> int:
     if args.measurement:
         mpath = Path(args.measurement)
         meas = load_measurement(mpath)
+        measured = meas.get("quant_method", "rtn")
+        if args.method not in (None, measured):
+            raise MixqError(f"--measurement {mpath} was measured under method {measured}, not {args.method}; "
+                            f"run `mixq measure {args.model} --method {args.method} -o FILE` and pass that")
     else:
-        mpath = default_measurement_path(args.model)
-        meas = measure(args.model, out=mpath, resume=True, device=opts.device, max_memory=opts.max_memory)
+        quant = args.method or "rtn"
+        mpath = default_measurement_path(args.model, quant)
+        meas = measure(args.model, out=mpath, resume=True, device=opts.device, max_memory=opts.max_memory,
+                       quant=quant)
     target_bytes = parse_size(args.target_size) if args.target_size else None
     alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes, dtype=args.dtype,
                      allow_keep=not args.no_keep, measurement_path=str(mpath))

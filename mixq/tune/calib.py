@@ -6,6 +6,9 @@ file is the one eval's ppl/KLD windows read (WikiText-2 test, `perplexity.defaul
 windows are the first `DEFAULT_WINDOWS` windows of `DEFAULT_CTX` tokens counted from the start of that file
 (`eval.evaluate`), so for that file calibration windows start after token `DEFAULT_WINDOWS * DEFAULT_CTX`:
 calibration and the default evaluation never share a token (`info["disjoint_from_eval"]`).
+
+`mixq measure` calibrates on `tail_windows`: the *last* windows of the file (the part furthest from eval's
+windows, which are counted from the start); both read the text through `perplexity` (tokenize_file / make_windows).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.eval.evaluate import DEFAULT_WINDOWS
-from mixq.eval.perplexity import DEFAULT_CTX, default_text_file, tokenize_file
+from mixq.eval.perplexity import DEFAULT_CTX, default_text_file, make_windows, tokenize_file
 from mixq.io.files import sha256_file
 
 DEFAULT_SAMPLES = 128   # GPTQ/AWQ papers: 128 random segments ...
@@ -80,6 +83,21 @@ def calibration(tokenizer, cfg: CalibConfig | None = None) -> Calibration:
                      f"({DEFAULT_WINDOWS} x {DEFAULT_CTX} tokens from the start) are not used"
                      if skip else "calibration text is not the default ppl/KLD text")}
     return Calibration(ids, info)
+
+
+def tail_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
+    """(perplexity.Windows, info): the last n_tokens // ctx windows of `ctx` tokens of a text file (default:
+    perplexity.default_text_file), `mixq measure`'s calibration. Evaluation's ppl/kld windows are counted from the
+    start of the file, so this slice is the part furthest from them."""
+    n = max(1, n_tokens // ctx)
+    win = make_windows(tokenizer, path, ctx=ctx)
+    total = int(win.ids.shape[0])
+    if total < n:
+        raise MixqError(f"{win.file}: holds only {total} windows of {ctx} tokens; need {n} "
+                        f"(lower --tokens / --ctx or pass a longer --calib file)")
+    sub = win.subset(range(total - n, total))
+    return sub, {"file": win.file, "ctx": ctx, "n_windows": n, "first_window": total - n,
+                 "windows_in_file": total, "scored_tokens": sub.n_tokens, "digest": sub.digest}
 
 
 def add_calib_arguments(p) -> None:

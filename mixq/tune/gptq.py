@@ -8,28 +8,47 @@ are computed as the group starts, from the weights as updated so far, with mx.qu
 (`quant.quantize.affine_params`) and rounded to the stored dtype; codes are rounded as mx.quantize rounds
 them. The compensation uses the exact values MLX dequantizes (scale * q, rounded, + bias, rounded, in the
 stored dtype), so what is written is plain MLX affine and what GPTQ optimised is what MLX computes.
-Act-order is not implemented (columns in their natural order keep MLX's contiguous groups).
+Act-order (`act_order=True`, `convert --gptq-act-order`) uses static groups (`_act_order`): scales and biases of
+MLX's contiguous groups are fixed from the weight before GPTQ, the columns are done in act order, and the codes
+stored in the original order, so the layout stays exactly MLX's.
 
 `gptq_tensors(prep, calibration)` runs it sequentially over the model (float32, transformers): the
 inputs of the first decoder layer and every layer's keyword arguments (position embeddings, masks) are
 captured in one pass in which the decoder layers are skipped; then for each decoder layer the Hessians
 of its planned linears are accumulated from its inputs (hooks), the linears are quantized, and the
 layer's outputs with the quantized weights become the next layer's inputs. Only linears inside the
-decoder layers are done this way; the embedding, the output head and MoE expert stacks (not nn.Linear
-modules) fall back to round-to-nearest, and `methods` says so per tensor. Memory: the float model plus
-the calibration activations (two copies of samples x length x hidden float32).
+decoder layers, the output head (`head`) and MoE expert stacks are done this way; anything else planned for
+gptq (an untied embedding, routers that are not nn.Linear) falls back to round-to-nearest, and `methods` says so
+per tensor. Memory: one decoder layer at a time (`LayerLoader`: the model is built with zero-stride placeholders for
+every decoder layer's weights, which are read from the source's lazy loaders before that layer runs and dropped
+after), the tensors outside the layers (embedding, final norm, head) in float32, the quantized tensors made so far
+(packed) and the calibration activations (two copies of samples x length x hidden float32).
+
+MoE experts (qwen3_moe's switch_mlp, gpt_oss's experts: stacked [experts, out, in] tensors in MLX) get one
+Hessian per expert, from the tokens the router sends to it: a pre-hook on the experts module sees the layer's
+hidden states and the routing (top-k expert ids per token); gate/up of expert e are fitted on the hidden states
+of its tokens, down on that expert's own activations act(gate) * up of them. An expert that saw fewer routed
+tokens than its projection has inputs (`min_expert_tokens`: the Hessian X^T X of n < in tokens is singular,
+so GPTQ would push rounding error into input directions the calibration never showed that expert, and only the
+damping would decide them) is rounded to nearest instead; `methods` and the calibration record
+(`experts_rtn`, `expert_tokens`) say which.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from mixq.errors import MixqError
+from mixq.eval.engine import build_from_state, trim_heap
+from mixq.eval.packed import placeholder, targets
 from mixq.io.safetensors import dtype_from_name
+from mixq.quant.arch import hf_state_dict, model_type
 from mixq.quant.convert import Precomputed
-from mixq.quant.quantize import affine_params, pack_codes
+from mixq.quant.quantize import Quantized, affine_params, dequantize, pack_codes, quantize
+from mixq.quant.tensors import layer_index
 from mixq.threads import torch_threads
 
 DAMP = 0.01        # damping: fraction of the mean Hessian diagonal added to the diagonal
@@ -57,14 +76,18 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, dtype: torch.dtype,
-                  damp: float = DAMP, block: int = BLOCK, clip: bool = False):
+                  damp: float = DAMP, block: int = BLOCK, clip: bool = False, act_order: bool = False):
     """(packed uint32 [out, in*bits/32], scales, biases [out, in/group] in `dtype`) of `w` [out, in], as
     `quant.quantize.quantize` returns them, with GPTQ's error compensation under the Hessian `H` [in, in].
-    `clip`: each group's range is searched (CLIP_GRID) instead of taken from its max/min."""
+    `clip`: each group's range is searched (CLIP_GRID) instead of taken from its max/min. `act_order`: see
+    `_act_order` (static groups: MLX's contiguous groups stay exact)."""
+    if act_order:
+        return _act_order(w, H, bits, group_size, dtype=dtype, damp=damp, block=block, clip=clip)
     if block % group_size:
         raise ValueError(f"block {block} must be a multiple of the group size {group_size}")
-    W = w.to(dtype).to(torch.float32).clone()   # the weight as stored: RTN starts from the same values
-    rows, cols = W.shape
+    # the weight as stored (RTN starts from the same values), transposed: one float32 copy, column c is row c
+    Wt = w.to(dtype).to(torch.float32).T.clone(memory_format=torch.contiguous_format)
+    cols, rows = Wt.shape
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     scales = torch.empty(rows, cols // group_size, dtype=dtype)
     biases = torch.empty_like(scales)
@@ -73,8 +96,77 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     with torch_threads(1, at_most=True):
         Hinv = _inverse_factor(H.to(torch.float32), damp)
         grid = CLIP_GRID if clip else (1.0,)
-        _columns(W, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
+        _columns(Wt, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
     return pack_codes(codes, bits), scales, biases
+
+
+def _act_order(w, H, bits: int, group_size: int, *, dtype, damp: float, block: int, clip: bool):
+    """GPTQ in act-order (columns by decreasing Hessian diagonal: the most active inputs first, while the most
+    columns are left to absorb their error) with static groups: every group's scale and bias come from the weight
+    before any update (MLX's contiguous groups of the original column order, mx.quantize's formula), each column is
+    then rounded on its own group's grid in act order, and the codes are stored back in the original order: the
+    stored layout is plain MLX affine, exactly."""
+    W = w.to(dtype).to(torch.float32).clone()
+    rows, cols = W.shape
+    hdiag = torch.diag(H).to(torch.float32)
+    grid = CLIP_GRID if clip else (1.0,)
+    groups = [_group_params(W[:, a:a + group_size], hdiag[a:a + group_size], bits, dtype, grid)
+              for a in range(0, cols, group_size)]
+    scales = torch.stack([s for s, _ in groups], 1).to(dtype)
+    biases = torch.stack([z for _, z in groups], 1).to(dtype)
+    perm = torch.argsort(hdiag, descending=True, stable=True)
+    with torch_threads(1, at_most=True):
+        Hinv = _inverse_factor(H.to(torch.float32)[perm][:, perm], damp)
+        codes_p = _columns_static(W[:, perm], Hinv, groups, scales, biases, perm // group_size, bits, block)
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    return pack_codes(codes, bits), scales, biases
+
+
+def _lazy_update(Wt, Hn, E, a: int, b: int, chunk: int = 128) -> None:
+    """GPTQ's lazy batch update of the columns after block [a, b): Wt[b:] -= Hn[a:b, b:]^T E, a chunk of columns at a
+    time (the product for all of them at once is a temporary as large as the weight: 113 MB at smollm2's head)."""
+    for c in range(b, Wt.shape[0], chunk):
+        Wt[c:c + chunk] -= Hn[a:b, c:c + chunk].T @ E
+
+
+def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block: int) -> torch.Tensor:
+    """The GPTQ column loop with fixed per-group (scale, bias): column i is rounded on group `group_of[i]`'s grid
+    (codes as mx.quantize rounds them; the error with the value MLX dequantizes). -> uint8 codes [rows, cols]."""
+    import numpy as np
+
+    rows, cols = W.shape
+    maxq = float((1 << bits) - 1)
+    Wt = W.T.contiguous().numpy()
+    Hn = Hinv.numpy()
+    ct = np.empty((cols, rows), dtype=np.uint8)
+    t = np.empty(rows, dtype=np.float32)
+    sn = [s.numpy() for s, _ in groups]
+    zn = [z.numpy() for _, z in groups]
+    for a in range(0, cols, block):
+        b = min(a + block, cols)
+        E = np.empty((b - a, rows), dtype=np.float32)
+        for i in range(a, b):
+            g = int(group_of[i])
+            w = Wt[i]
+            np.subtract(w, zn[g], out=t)
+            np.divide(t, sn[g], out=t)
+            np.clip(t, 0.0, maxq, out=t)
+            np.rint(t, out=t)
+            ct[i] = t
+            deq = (scales[:, g] * torch.from_numpy(t).to(scales.dtype) + biases[:, g]).to(torch.float32).numpy()
+            err = (w - deq) / Hn[i, i]
+            Wt[i:b] -= np.outer(Hn[i, i:b], err)
+            E[i - a] = err
+        _lazy_update(Wt, Hn, E, a, b)
+    return torch.from_numpy(ct).T.contiguous()
+
+
+def gptq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, *, damp: float = DAMP) -> torch.Tensor:
+    """`w` [out, in] quantized by GPTQ under the input Hessian `H` to the affine `spec`, read back as MLX dequantizes
+    it, in w's dtype (the stored dtype): quant.quantize.round_trip's counterpart (`mixq measure --method gptq`)."""
+    wq, s, b = gptq_quantize(w, H, spec.bits, spec.group_size, dtype=w.dtype, damp=damp)
+    return _dequant(wq, s, b, spec).to(w.dtype)
 
 
 def _levels(s_dt: torch.Tensor, z_dt: torch.Tensor, bits: int):
@@ -103,16 +195,16 @@ def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> t
     return best[1], best[2]
 
 
-def _columns(W, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
+def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
     """The GPTQ column loop: fills codes, scales and biases. In numpy on transposed (column-contiguous) copies:
     one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and several times that in
     torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes."""
     import numpy as np
 
-    rows, cols = W.shape
+    cols, rows = Wt.shape                    # the weight transposed (updated in place): column c is row c
     dtype = scales.dtype
     maxq = float((1 << bits) - 1)
-    Wt = W.T.contiguous().numpy()            # [cols, rows]: column c is row c
+    Wt = Wt.numpy()
     Hn = Hinv.numpy()
     ct = np.empty((cols, rows), dtype=np.uint8)
     flat = np.arange(rows) * (1 << bits)
@@ -138,7 +230,7 @@ def _columns(W, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, 
             err = (w - levels[flat + q]) / Hn[i, i]
             Wt[i:b] -= np.outer(Hn[i, i:b], err)
             E[i - a] = err
-        Wt[b:] -= Hn[a:b, b:].T @ E
+        _lazy_update(Wt, Hn, E, a, b)
     codes.copy_(torch.from_numpy(ct).T)
 
 
@@ -184,6 +276,73 @@ def capture_inputs(model, layers, ids: torch.Tensor, batch: int):
     return hidden, calls
 
 
+@dataclass
+class LayerLoader:
+    """A float32 model whose decoder layers hold placeholders (no memory) until `load(i)` reads layer i's weights from
+    the source's lazy MLX-layout loaders and `release(i)` drops them again. MoE expert stacks become the model's
+    parameters through `eval.packed.targets` (the engine's mapping), everything else through `arch.hf_state_dict`."""
+    model: object
+    config: dict                 # the MLX config.json dict
+    layers: dict                 # layer index -> ({parameter key: (Target, [loaders])}, {MLX name: loader})
+    keys: dict = field(default_factory=dict)   # layer index -> its parameters' keys
+
+    def tensors(self, i: int, read=lambda f: _dense_tensor(f())) -> dict:
+        """Layer i's parameters by model key (`read(loader)` gives each MLX tensor)."""
+        stacks, rest = self.layers.get(i, ({}, {}))
+        out = hf_state_dict(((n, read(f)) for n, f in rest.items()), self.config)
+        for key, (target, loaders) in stacks.items():
+            ts = [read(f) for f in loaders]
+            out[key] = target.build(ts) if target.build else ts[0]
+        return out
+
+    def load(self, i: int) -> None:
+        for key, t in self.tensors(i).items():
+            self.model.get_parameter(key).data = t.to(torch.float32).contiguous()
+
+    def release(self, i: int) -> None:
+        for key in self.keys.get(i, ()):
+            p = self.model.get_parameter(key)
+            p.data = placeholder(p.shape, p.dtype)
+        trim_heap()   # the layer's freed blocks back to the system, not left in the heap between long-lived results
+
+
+def _meta(info) -> torch.Tensor:
+    return torch.empty(info.shape, dtype=torch.float32, device="meta")
+
+
+def _dense_tensor(t):
+    """A loader's tensor as a dense float tensor (a source-quantized one dequantized)."""
+    if isinstance(t, Quantized):
+        return dequantize(t.wq, t.scales, t.biases, t.spec.bits, t.spec.group_size, mode=t.spec.mode)
+    return t
+
+
+def layer_loader(prep) -> LayerLoader:
+    """The model of `prep` (quant.prepare.Prepared) with only the tensors outside the decoder layers read."""
+    loaders = {info.name: f for info, f in prep.items}
+    infos = {info.name: info for info, _ in prep.items}
+    by_layer: dict = {}
+    for n in loaders:
+        if layer_index(n) is not None:
+            by_layer.setdefault(layer_index(n), []).append(n)
+    layers = {}
+    for i, names in by_layer.items():
+        stacks = {key: t for key, t in targets(prep.config, names).items() if t.experts}
+        covered = {n for t in stacks.values() for n in t.names}
+        layers[i] = ({key: (t, [loaders[n] for n in t.names]) for key, t in stacks.items()},
+                     {n: loaders[n] for n in names if n not in covered})
+    lazy = LayerLoader(None, prep.config, layers)
+    state = hf_state_dict(((n, _dense_tensor(f())) for n, f in loaders.items() if layer_index(n) is None), prep.config)
+    for i, (stacks, rest) in layers.items():   # shapes only: each layer's tensors built on the meta device
+        meta = LayerLoader(None, prep.config, {i: ({k: (t, [infos[n] for n in t.names]) for k, (t, _) in
+                                                    stacks.items()}, {n: infos[n] for n in rest})})
+        shapes = {k: v.shape for k, v in meta.tensors(i, read=_meta).items()}
+        state.update({k: placeholder(shape, torch.float32) for k, shape in shapes.items()})
+        lazy.keys[i] = list(shapes)
+    lazy.model = build_from_state(prep.config, state, "float32", prep.path)
+    return lazy
+
+
 def _run_layer(layer, hidden: list, calls: list) -> list:
     return [layer(h, *args, **kwargs) for h, (args, kwargs) in zip(hidden, calls)]
 
@@ -192,8 +351,107 @@ def _layer_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _hessians(layer, linears: dict, hidden, calls) -> tuple[dict, list]:
-    """H = 2/n sum x x^T of every linear's inputs over the calibration batches, and the layer's outputs."""
+@dataclass
+class ExpertStack:
+    """One decoder layer's MoE experts module (stacked expert weights) and its per-expert Hessian sums."""
+    module: torch.nn.Module
+    arch: str                       # "qwen3_moe" | "gpt_oss": how the module lays out and applies its experts
+    names: dict                     # proj ("gate_proj", "up_proj", "down_proj") -> planned MLX tensor name
+    h_in: list = field(default_factory=list)    # per expert: sum x x^T of its routed hidden states
+    h_mid: list = field(default_factory=list)   # per expert: sum y y^T of its activations act(gate) * up
+    tokens: list = field(default_factory=list)  # per expert: routed tokens seen
+
+    def weight(self, proj: str) -> torch.Tensor:
+        """A view of the module's experts of `proj` in MLX's layout [experts, out, in] (writable)."""
+        gu, down = self.module.gate_up_proj.data, self.module.down_proj.data
+        if self.arch == "gpt_oss":   # [E, in, 2*out], gate/up interleaved columns; down [E, in, out]
+            return {"gate_proj": gu[..., 0::2], "up_proj": gu[..., 1::2], "down_proj": down}[proj].transpose(1, 2)
+        n = gu.shape[1] // 2         # qwen3_moe: gate_up [E, 2*out, in] = [gate; up]; down [E, out, in]
+        return {"gate_proj": gu[:, :n], "up_proj": gu[:, n:], "down_proj": down}[proj]
+
+    def activations(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's down_proj inputs act(gate) * up for its tokens' hidden states `x`, as the module computes."""
+        m = self.module
+        if self.arch == "gpt_oss":
+            return m._apply_gate(x @ m.gate_up_proj[e] + m.gate_up_proj_bias[e])
+        gate, up = torch.nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
+        return m.act_fn(gate) * up
+
+    def add(self, module, args) -> None:
+        """Forward pre-hook: the routed tokens' Hessian sums of every expert of this call."""
+        x, idx = args[0].detach(), args[1]
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        idx = idx.reshape(x.shape[0], -1)
+        for e in range(len(self.tokens)):
+            rows = (idx == e).any(-1)
+            n = int(rows.sum())
+            if n:
+                xe = x[rows]
+                y = self.activations(e, xe).to(torch.float32)
+                self.h_in[e].addmm_(xe.T, xe)
+                self.h_mid[e].addmm_(y.T, y)
+                self.tokens[e] += n
+
+
+_EXPERT_ARCHS = {"qwen3_moe": ".switch_mlp", "gpt_oss": ".experts"}   # MLX module path of the experts module
+
+
+def expert_stacks(layer, path: str, wanted: dict, model_type: str) -> list[ExpertStack]:
+    """The experts modules of decoder layer `layer` (module path `path`) whose MLX tensors the plan gives gptq."""
+    if model_type not in _EXPERT_ARCHS:
+        return []
+    out = []
+    for n, m in layer.named_modules():
+        if not (isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter) and m.gate_up_proj.dim() == 3):
+            continue
+        mlx = f"{path}.{n}".removesuffix(".experts") + _EXPERT_ARCHS[model_type]
+        names = {p: f"{mlx}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj") if f"{mlx}.{p}.weight" in wanted}
+        if names:
+            st = ExpertStack(m, model_type, names)
+            n_exp = m.gate_up_proj.shape[0]
+            d_in, d_mid = st.weight("gate_proj").shape[-1], st.weight("down_proj").shape[-1]
+            st.h_in = [torch.zeros(d_in, d_in) for _ in range(n_exp)]
+            st.h_mid = [torch.zeros(d_mid, d_mid) for _ in range(n_exp)]
+            st.tokens = [0] * n_exp
+            out.append(st)
+    return out
+
+
+def min_expert_tokens(in_features: int) -> int:
+    """Routed tokens an expert's projection needs for GPTQ: its input width (X^T X of fewer tokens is singular)."""
+    return in_features
+
+
+def _quantize_experts(st: ExpertStack, wanted, damp, clip, tensors, methods, rtn_experts, act_order=False) -> None:
+    """GPTQ of each expert of each planned projection on its own routed tokens (round to nearest for an expert
+    with fewer than `min_expert_tokens`); the module's weights become what MLX reads back."""
+    for proj, name in st.names.items():
+        tp = wanted[name]
+        dt, bits, gs = dtype_from_name(tp.dtype), tp.spec.bits, tp.spec.group_size
+        W = st.weight(proj)
+        need = min_expert_tokens(W.shape[-1])
+        sums = st.h_mid if proj == "down_proj" else st.h_in
+        parts, rtn = [], []
+        for e in range(W.shape[0]):
+            w = W[e].contiguous()
+            if st.tokens[e] < need:
+                parts.append(quantize(w.to(dt), bits, gs))
+                rtn.append(e)
+            else:
+                H = sums[e] * (2.0 / st.tokens[e])
+                parts.append(gptq_quantize(w, H, bits, gs, dtype=dt, damp=damp, clip=clip, act_order=act_order))
+        tensors[name] = tuple(torch.stack(t) for t in zip(*parts))
+        why = f"fewer than {need} routed calibration tokens"
+        methods[name] = ("gptq" if not rtn else f"rtn (every expert saw {why})" if len(rtn) == W.shape[0]
+                         else f"gptq (experts {', '.join(map(str, rtn))}: rtn, {why})")
+        if rtn:
+            rtn_experts[name] = rtn
+        W.copy_(_dequant(*tensors[name], tp.spec).to(W.dtype))
+
+
+def _hessians(layer, linears: dict, hidden, calls, stacks=()) -> tuple[dict, list]:
+    """H = 2/n sum x x^T of every linear's inputs over the calibration batches (the expert stacks' per-expert sums
+    accumulate in them), and the layer's outputs."""
     H = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
     count = dict.fromkeys(linears, 0)
 
@@ -205,6 +463,7 @@ def _hessians(layer, linears: dict, hidden, calls) -> tuple[dict, list]:
         return add
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles += [st.module.register_forward_pre_hook(st.add) for st in stacks]
     try:
         outs = [_layer_output(o) for o in _run_layer(layer, hidden, calls)]
     finally:
@@ -228,44 +487,57 @@ def _head(model, prep, wanted: dict):
     return None
 
 
-def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods) -> None:
+def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods, act_order=False) -> None:
     dt = dtype_from_name(tp.dtype)
-    wq, s, b = gptq_quantize(m.weight, H, tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp, clip=clip)
+    wq, s, b = gptq_quantize(m.weight, H, tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp, clip=clip,
+                             act_order=act_order)
     tensors[name] = (wq, s, b)
     methods[name] = "gptq"
     m.weight.copy_(_dequant(wq, s, b, tp.spec).to(m.weight.dtype))
 
 
 def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progress: bool = True,
-                 threads: int | None = None, clip: bool = False, head: bool = True) -> Precomputed:
+                 threads: int | None = None, clip: bool = False, head: bool = True,
+                 act_order: bool = False) -> Precomputed:
     """GPTQ for every tensor the plan of `prep` (quant.prepare.Prepared) gives method "gptq": a `Precomputed`
     for convert's writer (tensors, per-tensor methods with fallbacks, calibration provenance). `head`: the output
     head too (inputs: the final norm's outputs; with tied embeddings this is the embedding tensor)."""
     from tqdm import tqdm
 
-    from mixq.eval.engine import load_model
-
     wanted = {tp.name: tp for tp in prep.plan.tensors if tp.method == "gptq"}
-    methods = {name: "rtn (gptq applies to the decoder layers' linears and the output head"
+    methods = {name: "rtn (gptq applies to the decoder layers' linears, MoE experts and the output head"
                      f"{'' if head else ', which --no-gptq-head left out'})" for name in wanted}
     tensors: dict = {}
+    rtn_experts: dict = {}
+    expert_tokens: dict = {}
+    arch = model_type(prep.config)
     t0 = time.time()
     with torch.no_grad(), torch_threads(threads or torch.get_num_threads()):
-        model = load_model(str(prep.path), progress=False, packed=False).model
+        trim_heap()   # tokenizing the calibration text leaves ~150 MB of freed blocks (smollm2, WikiText-2 test)
+        lazy = layer_loader(prep)
+        model = lazy.model
         prefix, layers = _decoder_layers(model)
         hidden, calls = capture_inputs(model, layers, calib.ids, batch)
+        trim_heap()
         bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress, dynamic_ncols=True)
         for i, layer in enumerate(bar):
+            lazy.load(i)
             linears = {f"{prefix}.{i}.{n}.weight": m for n, m in layer.named_modules()
                        if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}.weight" in wanted}
             linears = {n: m for n, m in linears.items() if tuple(m.weight.shape) == tuple(wanted[n].shape)}
-            if not linears:
+            stacks = expert_stacks(layer, f"{prefix}.{i}", wanted, arch)
+            if not linears and not stacks:
                 hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
+                lazy.release(i)
                 continue
-            H, _ = _hessians(layer, linears, hidden, calls[i])
+            H, _ = _hessians(layer, linears, hidden, calls[i], stacks)
             for name, m in linears.items():
-                _quantize_linear(name, m, H[name], wanted[name], damp, clip, tensors, methods)
+                _quantize_linear(name, m, H[name], wanted[name], damp, clip, tensors, methods, act_order)
+            for st in stacks:
+                _quantize_experts(st, wanted, damp, clip, tensors, methods, rtn_experts, act_order)
+                expert_tokens[next(iter(st.names.values())).rsplit(".", 2)[0]] = list(st.tokens)
             hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
+            lazy.release(i)
             bar.set_postfix_str(f"{len(tensors)}/{len(wanted)} tensors", refresh=False)
         bar.close()
         target = _head(model, prep, wanted) if head else None  # after the last layer: `hidden` is its output
@@ -273,15 +545,17 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
             name, out, norm = target
             xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
             H = sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
-            _quantize_linear(name, out, H, wanted[name], damp, clip, tensors, methods)
-    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": False, "clip_search": clip,
+            _quantize_linear(name, out, H, wanted[name], damp, clip, tensors, methods, act_order)
+    info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": "static groups" if act_order else False,
+            "clip_search": clip,
             "head": target[0] if target is not None else None, **calib.info,
             "seconds": round(time.time() - t0, 1),
-            "fallback_rtn": sorted(n for n, m in methods.items() if m != "gptq")}
+            "fallback_rtn": sorted(n for n, m in methods.items() if m.startswith("rtn")),
+            **({"expert_tokens": expert_tokens, "experts_rtn": rtn_experts,
+                "min_expert_tokens": "an expert's projection needs as many routed tokens as it has inputs"}
+               if expert_tokens else {})}
     return Precomputed(tensors, methods, info)
 
 
 def _dequant(wq, s, b, spec):
-    from mixq.quant.quantize import dequantize
-
     return dequantize(wq, s, b, spec.bits, spec.group_size)

@@ -20,8 +20,16 @@ Two methods:
   unchanged). Large vocabularies (> VOCAB_FULL_MAX) use the union of the base's top-TOPK tokens as
   the support (`--full-vocab` to turn off). The KLD itself is perplexity.py's (`_kld_rows`).
 
-Calibration text: by default the *end* of WikiText-2's test file (perplexity.default_text_file):
-the last `--tokens // --ctx` of the consecutive `--ctx`-token windows perplexity.make_windows cuts
+Quantization method (`--method rtn | gptq`, default rtn): the perturbed tensor is what `mixq convert --method`
+of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ with the Hessian
+of that tensor's inputs in the unquantized model on the calibration windows (decoder layers' linears; the output
+head, or with tied embeddings the embedding, from the final norm's outputs), as convert applies it; tensors convert
+leaves round-to-nearest under gptq (an untied embedding, float-mode candidates) are measured so here too. The
+plan then allocates bits for the quant that will be made (`mixq plan --method gptq` writes `method = "gptq"`).
+
+Calibration text (tune/calib.py `tail_windows`): by default the *end* of WikiText-2's test file
+(perplexity.default_text_file): the last `--tokens // --ctx` of the consecutive `--ctx`-token windows
+perplexity.make_windows cuts
 (windows 1175..1178 of 1179 for SmolLM2 at ctx 256). Evaluation (`mixq eval --windows N`,
 benchmarks/plan.py) counts its windows from the start of the file, so the two are disjoint unless
 evaluation reads (nearly) the whole file; `mixq eval` without --windows reads all of it and then
@@ -47,7 +55,7 @@ from tqdm import tqdm
 from mixq.errors import MixqError
 from mixq.eval.engine import add_device_arguments, device_options, load_model, peak_memory_line, resolve_device
 from mixq.eval.head import output_head
-from mixq.eval.perplexity import _kld_rows, make_windows
+from mixq.eval.perplexity import _kld_rows
 from mixq.io.files import write_atomic
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import round_trip
@@ -55,12 +63,16 @@ from mixq.quant.recipe import uniform_recipe
 from mixq.quant.spec import FLOAT_MODES, Spec
 from mixq.quant.tensors import layer_index, module_path
 from mixq.threads import available_cores, torch_threads
+from mixq.tune.calib import tail_windows
+from mixq.tune.gptq import gptq_round_trip
 
 FORMAT = "mixq-measurement/1"
 VOCAB_FULL_MAX = 65536
 TOPK = 32
 DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))
 DEFAULT_MODES = ("mxfp4", "nvfp4", "mxfp8")
+QUANT_METHODS = ("rtn", "gptq")     # how a candidate is quantized (convert's --method)
+ESTIMATORS = ("fisher", "direct")   # how its damage is measured
 
 
 def spec_key(bits: int, group_size: int, mode: str = "affine") -> str:
@@ -89,26 +101,53 @@ def as_spec(c) -> Spec:
     return c if isinstance(c, Spec) else Spec(*c)
 
 
-def calib_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
-    """The last n_tokens // ctx windows of `ctx` tokens of a text file (perplexity.make_windows' windows).
-
-    Default file: WikiText-2 test (perplexity.default_text_file). Evaluation's ppl/kld windows are
-    counted from the start of the file, so the calibration slice is the part furthest from them.
-    """
-
-    n = max(1, n_tokens // ctx)
-    win = make_windows(tokenizer, path, ctx=ctx)
-    total = int(win.ids.shape[0])
-    if total < n:
-        raise MixqError(f"{win.file}: holds only {total} windows of {ctx} tokens; need {n} "
-                        f"(lower --tokens / --ctx or pass a longer --calib file)")
-    sub = win.subset(range(total - n, total))
-    return sub, {"file": win.file, "ctx": ctx, "n_windows": n, "first_window": total - n,
-                 "windows_in_file": total, "scored_tokens": sub.n_tokens, "digest": sub.digest}
-
-
 # ---------------------------------------------------------------------------------------------
 # The model-side machinery
+
+
+def method_round_trip(w: torch.Tensor, spec: Spec, name: str, H=None) -> torch.Tensor:
+    """What convert stores of `w` (in its stored dtype) under `spec`, read back: GPTQ's under the input Hessian `H`
+    when one is given and the spec is affine, else round to nearest's."""
+    if H is not None and spec.mode == "affine":
+        return gptq_round_trip(w, H.to(torch.float32), spec)
+    return round_trip(w, spec, name)
+
+
+def head_names(model) -> set[str]:
+    """Parameter names of the output head's weight (with tied embeddings: the embedding's name)."""
+    out = model.get_output_embeddings()
+    if out is None:
+        return set()
+    ptr = out.weight.data_ptr()
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr}
+
+
+def tensor_hessian(hessians: dict, heads: set[str], name: str):
+    """The input Hessian GPTQ uses for tensor `name` (its linear's; the head's, "__final__"), or None (RTN)."""
+    h = hessians.get(module_path(name))
+    if h is None and name in heads:
+        h = hessians.get("__final__")
+    return h
+
+
+def input_hessians(model, ids) -> dict:
+    """module path -> X^T X / tokens (float64) of the inputs of every decoder layer's linear, and "__final__": of
+    the output head's inputs (the final hidden states), over the windows `ids` (one forward per window)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    grams: dict = {}
+    handles = [mod.register_forward_pre_hook(partial(_add_gram, grams, name))
+               for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and layer_index(name) is not None]
+    try:
+        with torch.no_grad():
+            for row in ids:
+                hidden = inner(input_ids=row[None], use_cache=False).last_hidden_state
+                flat = hidden.reshape(-1, hidden.shape[-1]).double()
+                grams["__final__"] = grams.get("__final__", 0) + flat.T @ flat
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.cpu() / ids.numel() for k, v in grams.items()}
 
 
 def apply_round_trips(model, plan, originals: dict, cache: dict | None = None) -> None:
@@ -187,8 +226,10 @@ class Calibrated:
 class Measurer:
     """Perturb one tensor at a time and return the mean per-token KLD against the base."""
 
-    def __init__(self, model, input_ids, *, full_vocab: bool = False, topk: int = TOPK, hessians: bool = True):
+    def __init__(self, model, input_ids, *, full_vocab: bool = False, topk: int = TOPK, hessians: bool = True,
+                 quant: str = "rtn"):
         self.model = model
+        self.quant = quant
         model.requires_grad_(False)
         self.inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers = self.inner.layers
@@ -198,7 +239,13 @@ class Measurer:
             raise MixqError("`mixq measure` needs a model with a linear output head (lm_head)")
         self.params = dict(model.named_parameters())
         self.modules = dict(model.named_modules())
-        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians)
+        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians or quant == "gptq")
+        self.heads = head_names(model)
+
+    def round_trip(self, name: str, w, spec: Spec):
+        """`w` (stored dtype) as convert stores it under `spec` with this measurement's quantization method."""
+        H = tensor_hessian(self.cal.hessians, self.heads, name) if self.quant == "gptq" else None
+        return method_round_trip(w, spec, name, H)
 
     # -- base pass ----------------------------------------------------------------------------
     def _base_pass(self, input_ids, want_h: bool):
@@ -274,7 +321,7 @@ class Measurer:
         p = self.params[name]
         orig = p.data.clone()
         try:
-            deq = round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
+            deq = self.round_trip(name, orig.to(src_dtype), Spec(bits, group_size, mode))
             p.data.copy_(deq.to(p.dtype))
             d = self.kld(self.forward_from(self.start_layer(name)))
             err = self.proxy_error(name, (deq.to(torch.float64) - orig.to(torch.float64)))
@@ -285,7 +332,7 @@ class Measurer:
     def proxy_only(self, name: str, src_dtype, bits: int, group_size: int, mode: str = "affine") -> float:
         """The proxy error of `name` quantized to (bits, group_size, mode), without a forward pass."""
         orig = self.params[name].data
-        deq = round_trip(orig.to(src_dtype), Spec(bits, group_size, mode), name)
+        deq = self.round_trip(name, orig.to(src_dtype), Spec(bits, group_size, mode))
         return self.proxy_error(name, deq.to(torch.float64) - orig.to(torch.float64))
 
     def proxy_error(self, name: str, dw) -> float:
@@ -321,7 +368,8 @@ def candidate_table(prep, specs) -> dict[str, tuple[str, list[Spec]]]:
 
 
 # Settings a resumed measurement must share with the file it continues.
-_RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab")
+_RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab", "quant_method")
+_RESUME_DEFAULTS = {"quant_method": "rtn"}   # files written before the key existed
 
 
 class MeasurementFile:
@@ -335,7 +383,7 @@ class MeasurementFile:
                 raise MixqError(f"{self.path} exists; pass --resume to continue it, or remove it")
             self.doc = load_measurement(self.path)
             for k in _RESUME_KEYS:
-                if self.doc.get(k) != header.get(k):
+                if self.doc.get(k, _RESUME_DEFAULTS.get(k)) != header.get(k):
                     raise MixqError(f"{self.path} was measured with another {k} ({self.doc.get(k)!r}, now "
                                     f"{header.get(k)!r}); use another -o file or the same settings")
         if self.doc is None:
@@ -350,14 +398,16 @@ class MeasurementFile:
         write_atomic(self.path, json.dumps(self.doc, indent=1))
 
 
-def _candidate_deltas(params: dict, tensors, progress: bool) -> dict:
-    """name -> every candidate's weight change dequant(quant(W)) - W, stacked (bfloat16: ample for a dot product)."""
+def _candidate_deltas(params: dict, tensors, progress: bool, hessian=None) -> dict:
+    """name -> every candidate's weight change dequant(quant(W)) - W, stacked (bfloat16: ample for a dot product);
+    `hessian(name)`: the input Hessian GPTQ quantizes that tensor with (None: round to nearest)."""
     dws = {}
     for name in tqdm(params, desc="quantize candidates", unit="tensor", disable=not progress, file=sys.stderr,
                      leave=False):
         dtype_name, cands = tensors[name]
         w = params[name].detach()
-        rows = [(round_trip(w.to(getattr(torch, dtype_name)), c, name).float() - w.float())
+        H = hessian(name) if hessian is not None else None
+        rows = [(method_round_trip(w.to(getattr(torch, dtype_name)), c, name, H).float() - w.float())
                 .reshape(-1).to(torch.bfloat16) for c in cands]
         dws[name] = torch.stack(rows)
     return dws
@@ -386,7 +436,8 @@ def fisher_estimates(tensors, state: dict, scored_per_window: int, draws: int) -
 
 
 def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
-                   header: dict, draws: int = 8, seed: int = 0, resume: bool = False, progress: bool = True) -> dict:
+                   header: dict, draws: int = 8, seed: int = 0, resume: bool = False, progress: bool = True,
+                   quant: str = "rtn") -> dict:
     """Second-order (Fisher) estimate of every tensor's damage for every candidate, all at once; the
     measurement is written to `out` after every window (resumable with `resume=True`).
 
@@ -403,7 +454,11 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
     if doc.get("complete"):
         return doc
     params = _parameters(model, tensors)
-    dws = _candidate_deltas(params, tensors, progress)
+    hessian = None
+    if quant == "gptq":
+        hess, heads = input_hessians(model, windows.ids), head_names(model)
+        hessian = partial(tensor_hessian, hess, heads)
+    dws = _candidate_deltas(params, tensors, progress, hessian)
     state = doc.get("fisher_state") or {"windows_done": 0, "sums": {}}
     acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in params}
     n_win, ctx = windows.ids.shape
@@ -462,7 +517,7 @@ def _direct_record(m: Measurer, name: str, dtype_name: str, cands, chosen, bar) 
 
 def measure_direct(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
                    header: dict, direct: str = "anchors", anchors=DEFAULT_ANCHORS, full_vocab: bool = False,
-                   resume: bool = False, progress: bool = True) -> dict:
+                   resume: bool = False, progress: bool = True, quant: str = "rtn") -> dict:
     """Each tensor's damage by perturbed forwards (all candidates, or the anchors with the others scaled by
     the proxy error); the measurement is written to `out` after every tensor (resumable with `resume=True`)."""
     header = {"format": FORMAT, **header, "method": "direct", "direct": direct,
@@ -475,7 +530,7 @@ def measure_direct(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
         doc["complete"] = True
         return doc
     _parameters(model, todo)
-    m = Measurer(model, windows.ids, full_vocab=full_vocab)
+    m = Measurer(model, windows.ids, full_vocab=full_vocab, quant=quant)
     doc["vocab_subset_size"] = None if m.cal.vocab is None else int(m.cal.vocab.numel())
     chosen = {n: _direct_choices(tensors[n][1], direct, anchors) for n in todo}
     bar = tqdm(total=sum(map(len, chosen.values())), desc="measure (direct)", unit="fwd", disable=not progress,
@@ -559,15 +614,19 @@ def load_measurement(path) -> dict:
 def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEFAULT_MODES, calib=None,
             tokens: int = 1024, ctx: int = 256, out, resume: bool = False, method: str = "fisher", draws: int = 8,
             direct: str = "anchors", full_vocab: bool = False, progress: bool = True,
-            only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None) -> dict:
+            only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None,
+            quant: str = "rtn") -> dict:
     """`mixq measure`: load `ref` (float32, on `device`), measure every quantizable tensor under every candidate
-    (affine levels x group sizes, plus the float `modes`), write `out`. Float32 on every device: the damages
-    compared are far smaller than bfloat16's rounding."""
+    (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq), write `out`.
+    `method`: the estimator (fisher | direct). Float32 on every device: the damages compared are far smaller than
+    bfloat16's rounding."""
     device = resolve_device(device)
     if device == "mps":
         raise MixqError("--device mps: measure sums in float64, which MPS lacks; use --device cpu")
-    if method not in ("fisher", "direct"):
-        raise MixqError(f"unknown measurement method {method!r}: use fisher or direct")
+    if method not in ESTIMATORS:
+        raise MixqError(f"unknown measurement estimator {method!r}: use fisher or direct")
+    if quant not in QUANT_METHODS:
+        raise MixqError(f"--method {quant!r}: measure knows the quantization methods {', '.join(QUANT_METHODS)}")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
         raise MixqError(f"--ctx {ctx!r}: must be 2 or more tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < ctx:
@@ -588,15 +647,17 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
         raise MixqError(f"{ref}: no tensor can be quantized with {specs}")
     with torch_threads(available_cores(), at_most=True):
         lm = load_model(ref, dtype="float32", progress=progress, device=device, max_memory=max_memory)
-        windows, calib_info = calib_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
+        windows, calib_info = tail_windows(lm.tokenizer, calib, n_tokens=tokens, ctx=ctx)
         windows = replace(windows, ids=windows.ids.to(lm.model.device))
+        by = "" if quant == "rtn" else f" by {quant}"
         header = {"model": str(ref), "source": str(prep.path), "candidates": [key_of(c) for c in specs],
-                  "calib": calib_info, "metric": "mean per-token KL(base || one tensor quantized), nats"}
+                  "calib": calib_info, "quant_method": quant,
+                  "metric": f"mean per-token KL(base || one tensor quantized{by}), nats"}
         if method == "fisher":
             return measure_fisher(lm.model, table, windows, out=out, header=header, draws=draws, resume=resume,
-                                  progress=progress)
+                                  progress=progress, quant=quant)
         return measure_direct(lm.model, table, windows, out=out, header=header, direct=direct,
-                              full_vocab=full_vocab, resume=resume, progress=progress)
+                              full_vocab=full_vocab, resume=resume, progress=progress, quant=quant)
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -616,7 +677,8 @@ def add_arguments(p) -> None:
     p.add_argument("--calib", default=None, help="calibration text file (default: the end of WikiText-2 test)")
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--ctx", type=int, default=256, help="calibration window length (default 256)")
-    p.add_argument("--method", choices=("fisher", "direct"), default="fisher",
+    add_method_argument(p)
+    p.add_argument("--estimator", choices=ESTIMATORS, default=None,
                    help="fisher (default): second-order estimate from sampled-label gradients, all tensors and "
                         "candidates at once; direct: one forward per tensor and candidate")
     p.add_argument("--draws", type=int, default=8, help="fisher: label draws per window (default 8)")
@@ -631,14 +693,31 @@ def add_arguments(p) -> None:
     add_device_arguments(p, dtype=False)
 
 
+def add_method_argument(p) -> None:
+    p.add_argument("--method", choices=QUANT_METHODS + ESTIMATORS, default=None,
+                   help="quantization method the damages are measured under, as `mixq convert --method` makes the "
+                        "quant: rtn (default) or gptq (fisher / direct: the --estimator, as before)")
+
+
+def method_options(args) -> tuple[str, str]:
+    """(quantization method, estimator) of --method / --estimator (--method fisher|direct: the estimator)."""
+    method, estimator = args.method, getattr(args, "estimator", None)
+    if method in ESTIMATORS:
+        if estimator not in (None, method):
+            raise MixqError(f"--method {method} and --estimator {estimator}: give the estimator once")
+        return "rtn", method
+    return method or "rtn", estimator or "fisher"
+
+
 def cli(args) -> int:
     opts = device_options(args, dtype=False)
+    quant, estimator = method_options(args)
     levels, groups = _ints(args.levels), _ints(args.group_sizes)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "none")
     doc = measure(args.model, levels=levels, group_sizes=groups, modes=modes, calib=args.calib, tokens=args.tokens,
-                  ctx=args.ctx, out=Path(args.output), resume=args.resume, method=args.method,
+                  ctx=args.ctx, out=Path(args.output), resume=args.resume, method=estimator,
                   draws=args.draws, direct=args.direct, full_vocab=args.full_vocab, device=opts.device,
-                  max_memory=opts.max_memory)
+                  max_memory=opts.max_memory, quant=quant)
     print(f"measured {len(doc['tensors'])} tensors x {len(doc['candidates'])} candidates in "
           f"{doc.get('seconds', 0):.0f}s -> {args.output}")
     print(peak_memory_line())

@@ -21,9 +21,10 @@ from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, cali
 
 
 def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True,
-               clip: bool = False, head: bool = True) -> Precomputed:
+               clip: bool = False, head: bool = True, act_order: bool = False) -> Precomputed:
     """Run the calibrated methods the plan of `prep` asks for on the calibration text (`clip`: gptq's range
-    search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too)."""
+    search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too; `act_order`: gptq's columns in
+    act order with static groups)."""
     from transformers import AutoTokenizer
 
     from mixq.tune.awq import AWQ_METHODS, CALIBRATED, awq_tensors
@@ -34,18 +35,24 @@ def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bo
     if unknown:
         raise MixqError(f"method {sorted(unknown)[0]!r} is not implemented yet; use one of {', '.join(METHODS)}")
     tok = AutoTokenizer.from_pretrained(str(prep.path))
-    run = awq_tensors if methods & set(AWQ_METHODS) else gptq_tensors
-    return run(prep, calibration(tok, calib), progress=progress, clip=clip, head=head)
+    cal = calibration(tok, calib)
+    if methods & set(AWQ_METHODS):
+        if act_order:
+            raise MixqError("--gptq-act-order applies to --method gptq only (awq and awq+gptq run their own pass); "
+                            "drop it or use --method gptq")
+        return awq_tensors(prep, cal, progress=progress, clip=clip, head=head)
+    return gptq_tensors(prep, cal, progress=progress, clip=clip, head=head, act_order=act_order)
 
 
 def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
             dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True,
-            clip: bool = False, head: bool = True) -> Path:
+            clip: bool = False, head: bool = True, act_order: bool = False) -> Path:
     """`quant.convert.convert` with the calibrated methods: the recipe's (or `method` for every tensor whose
     rule names none)."""
     (calib or CalibConfig()).check()
     prep = prepare(source, recipe, dtype, method=method)
-    pre = precompute(prep, calib, progress=progress, clip=clip, head=head) if prep.plan.calibrated() else None
+    pre = (precompute(prep, calib, progress=progress, clip=clip, head=head, act_order=act_order)
+           if prep.plan.calibrated() else None)
     return quant_convert.write_mlx_folder(prep, out, force=force, shard_bytes=shard_bytes, progress=progress,
                                           precomputed=pre)
 
@@ -63,9 +70,13 @@ def add_arguments(p):
                         "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
                         "on: on smollm2-135m gptq's took KLD from -25%% to -34%% vs RTN at q4-hi and from -41%% to "
                         "-49%% at q3-hi (benchmarks/methods.py)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="gptq: columns in order of decreasing input activity, with static groups (each group's scale "
+                        "and bias fixed before, codes stored in MLX's order)")
 
 
 def cli(args):
     cfg = calib_config(args)
     return quant_convert.cli(args, precompute=lambda prep: precompute(prep, cfg, clip=args.gptq_clip,
-                                                                             head=args.gptq_head))
+                                                                             head=args.gptq_head,
+                                                                             act_order=args.gptq_act_order))
