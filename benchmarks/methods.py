@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
         [--methods rtn awq gptq awq+gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--texts wikitext tasks]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
 so no evaluated token was seen in calibration. Runs are kept in OUT/runs/ and reused (an interrupted
 benchmark continues); the table is printed and written to OUT/methods.md and OUT/methods.json.
+`--texts tasks` also evaluates on a non-Wikipedia text (OUT/tasks.txt, `task_text`: HellaSwag contexts with their
+gold endings (ActivityNet / WikiHow) and PIQA goals with their gold solutions (instructables)), in OUT/runs-tasks/.
 """
 
 from __future__ import annotations
@@ -29,7 +32,23 @@ from mixq.tune.methods import convert  # noqa: E402
 OPTIONS = ("clip", "nohead", "act")
 
 
-def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path) -> dict:
+def task_text(path: Path, hellaswag: int = 1500, piqa: int = 800) -> Path:
+    """A plain text of task passages (no Wikipedia): HellaSwag ctx + gold ending, PIQA goal + gold solution."""
+    from mixq.eval.data import load_split
+    from mixq.eval.tasks import hellaswag_clean
+
+    if not path.is_file():
+        hs, _ = load_split("hellaswag", progress=False)
+        pq, _ = load_split("piqa", progress=False)
+        parts = [hellaswag_clean(r["ctx"] + " " + r["endings"][int(r["label"])]) for r in hs[:hellaswag]]
+        parts += [r["goal"] + " " + (r["sol1"] if int(r["label"]) == 0 else r["sol2"]) for r in pq[:piqa]]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(parts))
+    return path
+
+
+def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path,
+            text: str = "wikitext") -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
     `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
@@ -38,7 +57,8 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     opts = [o for o in method.split("+") if o in OPTIONS]
     base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
     name = f"{model}-{recipe}-{method.replace('+', '_')}"
-    folder, run = out / "folders" / name, out / "runs" / name
+    folder, run = out / "folders" / name, out / ("runs" if text == "wikitext" else f"runs-{text}") / name
+    ppl_file = None if text == "wikitext" else str(task_text(out / "tasks.txt"))
     seconds = {}
     if not (folder / "mixq_provenance.json").is_file():
         t0 = time.time()
@@ -47,12 +67,12 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
         seconds["convert"] = round(time.time() - t0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
-        evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True)
+        evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True, ppl_file=ppl_file)
         seconds["eval"] = round(time.time() - t0, 1)
     r = read_results(run)
     k = r["kld"]
     prov = json.loads((folder / "mixq_provenance.json").read_text())
-    return {"model": model, "recipe": recipe, "method": method, "bits_per_weight": r["bits_per_weight"],
+    return {"model": model, "recipe": recipe, "method": method, "text": text, "bits_per_weight": r["bits_per_weight"],
             "kld_mean": k["kld_mean"], "kld_mean_stderr": k["kld_mean_stderr"], "kld_p99": k["kld_p99"],
             "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
             "n_tokens": k["n_tokens"], "seconds": seconds,
@@ -61,14 +81,14 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rtn = {(r["model"], r["recipe"]): r["kld_mean"] for r in rows if r["method"] == "rtn"}
+    head = ("| model | text | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rtn = {(r["model"], r["text"], r["recipe"]): r["kld_mean"] for r in rows if r["method"] == "rtn"}
     lines = [head]
     for r in rows:
-        base = rtn.get((r["model"], r["recipe"]))
+        base = rtn.get((r["model"], r["text"], r["recipe"]))
         rel = f"{100 * (r['kld_mean'] / base - 1):+.1f}%" if base and r["method"] != "rtn" else ""
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['method']} | {r['bits_per_weight']:.3f} | "
+        lines.append(f"| {r['model']} | {r['text']} | {r['recipe']} | {r['method']} | {r['bits_per_weight']:.3f} | "
                      f"{r['kld_mean']:.5f} ± {r['kld_mean_stderr']:.5f} | {rel} | {r['kld_p99']:.4f} | "
                      f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) |")
     return "\n".join(lines)
@@ -86,15 +106,19 @@ def main(argv=None) -> int:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="eval windows of 512 tokens (default 64)")
+    p.add_argument("--texts", nargs="+", choices=("wikitext", "tasks"), default=["wikitext"],
+                   help="evaluation texts: WikiText-2 test (its first windows, before the calibration part) "
+                        "and/or task passages")
     a = p.parse_args(argv)
     out = Path(a.out)
     calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
     rows = []
     for model in a.models:
         for recipe in a.recipes:
-            for method in a.methods:
-                rows.append(run_one(model, recipe, method, calib, a.windows, out))
-                print(json.dumps(rows[-1]), flush=True)
+            for text in a.texts:
+                for method in a.methods:
+                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text))
+                    print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print(md)
     (out / "methods.md").write_text(md + "\n")
