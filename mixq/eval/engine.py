@@ -57,6 +57,7 @@ from mixq.eval.packed import (
     to_device,
     weight_bytes,
 )
+from mixq.io.memory import trim_heap
 from mixq.io.safetensors import dtype_from_name, mapped_tensors, read_headers
 from mixq.quant import arch
 from mixq.quant.artifact import module_spec, quantization_config
@@ -432,33 +433,6 @@ def resolve_device(device: str | None = "auto") -> str:
 def default_dtype(device: str) -> str:
     """The compute dtype when none is given: float32 on the CPU (exact, as always), bfloat16 on a GPU."""
     return "float32" if device == "cpu" else "bfloat16"
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc; elsewhere nothing). After loading: reading, casting and
-    quantizing leave ~170 MB of freed blocks in the heap for SmolLM2-135M that would count in every later peak.
-    After each batch of scoring or perplexity: every forward allocates vocabulary-sized blocks and dense weights of
-    several sizes; glibc keeps blocks under its adaptive mmap threshold (up to 32 MB) on the heap, where they
-    fragment (without it, a 64-window KLD run on SmolLM2 grew to 5.3 GB)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def parse_memory(text: str | float | None) -> int | None:

@@ -48,10 +48,11 @@ from pathlib import Path
 import numpy as np
 
 from mixq.errors import MixqError
-from mixq.eval.engine import load_model, model_fingerprint, trim_heap
+from mixq.eval.engine import load_model, model_fingerprint
 from mixq.eval.head import OutputHead, head_from_state, head_state, output_head
 from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.io.files import cache_dir
+from mixq.io.memory import trim_heap
 from mixq.sources.resolve import ResolvedModel
 
 DEFAULT_CTX = 512

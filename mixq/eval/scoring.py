@@ -29,10 +29,10 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
-from mixq.eval.engine import trim_heap
 from mixq.eval.head import output_head
 from mixq.eval.metrics import mean_stderr
 from mixq.eval.tasks import Task, get_task, predictions
+from mixq.io.memory import trim_heap
 from mixq.threads import torch_threads
 
 DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most

@@ -9,7 +9,6 @@ without reading their data. Names of shards follow transformers / mlx-lm: `model
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import torch
 
 from mixq.errors import MixqError
 from mixq.io.files import os_error
+from mixq.io.memory import LIBC
 
 # safetensors dtype code <-> torch dtype
 DTYPES = {
@@ -136,7 +136,7 @@ def drop_pages(*tensors) -> int:
     is in use. Any other tensor (None, heap, a copy) is left alone. Returns the bytes advised."""
     done = 0
     for t in tensors:
-        if t is None or not t.numel() or _LIBC is None:
+        if t is None or not t.numel() or LIBC is None:
             continue
         views = _MAPS.get(t.untyped_storage().data_ptr())
         if not views:  # not a map, or one whose tensors are all gone (its address may be reused)
@@ -146,23 +146,11 @@ def drop_pages(*tensors) -> int:
         if b is None:
             continue
         a, b = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
-        if b > a and _LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+        if b > a and LIBC.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
             done += b - a
     return done
 
 
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 

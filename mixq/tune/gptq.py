@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mixq.errors import MixqError
-from mixq.eval.engine import build_from_state, trim_heap
+from mixq.eval.engine import build_from_state
 from mixq.eval.packed import placeholder, targets
+from mixq.io.memory import trim_heap
 from mixq.io.safetensors import dtype_from_name
 from mixq.quant.arch import hf_state_dict, model_type
 from mixq.quant.convert import Precomputed
