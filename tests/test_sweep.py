@@ -86,6 +86,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "s.toml").write_text('models = ["m"]\nvariants = ["q8-hi"]\n')
     assert main(["sweep", str(tmp_path / "s.toml"), "--workers", "0"]) == 2
     assert "--workers 0" in capsys.readouterr().err
+    out = tmp_path / "never"
+    (tmp_path / "nomodel.toml").write_text(f'models = ["no-such-model"]\nvariants = ["q8-hi"]\nout = "{out}"\n')
+    assert main(["sweep", str(tmp_path / "nomodel.toml"), "--serial"]) == 2
+    err = capsys.readouterr().err
+    assert "'no-such-model': no such file, folder or embedded model" in err and err.count("\n") == 1
+    assert not (out / "jobs").exists()   # refused before any job ran
     assert main(["sweep", "demo", "--dry-run", "-o", str(tmp_path / "d")]) == 0
     assert "14 jobs (1 import, 5 convert, 5 eval, 1 compare, 1 cards, 1 report); 14 to run" in capsys.readouterr().out
     assert not (tmp_path / "d").exists()   # a dry run writes nothing

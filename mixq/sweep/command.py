@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mixq.errors import MixqError
 from mixq.io.files import output_lock, write_atomic
+from mixq.sources import embedded
 from mixq.sweep.graph import Graph, Job, build_graph, dry_run_text, is_done, job_dir
 from mixq.sweep.local import run_local, run_serial
 from mixq.sweep.progress import Progress, SweepResult
@@ -73,11 +74,20 @@ def write_index(graph: Graph) -> Path:
     return index
 
 
+def check_models(sweep: Sweep) -> None:
+    """Refuse before any work a model that is neither a file or folder here nor an embedded model."""
+    for model in sweep.models:
+        if not Path(model).expanduser().exists() and not embedded.is_embedded(model):
+            raise MixqError(f"{sweep.path}: model {model!r}: no such file, folder or embedded model "
+                            f"({', '.join(embedded.names())}); fix the path or the name")
+
+
 def run_sweep(sweep: Sweep, executor: str = "local", *, address: str | None = None, workers: int | None = None,
               progress: bool = True) -> SweepResult:
     """Run every job of the sweep not finished yet; return what ran. One sweep at a time writes OUT."""
     if executor not in EXECUTORS:
         raise MixqError(f"executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    check_models(sweep)
     graph = build_graph(sweep)
     graph.root.mkdir(parents=True, exist_ok=True)
     with output_lock(graph.root):
