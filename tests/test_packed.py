@@ -1,6 +1,7 @@
 """Packed weights in the engine (mixq.eval.packed): the same logits, bit for bit, as the dense engine, for every
 architecture, uniform and mixed recipes, MoE routing, tied heads; the memory of the quantized size."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,50 @@ def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch
         assert all(k <= min(n * top_k, n_experts) for k in made.values())
         if n == 1:
             assert set(made.values()) == {top_k} and top_k < n_experts
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_lazy_experts_one_expert_at_a_time(tiny_model, arch, monkeypatch):
+    """The engine's experts run eagerly; a packed stack is then a `LazyExperts`: each routed expert dequantized
+    alone when the forward indexes it (never a stack of all experts, never two experts of a stack alive at once),
+    logits equal to the dense engine's bit for bit."""
+    import weakref
+
+    from mixq.eval.packed import JitParam, LazyExperts
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q4-hi")
+    assert dense.model.config._experts_implementation == packed.model.config._experts_implementation == "eager"
+    alive: dict[str, list] = {}   # stack -> weak references to the experts it made
+    made, peak, stand_ins = [], [0], []
+    real_expert, real_getitem = JitParam.expert, LazyExperts.__getitem__
+
+    def expert(self, e):
+        out = real_expert(self, e)
+        refs = [r for r in alive.get(self.key, []) if r() is not None]
+        alive[self.key] = [*refs, weakref.ref(out)]
+        peak[0] = max(peak[0], len(alive[self.key]))
+        made.append((self.key, e, out.numel()))
+        return out
+
+    def getitem(self, index):
+        stand_ins.append(self)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(JitParam, "expert", expert)
+    monkeypatch.setattr(JitParam, "routed", lambda *a: pytest.fail("a whole stack was made"))
+    monkeypatch.setattr(LazyExperts, "__getitem__", getitem)
+    x = _ids(dense, seed=11, n=40)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    cfg = dense.model.config
+    n_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    stacks = {k for k, _, _ in made}
+    assert len(stacks) == 2 * cfg.num_hidden_layers   # gate_up and down of every layer
+    assert peak[0] == 1   # one expert of a stack alive at a time
+    jps = packed_weights(packed.model).params
+    assert all(n == math.prod(jps[k].shape[1:]) and e < n_experts for k, e, n in made)
+    assert stand_ins and all(isinstance(s, LazyExperts) for s in stand_ins)
+    # between forwards the placeholders are back
+    assert all(jp.holder.untyped_storage().nbytes() == jp.holder.element_size() for jp in jps.values())
 
 
 def test_converted_folder_packed(tiny_model, tmp_path):
