@@ -318,6 +318,49 @@ def test_output_head_rows(tiny_model, tmp_path, arch):
     assert isinstance(dense_back, OutputHead) and torch.equal(dense_back.weight, hd.weight)
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt_oss"])
+def test_packed_head_forward_by_slices(tiny_model, arch, monkeypatch):
+    """A packed output head (tied for gemma3) computes the model's logits by vocabulary slices, never dequantizing
+    the whole head: the logits by slices equal the whole dense head's bit for bit (and the dense engine's); once
+    `keep_dense` made the head dense it is a plain linear again."""
+    import mixq.eval.head as head_mod
+    from mixq.eval.head import vocab_slices
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q6-hi")
+    lm_head = packed.model.get_output_embeddings()
+    head_jp = next(p for p in packed_weights(packed.model).params.values() if p.holder is lm_head.weight)
+    step = 64
+    monkeypatch.setattr(head_mod, "VOCAB_SLICE", step)
+    cuts = vocab_slices(head_jp.shape[0])
+    assert len(cuts) > 2 and all(b - a >= step for a, b in cuts)
+    asked = []
+    real_rows, real_dense = JitParam.rows, JitParam.dense
+
+    def rows(self, index):
+        if self is head_jp:
+            asked.append(len(range(head_jp.shape[0])[index]) if isinstance(index, slice) else int(index.numel()))
+        return real_rows(self, index)
+
+    def whole(self):
+        assert self is not head_jp, "the whole head was made dense"
+        return real_dense(self)
+
+    monkeypatch.setattr(JitParam, "rows", rows)
+    monkeypatch.setattr(JitParam, "dense", whole)
+    x = _ids(dense, seed=13, n=17)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    assert asked and all(n <= step + 63 for n in asked)
+    h = torch.randn(3, 5, lm_head.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole_head = torch.nn.functional.linear(h, real_dense(head_jp), lm_head.bias)
+        assert torch.equal(lm_head(h), whole_head)
+    monkeypatch.setattr(JitParam, "dense", real_dense)
+    keep_dense(packed.model, 1 << 40)
+    assert lm_head.weight is not head_jp.holder
+    with torch.no_grad():
+        assert torch.equal(lm_head(h), whole_head)
+
+
 def test_embedding_dequantizes_only_rows_looked_up(tiny_model):
     dense, packed = _pair(f"{tiny_model('gemma3_text')}@q4-hi")  # gemma: the scaled embedding subclass
     emb_d, emb_p = dense.model.get_input_embeddings(), packed.model.get_input_embeddings()

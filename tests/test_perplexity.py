@@ -100,9 +100,9 @@ def test_kld_of_model_against_itself_is_zero(tiny, text_file):
 @pytest.mark.parametrize("slice_width", [2048, 7])
 def test_kld_matches_reference_and_topk_is_a_lower_bound(tiny, text_file, monkeypatch, slice_width):
     """Slice width 7: the exact form's walk over the vocabulary in many ragged slices."""
-    from mixq.eval import perplexity
+    from mixq.eval import head
 
-    monkeypatch.setattr(perplexity, "_SLICE", slice_width)
+    monkeypatch.setattr(head, "VOCAB_SLICE", slice_width)   # `vocab_slices`: the walk's slices too
     model, tok, _ = tiny
     quant = _perturbed(model)
     w = make_windows(tok, text_file, ctx=CTX, max_windows=3)

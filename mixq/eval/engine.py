@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
+from mixq.eval.head import slice_packed_head
 from mixq.eval.packed import (
     JitParam,
     Packed,
@@ -530,6 +531,7 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
             to_device(model, device)
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
+            slice_packed_head(model)   # a head left packed: its forward by vocabulary slices, never whole
     trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})

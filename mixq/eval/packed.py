@@ -262,10 +262,13 @@ class _Hooks:
         self.rows = isinstance(module, torch.nn.Embedding) and list(params) == ["weight"]
         self.experts = all(jp.experts for jp in params.values())
         self.padding_idx = getattr(module, "padding_idx", None)
+        self.own_forward = False   # the module's forward reads its packed parameters itself (a sliced head)
         self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                         module.register_forward_hook(self.post, always_call=True)]
 
     def pre(self, module, args, kwargs):
+        if self.own_forward:
+            return None
         if self.rows:
             return self._pre_rows(module, args, kwargs)
         if self.experts and eager_experts(module):

@@ -49,7 +49,7 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model, model_fingerprint
-from mixq.eval.head import OutputHead, head_from_state, head_state, output_head
+from mixq.eval.head import OutputHead, head_from_state, head_state, output_head, vocab_slices
 from mixq.eval.metrics import proportion_stderr, stderr
 from mixq.io.files import cache_dir
 from mixq.io.memory import trim_heap
@@ -177,7 +177,6 @@ def _acc_device(device):
 
 
 _ROWS = 64  # rows per float64 chunk
-_SLICE = 2048  # vocabulary columns per slice of the vocabulary walk (one 511-token window: 8 MB of float64)
 
 
 @dataclass
@@ -221,8 +220,7 @@ def walk_vocab(head: OutputHead, h, targets, base_head: OutputHead | None = None
     if base_head is not None:
         base_head, base_h, base_lse = base_head.to(h.device), base_h.to(h.device), base_lse.to(dev)
     # fixed slices, whatever the rows: the base's logits are recomputed exactly as first computed
-    for a in range(0, vocab, _SLICE):
-        b = min(vocab, a + _SLICE)
+    for a, b in vocab_slices(vocab):
         q = head.logits(h, a, b).float().to(dev)
         i = q.argmax(-1)
         v = q[rows, i].double()
@@ -267,7 +265,7 @@ def _walkable(model, ids) -> OutputHead | None:
                     probe = ids[:1, :32]
                     h = _head_inputs(model, probe)
                     full, _ = _window_logits(model, probe)
-                    ok = torch.equal(head.logits(h).float(), full)
+                    ok = torch.equal(head.all_logits(h).float(), full)   # slice by slice: never the whole head
             except Exception:  # noqa: BLE001 - a model without the usual decoder layout: walk its full logits
                 ok = False
         _WALKABLE[model] = ok
@@ -341,7 +339,7 @@ class BaseDists:
         if self.hidden is None:
             return self.logits[sl]
         h = self.hidden[sl]
-        return self.head.logits(h.view(n_windows, -1, h.shape[-1])).float().flatten(0, 1)
+        return self.head.all_logits(h.view(n_windows, -1, h.shape[-1])).float().flatten(0, 1)
 
 
 def base_dists(model, windows: Windows, *, k: int | str | None = DEFAULT_KLD, batch_size: int = 1,
