@@ -1,6 +1,7 @@
 """Packed weights in the engine (mixq.eval.packed): the same logits, bit for bit, as the dense engine, for every
 architecture, uniform and mixed recipes, MoE routing, tied heads; the memory of the quantized size."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,50 @@ def test_moe_dequantizes_only_routed_experts(tiny_model, arch, impl, monkeypatch
             assert set(made.values()) == {top_k} and top_k < n_experts
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_lazy_experts_one_expert_at_a_time(tiny_model, arch, monkeypatch):
+    """The engine's experts run eagerly; a packed stack is then a `LazyExperts`: each routed expert dequantized
+    alone when the forward indexes it (never a stack of all experts, never two experts of a stack alive at once),
+    logits equal to the dense engine's bit for bit."""
+    import weakref
+
+    from mixq.eval.packed import JitParam, LazyExperts
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q4-hi")
+    assert dense.model.config._experts_implementation == packed.model.config._experts_implementation == "eager"
+    alive: dict[str, list] = {}   # stack -> weak references to the experts it made
+    made, peak, stand_ins = [], [0], []
+    real_expert, real_getitem = JitParam.expert, LazyExperts.__getitem__
+
+    def expert(self, e):
+        out = real_expert(self, e)
+        refs = [r for r in alive.get(self.key, []) if r() is not None]
+        alive[self.key] = [*refs, weakref.ref(out)]
+        peak[0] = max(peak[0], len(alive[self.key]))
+        made.append((self.key, e, out.numel()))
+        return out
+
+    def getitem(self, index):
+        stand_ins.append(self)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(JitParam, "expert", expert)
+    monkeypatch.setattr(JitParam, "routed", lambda *a: pytest.fail("a whole stack was made"))
+    monkeypatch.setattr(LazyExperts, "__getitem__", getitem)
+    x = _ids(dense, seed=11, n=40)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    cfg = dense.model.config
+    n_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    stacks = {k for k, _, _ in made}
+    assert len(stacks) == 2 * cfg.num_hidden_layers   # gate_up and down of every layer
+    assert peak[0] == 1   # one expert of a stack alive at a time
+    jps = packed_weights(packed.model).params
+    assert all(n == math.prod(jps[k].shape[1:]) and e < n_experts for k, e, n in made)
+    assert stand_ins and all(isinstance(s, LazyExperts) for s in stand_ins)
+    # between forwards the placeholders are back
+    assert all(jp.holder.untyped_storage().nbytes() == jp.holder.element_size() for jp in jps.values())
+
+
 def test_converted_folder_packed(tiny_model, tmp_path):
     """A converted MLX folder held packed: the same logits as dequantized at load and as the recipe on the fly."""
     from mixq.quant.convert import convert
@@ -271,6 +316,49 @@ def test_output_head_rows(tiny_model, tmp_path, arch):
     assert isinstance(back.weight, JitParam) and torch.equal(back.logits(h), hd.logits(h))
     dense_back = head_from_state(head_state(hd))
     assert isinstance(dense_back, OutputHead) and torch.equal(dense_back.weight, hd.weight)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama", "gpt_oss"])
+def test_packed_head_forward_by_slices(tiny_model, arch, monkeypatch):
+    """A packed output head (tied for gemma3) computes the model's logits by vocabulary slices, never dequantizing
+    the whole head: the logits by slices equal the whole dense head's bit for bit (and the dense engine's); once
+    `keep_dense` made the head dense it is a plain linear again."""
+    import mixq.eval.head as head_mod
+    from mixq.eval.head import vocab_slices
+
+    dense, packed = _pair(f"{tiny_model(arch)}@q6-hi")
+    lm_head = packed.model.get_output_embeddings()
+    head_jp = next(p for p in packed_weights(packed.model).params.values() if p.holder is lm_head.weight)
+    step = 64
+    monkeypatch.setattr(head_mod, "VOCAB_SLICE", step)
+    cuts = vocab_slices(head_jp.shape[0])
+    assert len(cuts) > 2 and all(b - a >= step for a, b in cuts)
+    asked = []
+    real_rows, real_dense = JitParam.rows, JitParam.dense
+
+    def rows(self, index):
+        if self is head_jp:
+            asked.append(len(range(head_jp.shape[0])[index]) if isinstance(index, slice) else int(index.numel()))
+        return real_rows(self, index)
+
+    def whole(self):
+        assert self is not head_jp, "the whole head was made dense"
+        return real_dense(self)
+
+    monkeypatch.setattr(JitParam, "rows", rows)
+    monkeypatch.setattr(JitParam, "dense", whole)
+    x = _ids(dense, seed=13, n=17)
+    assert torch.equal(_logits(dense.model, x), _logits(packed.model, x))
+    assert asked and all(n <= step + 63 for n in asked)
+    h = torch.randn(3, 5, lm_head.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole_head = torch.nn.functional.linear(h, real_dense(head_jp), lm_head.bias)
+        assert torch.equal(lm_head(h), whole_head)
+    monkeypatch.setattr(JitParam, "dense", real_dense)
+    keep_dense(packed.model, 1 << 40)
+    assert lm_head.weight is not head_jp.holder
+    with torch.no_grad():
+        assert torch.equal(lm_head(h), whole_head)
 
 
 def test_embedding_dequantizes_only_rows_looked_up(tiny_model):

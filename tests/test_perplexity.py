@@ -100,9 +100,9 @@ def test_kld_of_model_against_itself_is_zero(tiny, text_file):
 @pytest.mark.parametrize("slice_width", [2048, 7])
 def test_kld_matches_reference_and_topk_is_a_lower_bound(tiny, text_file, monkeypatch, slice_width):
     """Slice width 7: the exact form's walk over the vocabulary in many ragged slices."""
-    from mixq.eval import perplexity
+    from mixq.eval import head
 
-    monkeypatch.setattr(perplexity, "_SLICE", slice_width)
+    monkeypatch.setattr(head, "VOCAB_SLICE", slice_width)   # `vocab_slices`: the walk's slices too
     model, tok, _ = tiny
     quant = _perturbed(model)
     w = make_windows(tok, text_file, ctx=CTX, max_windows=3)
@@ -211,3 +211,37 @@ def test_base_cache_round_trip(tmp_path, monkeypatch, tiny, text_file):
     assert np.array_equal(token_stats(model, w, b, progress=False).kld, token_stats(model, w, a, progress=False).kld)
     c, hit = cached_base_dists(str(path), w, k=16, progress=False)
     assert not hit and c.k == 16
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_large_model_ppl_batches_windows(tiny_model, text_file, monkeypatch, arch):
+    """A model above `LARGE_MODEL_BYTES` runs several windows per forward (here forced: the threshold set to 0):
+    a dense model's per-token NLLs are batch 1's exactly; an MoE model's within float32 rounding of its expert
+    matmuls (other shapes: the last bit; measured ~3e-7 per token), its perplexity to 1e-7 relative."""
+    from mixq.eval import perplexity as ppl_mod
+    from mixq.eval.engine import load_model
+
+    lm = load_model(f"{tiny_model(arch)}@q4-hi", progress=False, max_memory=0)
+    w = make_windows(lm.tokenizer, text_file, ctx=CTX, max_windows=6)
+    assert ppl_mod.ppl_batch_size(lm.model, CTX) == 1
+    one = ppl_mod.perplexity(lm.model, w, progress=False)
+    monkeypatch.setattr(ppl_mod, "LARGE_MODEL_BYTES", 0)
+    assert ppl_mod.ppl_batch_size(lm.model, CTX) == ppl_mod.BATCH_WINDOWS
+    assert ppl_mod.ppl_batch_size(lm.model, ppl_mod.BATCH_TOKENS // 2) == 2
+    sizes = []
+    real = ppl_mod._batches
+
+    def batches(windows, batch_size, *a):
+        sizes.append(batch_size)
+        return real(windows, batch_size, *a)
+
+    monkeypatch.setattr(ppl_mod, "_batches", batches)
+    batched = ppl_mod.perplexity(lm.model, w, progress=False)
+    assert sizes == [ppl_mod.BATCH_WINDOWS]
+    n1 = ppl_mod.token_nll(lm.model, w, batch_size=1, progress=False)
+    n4 = ppl_mod.token_nll(lm.model, w, batch_size=4, progress=False)
+    if arch == "llama":
+        assert np.array_equal(n1, n4) and batched == one
+    else:
+        np.testing.assert_allclose(n4, n1, rtol=0, atol=1e-5)
+        assert batched["ppl"] == pytest.approx(one["ppl"], rel=1e-7)

@@ -46,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixq.errors import MixqError
+from mixq.eval.head import slice_packed_head
 from mixq.eval.packed import (
     JitParam,
     Packed,
+    eager_experts,
     install,
     keep_dense,
     placeholder,
@@ -498,7 +500,10 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
     Quantized weights stay packed; dense copies are kept while the weights fit `max_memory` bytes (None:
     `AUTO_MEMORY_SHARE` of the memory available at load on `device`; 0: none). `packed=False`: every weight
     dequantized at load (the dense engine, the reference the packed one is tested against). Same logits either
-    way. On a GPU the packed weights stay in CPU memory and are dequantized there, one module per forward."""
+    way. On a GPU the packed weights stay in CPU memory and are dequantized there, one module per forward.
+    MoE experts run transformers' eager implementation in both engines (one routed expert at a time: a packed stack
+    is dequantized per expert, `packed.LazyExperts`; its per-token sums may differ from grouped_mm's in the last
+    bits, ~1e-6)."""
     import torch
 
     _torch_dtype(dtype)
@@ -520,10 +525,13 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
                 model, stats = _load_hf(resolved, dtype)
         else:
             raise MixqError(f"{ref}: unsupported model kind {resolved.kind!r}")
+        if hasattr(model, "set_experts_implementation") and not eager_experts(model):
+            model.set_experts_implementation("eager")   # MoE: one expert at a time (packed: `LazyExperts`)
         if device != "cpu":
             to_device(model, device)
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
+            slice_packed_head(model)   # a head left packed: its forward by vocabulary slices, never whole
     trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})

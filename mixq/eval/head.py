@@ -5,7 +5,8 @@ Scoring, perplexity/KLD and sensitivity measurement all compute logits from hidd
 `tanh(x / cap) * cap` when `final_logit_softcapping` is set), optionally for a slice of the vocabulary.
 A packed head (mixq.eval.packed) is dequantized only for the vocabulary rows a call asks for: the same
 numbers as the dense head's rows (dequantization is row-wise), never the whole [V, d] matrix at once
-unless a call asks for all of it.
+unless a call asks for all of it; the model's own forward computes a packed head slice by slice too
+(`slice_packed_head`, set by `load_model`). `vocab_slices` is the one way the vocabulary is cut.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from mixq.eval.packed import JitParam, Packed, jit_param
+from mixq.eval.packed import JitParam, Packed, jit_param, packed_weights
 
 VOCAB_SLICE = 2048   # vocabulary rows of the weight per matmul in `all_logits`
 _MIN_SLICE = 64      # a last slice narrower than this joins the one before (a matmul of 1-3 columns may round
                      # differently from a wide one; from 4 columns on, every column is the one-call's, bit for bit)
+
+
+def vocab_slices(vocab: int, step: int | None = None) -> list[tuple[int, int]]:
+    """The vocabulary cut into slices of `step` rows (default `VOCAB_SLICE`; a narrow tail joined to the slice
+    before): the one way the head is walked (`OutputHead.all_logits`, a packed head's forward, perplexity's walk)."""
+    step = step or VOCAB_SLICE
+    cuts = list(range(0, vocab, step))
+    if len(cuts) > 1 and vocab - cuts[-1] < _MIN_SLICE:
+        cuts.pop()
+    return list(zip(cuts, cuts[1:] + [vocab]))
 
 
 @dataclass
@@ -55,15 +66,10 @@ class OutputHead:
         index = slice(a, b) if rows is None else rows
         return self.weight[index] if isinstance(self.weight, torch.Tensor) else self.weight.rows(index)
 
-    def slices(self, step: int = VOCAB_SLICE) -> list[tuple[int, int]]:
-        """The vocabulary cut into slices of `step` rows (a narrow tail joined to the slice before)."""
-        v = self.vocab_size
-        cuts = list(range(0, v, step))
-        if len(cuts) > 1 and v - cuts[-1] < _MIN_SLICE:
-            cuts.pop()
-        return list(zip(cuts, cuts[1:] + [v]))
+    def slices(self, step: int | None = None) -> list[tuple[int, int]]:
+        return vocab_slices(self.vocab_size, step)
 
-    def all_logits(self, h: torch.Tensor, step: int = VOCAB_SLICE) -> torch.Tensor:
+    def all_logits(self, h: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """All vocabulary logits of `h` [..., d], made slice by slice (`slices`): the numbers of one `logits(h)`
         call (each column of a matmul is computed alone), while a packed head holds only one slice dense."""
         out = None
@@ -97,6 +103,30 @@ def output_head(model) -> OutputHead | None:
     weight = packed if packed is not None else lm_head.weight.detach()
     return OutputHead(weight, None if bias is None else bias.detach(),
                       getattr(model.config, "final_logit_softcapping", None))
+
+
+def slice_packed_head(model) -> bool:
+    """Make a packed output head (a linear `lm_head`, tied or not) compute the model's logits by vocabulary slices
+    (`OutputHead.all_logits`, without soft-capping: the model applies it), so that no forward (generation, plain
+    scoring, the perplexity and scoring probes) makes the whole [V, d] head dense: a slice at a time, the same
+    numbers. Its hooks stay (`keep_dense` may still make it dense: then it is a plain linear again). Whether it
+    did (False: no packed linear head)."""
+    lm_head = model.get_output_embeddings()
+    jp = jit_param(model, lm_head, "weight") if isinstance(lm_head, torch.nn.Linear) else None
+    if jp is None:
+        return False
+    for h in packed_weights(model).hooks:
+        if h.module is lm_head:
+            h.own_forward = True
+    head = OutputHead(jp, lm_head.bias, None)   # the bias Parameter follows the model's moves
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if lm_head._parameters["weight"] is not jp.holder:   # made dense since (`keep_dense`)
+            return F.linear(x, lm_head.weight, lm_head.bias)
+        return head.all_logits(x)
+
+    lm_head.forward = forward
+    return True
 
 
 def head_state(head: OutputHead) -> dict:

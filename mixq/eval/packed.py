@@ -17,8 +17,11 @@ dense weight at a time.
   for vocabulary slices, never the whole head at once.
 * MoE expert stacks (qwen3_moe's `gate_up_proj` = [gate; up], gpt-oss's interleaved, transposed
   `gate_up_proj` and transposed `down_proj`) are built from their MLX parts with the same layout
-  functions as the dense engine (`mixq.quant.arch`), so the experts' own forward (eager or grouped)
-  sees identical tensors with identical strides.
+  functions as the dense engine (`mixq.quant.arch`), so the experts' own forward sees identical tensors
+  with identical strides. Under transformers' eager experts implementation (the engine's, `load_model`)
+  the stack is a `LazyExperts`: each routed expert is dequantized when the forward indexes it, one at a
+  time, and no stack of all experts is made; under grouped_mm / batched_mm (which take the whole stack)
+  a stack is allocated and only its routed experts are written (`JitParam.routed`).
 
 `keep_dense(model, budget)` replaces the largest packed parameters by dense copies made once (memory for
 speed: a token-by-token decode would otherwise dequantize every weight per token).
@@ -189,6 +192,12 @@ class JitParam:
             full[e] = self._built([_dense(p, slice(e, e + 1)) for p in self.parts])[0].to(self.device)
         return full
 
+    def expert(self, e: int) -> torch.Tensor:
+        """Expert `e` of a stack alone, as the dense stack's `[e]` (same values, shape and strides)."""
+        meta = self._built([torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.parts])
+        out = torch.empty_strided(meta.shape[1:], meta.stride()[1:], dtype=self.dtype, device=self.device)
+        return out.copy_(self._built([_dense(p, slice(e, e + 1)) for p in self.parts])[0])
+
     def _built(self, ts: list[torch.Tensor]) -> torch.Tensor:
         return (self.build(ts) if self.build else ts[0]).to(dtype=self.dtype)
 
@@ -221,6 +230,29 @@ class JitParam:
         self.parts = [p.to(device) for p in self.parts]
 
 
+class LazyExperts:
+    """Stands in for a packed expert stack while an experts module runs transformers' eager implementation, which
+    reads the stack only as `stack[expert_idx]`, one routed expert at a time: indexing dequantizes that expert alone
+    (`JitParam.expert`), so no stack of all experts is ever made (gpt-oss-20b: ~3.2 GB per layer in float32); at
+    most one expert per stack is alive at a time, freed when the expression that used it ends."""
+
+    def __init__(self, jp: JitParam):
+        self.jp = jp
+        self.shape, self.dtype, self.device = torch.Size(jp.shape), jp.dtype, jp.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.jp.expert(int(index))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def eager_experts(module) -> bool:
+    """Whether an experts module computes with transformers' eager implementation (the one `LazyExperts` serves)."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_experts_implementation", "eager") in (None, "eager")
+
+
 class _Hooks:
     """The forward hooks of one module holding packed parameters {attribute: JitParam}."""
 
@@ -230,12 +262,19 @@ class _Hooks:
         self.rows = isinstance(module, torch.nn.Embedding) and list(params) == ["weight"]
         self.experts = all(jp.experts for jp in params.values())
         self.padding_idx = getattr(module, "padding_idx", None)
+        self.own_forward = False   # the module's forward reads its packed parameters itself (a sliced head)
         self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                         module.register_forward_hook(self.post, always_call=True)]
 
     def pre(self, module, args, kwargs):
+        if self.own_forward:
+            return None
         if self.rows:
             return self._pre_rows(module, args, kwargs)
+        if self.experts and eager_experts(module):
+            for attr, jp in self.params.items():
+                module._parameters[attr] = LazyExperts(jp)
+            return None
         routed = self._routed(args, kwargs) if self.experts else None
         for attr, jp in self.params.items():
             module._parameters[attr] = jp.dense() if routed is None else jp.routed(routed)

@@ -146,17 +146,23 @@ def _stacked(ckpt, prefix, proj, experts: dict[int, str]):
     return (n, *shape), dtype, load
 
 
+def _fp4_pairs(dtype: torch.dtype) -> torch.Tensor:
+    """[256, 2]: the two E2M1 values of each byte, low nibble first (one lookup per byte, not two per nibble)."""
+    lut = torch.tensor(_FP4_VALUES, dtype=dtype)
+    byte = torch.arange(256)
+    return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=1)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """OpenAI MXFP4 ([..., G, 16] uint8 blocks, low nibble first; [..., G] uint8 e8m0 scales) -> [..., G*32]."""
-    lut = torch.tensor(_FP4_VALUES, dtype=dtype)
+    pairs = _fp4_pairs(dtype)
     *prefix, g, b = blocks.shape
     out = torch.empty((*prefix, g, b * 2), dtype=dtype)
     rows = 1 << 20
     flat_b, flat_s, flat_o = blocks.reshape(-1, b), scales.reshape(-1, 1).to(torch.int32) - 127, out.view(-1, b * 2)
     for r in range(0, flat_b.shape[0], rows):
-        blk, sub = flat_b[r:r + rows], flat_o[r:r + rows]
-        sub[:, 0::2] = lut[(blk & 0x0F).long()]
-        sub[:, 1::2] = lut[(blk >> 4).long()]
+        sub = flat_o[r:r + rows]
+        torch.index_select(pairs, 0, flat_b[r:r + rows].reshape(-1).long(), out=sub.view(-1, 2))
         torch.ldexp(sub, flat_s[r:r + rows].to(dtype), out=sub)
     return out.view(*prefix, g * b * 2)
 
@@ -173,27 +179,27 @@ def _gpt_oss_expert(ckpt, prefix: str, kind: str, suffix: str) -> dict:
         e, rows, g, b = ckpt.shape(name)
         shape, dtype = (e, rows, g * b * 2), torch.bfloat16
 
-        def full():  # [E, out, in]
-            return dequantize_mxfp4(ckpt.get(name), ckpt.get(scales), dtype)
+        def full(rows=slice(None)):  # [E, out, in]; only the rows asked for are decoded
+            return dequantize_mxfp4(ckpt.get(name)[:, rows], ckpt.get(scales)[:, rows], dtype)
     elif suffix == "":
         e, i, o = ckpt.shape(name)
         shape, dtype = (e, o, i), ckpt.dtype(name)
 
-        def full():  # [E, in, out] -> [E, out, in]
-            return ckpt.get(name).transpose(1, 2)
+        def full(rows=slice(None)):  # [E, in, out] -> [E, out, in]
+            return ckpt.get(name).transpose(1, 2)[:, rows]
     else:  # _bias: [E, out]
         shape, dtype = ckpt.shape(name), ckpt.dtype(name)
 
-        def full():
-            return ckpt.get(name)
+        def full(rows=slice(None)):
+            return ckpt.get(name)[:, rows]
 
     attr = "bias" if suffix == "_bias" else "weight"
     if kind == "down_proj":
         return {f"{prefix}.down_proj.{attr}": (shape, dtype, lambda: full().contiguous())}
     half = (*shape[:1], shape[1] // 2, *shape[2:])
     return {
-        f"{prefix}.gate_proj.{attr}": (half, dtype, lambda: full()[:, 0::2].contiguous()),
-        f"{prefix}.up_proj.{attr}": (half, dtype, lambda: full()[:, 1::2].contiguous()),
+        f"{prefix}.gate_proj.{attr}": (half, dtype, lambda: full(slice(0, None, 2)).contiguous()),
+        f"{prefix}.up_proj.{attr}": (half, dtype, lambda: full(slice(1, None, 2)).contiguous()),
     }
 
 
