@@ -1,14 +1,19 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
-    .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
+    .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi plan@4.5]
         [--methods rtn awq gptq awq+gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
-        [--texts wikitext tasks]
+        [--texts wikitext tasks] [--threads 1]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
-so no evaluated token was seen in calibration. Runs are kept in OUT/runs/ and reused (an interrupted
-benchmark continues); the table is printed and written to OUT/methods.md and OUT/methods.json.
+so no evaluated token was seen in calibration. A recipe `plan@BPW` is planned as `mixq plan --target-bpw BPW`
+plans it, on a measurement (`mixq measure`, its defaults: the end of WikiText-2, after the calibration windows)
+made under the method used (gptq for gptq and awq+gptq, rtn for rtn and awq, which measure has no mode for):
+OUT/plans/MODEL-QUANT.json (resumable) and OUT/plans/MODEL-plan@BPW-QUANT.toml, then converted with the method.
+Runs are kept in OUT/runs/ and reused: a finished row is not redone, so an interrupted benchmark continues
+where it stopped. Each row's timings (wall and CPU seconds of measure + plan, convert, eval; this process's peak
+RSS so far) go to OUT/timings/NAME.json; the table (OUT/methods.md, OUT/methods.json) is rewritten after every row.
 `--texts tasks` also evaluates on a non-Wikipedia text (OUT/tasks.txt, `task_text`: HellaSwag contexts with their
 gold endings (ActivityNet / WikiHow) and PIQA goals with their gold solutions (instructables)), in OUT/runs-tasks/.
 """
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from mixq.eval.evaluate import DEFAULT_WINDOWS, evaluate  # noqa: E402
 from mixq.eval.runs import read_results  # noqa: E402
+from mixq.io.files import write_atomic  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
 OPTIONS = ("clip", "nohead", "act")
+PLAN = "plan@"
 
 
 def task_text(path: Path, hellaswag: int = 1500, piqa: int = 800) -> Path:
@@ -47,42 +56,93 @@ def task_text(path: Path, hellaswag: int = 1500, piqa: int = 800) -> Path:
     return path
 
 
+@contextmanager
+def timed(timings: dict, key: str):
+    """Record the block's wall and CPU seconds (this process, user + system) under `timings[key]`."""
+    t0, c0 = time.perf_counter(), _cpu()
+    yield
+    timings[key] = {"wall": round(time.perf_counter() - t0, 1), "cpu": round(_cpu() - c0, 1)}
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def measured_quant(method: str) -> str:
+    """The quantization a plan for `method` is measured under (measure knows rtn and gptq)."""
+    return "gptq" if "gptq" in method.split("+") else "rtn"
+
+
+def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict) -> str:
+    """The recipe file for `plan@BPW` measured under `quant` (measured and planned once, then reused)."""
+    from mixq.tune.allocate import allocate
+    from mixq.tune.measure import measure
+
+    bpw = float(recipe[len(PLAN):])
+    path = out / "plans" / f"{model}-{recipe}-{quant}.toml"
+    if path.is_file():
+        return str(path)
+    mpath = out / "plans" / f"{model}-{quant}.json"
+    with timed(timings, "measure"):
+        meas = measure(model, out=mpath, resume=True, quant=quant)
+    with timed(timings, "plan"):
+        alloc = allocate(model, meas, target_bpw=bpw, measurement_path=str(mpath))
+        write_atomic(path, alloc.text)
+    return str(path)
+
+
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path,
-            text: str = "wikitext") -> dict:
+            text: str = "wikitext", threads: int = 1) -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
     `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
     +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
-    act-order with static groups, `--gptq-act-order`)."""
+    act-order with static groups, `--gptq-act-order`). `recipe`: a recipe name or file, or plan@BPW."""
     opts = [o for o in method.split("+") if o in OPTIONS]
     base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
     name = f"{model}-{recipe}-{method.replace('+', '_')}"
     folder, run = out / "folders" / name, out / ("runs" if text == "wikitext" else f"runs-{text}") / name
+    tfile = out / "timings" / f"{name}{'' if text == 'wikitext' else '-' + text}.json"
     ppl_file = None if text == "wikitext" else str(task_text(out / "tasks.txt"))
-    seconds = {}
-    if not (folder / "mixq_provenance.json").is_file():
-        t0 = time.time()
-        convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                head="nohead" not in opts, act_order="act" in opts)
-        seconds["convert"] = round(time.time() - t0, 1)
-    if not (run / "results.json").is_file() or not read_results(run).get("complete"):
-        t0 = time.time()
-        evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True, ppl_file=ppl_file)
-        seconds["eval"] = round(time.time() - t0, 1)
+    timings = json.loads(tfile.read_text()) if tfile.is_file() else {}
+    done = (run / "results.json").is_file() and read_results(run).get("complete")
+    if not done:
+        if not (folder / "mixq_provenance.json").is_file():
+            src = planned_recipe(model, recipe, measured_quant(base_method), out, timings) \
+                if recipe.startswith(PLAN) else recipe
+            with timed(timings, "convert"):
+                convert(model, folder, src, method=base_method, calib=calib, force=True, clip="clip" in opts,
+                        head="nohead" not in opts, act_order="act" in opts)
+        with timed(timings, "eval"):
+            evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True,
+                     ppl_file=ppl_file, threads=threads)
+        timings.update(threads=threads, peak_rss_mb=_peak_rss_mb(), load=os.getloadavg()[0])
+        write_atomic(tfile, json.dumps(timings, indent=2))
     r = read_results(run)
     k = r["kld"]
     prov = json.loads((folder / "mixq_provenance.json").read_text())
     return {"model": model, "recipe": recipe, "method": method, "text": text, "bits_per_weight": r["bits_per_weight"],
             "kld_mean": k["kld_mean"], "kld_mean_stderr": k["kld_mean_stderr"], "kld_p99": k["kld_p99"],
             "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
-            "n_tokens": k["n_tokens"], "seconds": seconds,
+            "n_tokens": k["n_tokens"], "timings": timings,
             "calibration": {key: prov.get("calibration", {}).get(key)
                             for key in ("samples", "length", "seed", "first_token", "seconds")}}
 
 
+def _secs(t: dict | None) -> str:
+    return f"{t['wall']:.0f} / {t['cpu']:.0f}" if t else ""
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| model | text | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| model | text | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) "
+            "| convert s (wall / CPU) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rtn = {(r["model"], r["text"], r["recipe"]): r["kld_mean"] for r in rows if r["method"] == "rtn"}
     lines = [head]
     for r in rows:
@@ -90,15 +150,24 @@ def table(rows: list[dict]) -> str:
         rel = f"{100 * (r['kld_mean'] / base - 1):+.1f}%" if base and r["method"] != "rtn" else ""
         lines.append(f"| {r['model']} | {r['text']} | {r['recipe']} | {r['method']} | {r['bits_per_weight']:.3f} | "
                      f"{r['kld_mean']:.5f} ± {r['kld_mean_stderr']:.5f} | {rel} | {r['kld_p99']:.4f} | "
-                     f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) |")
+                     f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) | "
+                     f"{_secs(r['timings'].get('convert'))} |")
     return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    md = table(rows)
+    write_atomic(out / "methods.md", md + "\n")
+    write_atomic(out / "methods.json", json.dumps(rows, indent=2))
+    return md
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-o", "--out", required=True, help="work folder (converted folders, runs, table)")
+    p.add_argument("-o", "--out", required=True, help="work folder (converted folders, runs, timings, table)")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
+    p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"],
+                   help="recipe names or files, or plan@BPW (planned at BPW bits per weight under the method)")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
                    help="rtn, gptq, awq, awq+gptq, each with +clip, +nohead and/or +act (e.g. gptq+clip+nohead)")
     p.add_argument("--calib", default=None)
@@ -109,7 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--texts", nargs="+", choices=("wikitext", "tasks"), default=["wikitext"],
                    help="evaluation texts: WikiText-2 test (its first windows, before the calibration part) "
                         "and/or task passages")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
     out = Path(a.out)
     calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
     rows = []
@@ -117,12 +190,10 @@ def main(argv=None) -> int:
         for recipe in a.recipes:
             for text in a.texts:
                 for method in a.methods:
-                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text))
+                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text, a.threads))
                     print(json.dumps(rows[-1]), flush=True)
-    md = table(rows)
-    print(md)
-    (out / "methods.md").write_text(md + "\n")
-    (out / "methods.json").write_text(json.dumps(rows, indent=2))
+                    write_table(rows, out)
+    print(write_table(rows, out))
     return 0
 
 

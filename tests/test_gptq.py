@@ -382,3 +382,46 @@ def test_act_order_model_output_not_worse(tiny_model, tmp_path):
             prov = json.loads((out / "mixq_provenance.json").read_text())
             assert prov["calibration"]["act_order"] == ("static groups" if act else False)
     assert errs[True] <= errs[False], errs
+
+
+def test_shared_input_hessian_computed_once(tiny_model):
+    """q/k/v (and gate/up) read one input tensor: they get one Hessian object, equal to each one's own 2/n X^T X."""
+    from mixq.quant.prepare import prepare
+    from mixq.tune.gptq import _decoder_layers, _hessians, capture_inputs, layer_loader
+
+    lazy = layer_loader(prepare(tiny_model("llama"), "q4-hi"))
+    _, layers = _decoder_layers(lazy.model)
+    ids = torch.tensor([TOKENS[0], TOKENS[0][::-1]])
+    seen: dict = {}
+    with torch.no_grad():
+        hidden, calls = capture_inputs(lazy.model, layers, ids, 1)
+        lazy.load(0)
+        lin = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].flatten(0, -2)))
+                 for n, m in lin.items()]
+        H = _hessians(layers[0], lin, hidden, calls[0])
+        for h in hooks:
+            h.remove()
+    assert H["self_attn.q_proj"] is H["self_attn.k_proj"] is H["self_attn.v_proj"]
+    assert H["mlp.gate_proj"] is H["mlp.up_proj"] and H["mlp.down_proj"] is not H["mlp.gate_proj"]
+    for n, xs in seen.items():
+        x = torch.cat(xs)
+        torch.testing.assert_close(H[n], 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_layers_after_the_last_planned_one_are_not_run(tiny_model, tmp_path, monkeypatch):
+    """With gptq only in layer 0 (and the head rounded to nearest) no later decoder layer runs on the calibration
+    windows (layer 0's Hessians come from its own hooks, and its output feeds no planned tensor)."""
+    from mixq.tune import gptq
+
+    src = tiny_model("llama", num_hidden_layers=3)
+    text = ('[recipe]\nname = "r"\nbits = 4\ngroup_size = 32\n'
+            '[[rule]]\npattern = "*.layers.0.*"\nbits = 4\nmethod = "gptq"\n')
+    runs: list = []
+    real = gptq._run_layer
+    monkeypatch.setattr(gptq, "_run_layer", lambda layer, *a: runs.append(layer) or real(layer, *a))
+    out = convert(src, tmp_path / "q", parse_recipe(text), calib=CALIB, progress=False)
+    prov = json.loads((out / "mixq_provenance.json").read_text())
+    assert {t["method"] for t in prov["tensors"] if ".layers.0." in t["name"] and t["bits"]} == {"gptq"}
+    assert all(t["method"] == "rtn" for t in prov["tensors"] if ".layers.0." not in t["name"] and t["bits"])
+    assert runs == []

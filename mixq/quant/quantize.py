@@ -161,7 +161,10 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     if n % 8 or (n * bits) % 32:
         raise MixqError(f"cannot pack {n} codes of {bits} bits per row into uint32 words")
     out = torch.empty(rows, n * bits // 32, dtype=torch.uint32)
-    _pack_into(out, q.to(torch.uint8).contiguous(), bits)
+    q = q.to(torch.uint8)
+    with torch_threads(_THREADS, at_most=True):   # in chunks: the int64 temporaries stay in cache (6x faster)
+        for a, b in _row_chunks(rows, n):
+            _pack_into(out[a:b], q[a:b].contiguous(), bits)
     return out
 
 

@@ -2,8 +2,10 @@
 
 `gptq_quantize(w, H, bits, group_size, dtype=...)` quantizes one weight [out, in] column by column: each
 column is rounded to its group's grid and the rounding error, weighted by the inverse Hessian
-H = 2 X^T X / n of the layer's inputs X, is pushed onto the columns not yet quantized (lazy batch updates
-in blocks of 128 columns, Cholesky factor of H^-1, damping `damp * mean(diag H)`). A group's scale and bias
+H = 2 X^T X / n of the layer's inputs X, is pushed onto the columns not yet quantized (two-level lazy batch
+updates: a column's error goes at once to the rest of its inner block of 32 columns, each inner block's to the rest
+of its block of 128 in one product, each block's to the trailing columns in one in-place addmm_; Cholesky factor of
+H^-1, damping `damp * mean(diag H)`). A group's scale and bias
 are computed as the group starts, from the weights as updated so far, with mx.quantize's own formula
 (`quant.quantize.affine_params`) and rounded to the stored dtype; codes are rounded as mx.quantize rounds
 them. The compensation uses the exact values MLX dequantizes (scale * q, rounded, + bias, rounded, in the
@@ -15,8 +17,10 @@ stored in the original order, so the layout stays exactly MLX's.
 `gptq_tensors(prep, calibration)` runs it sequentially over the model (float32, transformers): the
 inputs of the first decoder layer and every layer's keyword arguments (position embeddings, masks) are
 captured in one pass in which the decoder layers are skipped; then for each decoder layer the Hessians
-of its planned linears are accumulated from its inputs (hooks), the linears are quantized, and the
-layer's outputs with the quantized weights become the next layer's inputs. Only linears inside the
+of its planned linears are accumulated from its inputs (hooks; linears reading the same input tensor, q/k/v and
+gate/up, share one Hessian, computed once), the linears are quantized, and the layer's outputs with the quantized
+weights become the next layer's inputs. Layers after the last one with planned tensors are not run (unless the
+head is planned: its inputs are the last layer's outputs). Only linears inside the
 decoder layers, the output head (`head`) and MoE expert stacks are done this way; anything else planned for
 gptq (an untied embedding, routers that are not nn.Linear) falls back to round-to-nearest, and `methods` says so
 per tensor. Memory: one decoder layer at a time (`LayerLoader`: the model is built with zero-stride placeholders for
@@ -54,6 +58,7 @@ from mixq.threads import torch_threads
 
 DAMP = 0.01        # damping: fraction of the mean Hessian diagonal added to the diagonal
 BLOCK = 128        # columns per lazy-update block (a multiple of every group size: groups never straddle)
+INNER = 32         # columns per inner block (divides every group size: a group starts at an inner block's start)
 BATCH = 4          # calibration windows per forward
 # Range search: a group's scale and bias come from its max/min shrunk by each factor; the one with the least
 # diag(H)-weighted squared rounding error wins per row (still mx.quantize's formula: codes, scale, bias as MLX reads)
@@ -124,11 +129,12 @@ def _act_order(w, H, bits: int, group_size: int, *, dtype, damp: float, block: i
     return pack_codes(codes, bits), scales, biases
 
 
-def _lazy_update(Wt, Hn, E, a: int, b: int, chunk: int = 128) -> None:
-    """GPTQ's lazy batch update of the columns after block [a, b): Wt[b:] -= Hn[a:b, b:]^T E, a chunk of columns at a
-    time (the product for all of them at once is a temporary as large as the weight: 113 MB at smollm2's head)."""
-    for c in range(b, Wt.shape[0], chunk):
-        Wt[c:c + chunk] -= Hn[a:b, c:c + chunk].T @ E
+def _lazy_update(Wt: torch.Tensor, Hinv: torch.Tensor, E: torch.Tensor, a: int, b: int, end: int) -> None:
+    """GPTQ's lazy batch update of columns [b, end) by the errors E of columns [a, b):
+    Wt[b:end] -= Hinv[a:b, b:end]^T E,
+    in place (addmm_: no temporary as large as the weight, which is 113 MB at smollm2's head)."""
+    if end > b:
+        Wt[b:end].addmm_(Hinv[a:b, b:end].T, E, alpha=-1.0)
 
 
 def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block: int) -> torch.Tensor:
@@ -138,18 +144,16 @@ def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block:
 
     rows, cols = W.shape
     maxq = float((1 << bits) - 1)
-    Wt = W.T.contiguous().numpy()
-    Hn = Hinv.numpy()
+    Wt = W.T.contiguous()
+    Wn, Hn = Wt.numpy(), Hinv.numpy()
     ct = np.empty((cols, rows), dtype=np.uint8)
     t = np.empty(rows, dtype=np.float32)
     sn = [s.numpy() for s, _ in groups]
     zn = [z.numpy() for _, z in groups]
-    for a in range(0, cols, block):
-        b = min(a + block, cols)
-        E = np.empty((b - a, rows), dtype=np.float32)
-        for i in range(a, b):
+    for a, b, ia, ib, E in _blocks(cols, rows, block, INNER):
+        for i in range(ia, ib):
             g = int(group_of[i])
-            w = Wt[i]
+            w = Wn[i]
             np.subtract(w, zn[g], out=t)
             np.divide(t, sn[g], out=t)
             np.clip(t, 0.0, maxq, out=t)
@@ -157,10 +161,22 @@ def _columns_static(W, Hinv, groups, scales, biases, group_of, bits: int, block:
             ct[i] = t
             deq = (scales[:, g] * torch.from_numpy(t).to(scales.dtype) + biases[:, g]).to(torch.float32).numpy()
             err = (w - deq) / Hn[i, i]
-            Wt[i:b] -= np.outer(Hn[i, i:b], err)
-            E[i - a] = err
-        _lazy_update(Wt, Hn, E, a, b)
+            Wn[i + 1:ib] -= np.outer(Hn[i, i + 1:ib], err)
+            E[i - a] = torch.from_numpy(err)
+        _lazy_update(Wt, Hinv, E[ia - a:ib - a], ia, ib, b)   # the rest of the block, once per inner block
+        if ib == b:
+            _lazy_update(Wt, Hinv, E, a, b, cols)             # the trailing columns, once per block
     return torch.from_numpy(ct).T.contiguous()
+
+
+def _blocks(cols: int, rows: int, block: int, inner: int):
+    """(a, b, ia, ib, E) for GPTQ's two-level lazy updates: blocks [a, b) of `block` columns, each cut into inner blocks
+    [ia, ib) of `inner`; E (float32 [b - a, rows], one per block) collects the block's scaled errors."""
+    for a in range(0, cols, block):
+        b = min(a + block, cols)
+        E = torch.empty(b - a, rows)
+        for ia in range(a, b, inner):
+            yield a, b, ia, min(ia + inner, b), E
 
 
 def gptq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, *, damp: float = DAMP) -> torch.Tensor:
@@ -199,29 +215,29 @@ def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> t
 def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
     """The GPTQ column loop: fills codes, scales and biases. In numpy on transposed (column-contiguous) copies:
     one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and several times that in
-    torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes."""
+    torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes.
+    Two-level lazy updates (`_blocks`): a column's error goes at once only to the columns of its inner block; the
+    rest of its block gets the inner block's errors in one product, the trailing columns the block's in one more."""
     import numpy as np
 
     cols, rows = Wt.shape                    # the weight transposed (updated in place): column c is row c
     dtype = scales.dtype
     maxq = float((1 << bits) - 1)
-    Wt = Wt.numpy()
-    Hn = Hinv.numpy()
+    Wn, Hn = Wt.numpy(), Hinv.numpy()
     ct = np.empty((cols, rows), dtype=np.uint8)
     flat = np.arange(rows) * (1 << bits)
     t = np.empty(rows, dtype=np.float32)
-    for a in range(0, cols, block):
-        b = min(a + block, cols)
-        E = np.empty((b - a, rows), dtype=np.float32)
-        for i in range(a, b):
-            if i % group_size == 0:
-                s, z = _group_params(torch.from_numpy(Wt[i:i + group_size].T.copy()), hdiag[i:i + group_size],
+    for a, b, ia, ib, E in _blocks(cols, rows, block, min(INNER, group_size)):
+        En = E.numpy()
+        for i in range(ia, ib):
+            if i % group_size == 0:          # the group's columns are up to date: earlier inner blocks updated them
+                s, z = _group_params(torch.from_numpy(Wn[i:i + group_size].T.copy()), hdiag[i:i + group_size],
                                      bits, dtype, grid)
                 s_dt, z_dt = s.to(dtype), z.to(dtype)
                 scales[:, i // group_size], biases[:, i // group_size] = s_dt, z_dt
                 levels = _levels(s_dt, z_dt, bits).ravel()
                 sn, zn = s.numpy(), z.numpy()
-            w = Wt[i]
+            w = Wn[i]
             np.subtract(w, zn, out=t)
             np.divide(t, sn, out=t)
             np.clip(t, 0.0, maxq, out=t)
@@ -229,9 +245,11 @@ def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int,
             q = t.astype(np.intp)
             ct[i] = q
             err = (w - levels[flat + q]) / Hn[i, i]
-            Wt[i:b] -= np.outer(Hn[i, i:b], err)
-            E[i - a] = err
-        _lazy_update(Wt, Hn, E, a, b)
+            Wn[i + 1:ib] -= np.outer(Hn[i, i + 1:ib], err)
+            En[i - a] = err
+        _lazy_update(Wt, Hinv, E[ia - a:ib - a], ia, ib, b)   # the rest of the block, once per inner block
+        if ib == b:
+            _lazy_update(Wt, Hinv, E, a, b, cols)             # the trailing columns, once per block
     codes.copy_(torch.from_numpy(ct).T)
 
 
@@ -450,27 +468,39 @@ def _quantize_experts(st: ExpertStack, wanted, damp, clip, tensors, methods, rtn
         W.copy_(_dequant(*tensors[name], tp.spec).to(W.dtype))
 
 
-def _hessians(layer, linears: dict, hidden, calls, stacks=()) -> tuple[dict, list]:
+def _hessians(layer, linears: dict, hidden, calls, stacks=()) -> dict:
     """H = 2/n sum x x^T of every linear's inputs over the calibration batches (the expert stacks' per-expert sums
-    accumulate in them), and the layer's outputs."""
-    H = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
-    count = dict.fromkeys(linears, 0)
+    accumulate in them). Linears that read the same input tensor (q/k/v, gate/up) share one H, computed once."""
+    sums: dict = {}     # first linear of an input -> [sum x x^T, tokens]
+    owner: dict = {}    # linear -> the first linear that read its input
+    seen: list = []     # (input tensor, its first linear) within the current batch
 
     def hook(name):
         def add(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            H[name].addmm_(x.T, x)
-            count[name] += x.shape[0]
+            x = args[0]
+            first = next((n for t, n in seen if t is x), None)
+            if first is None:
+                seen.append((x, name))
+                first = name
+                xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                if name not in sums:
+                    sums[name] = [torch.zeros(xf.shape[1], xf.shape[1]), 0]
+                sums[name][0].addmm_(xf.T, xf)
+                sums[name][1] += xf.shape[0]
+            owner[name] = first
         return add
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     handles += [st.module.register_forward_pre_hook(st.add) for st in stacks]
     try:
-        outs = [_layer_output(o) for o in _run_layer(layer, hidden, calls)]
+        for h, (args, kwargs) in zip(hidden, calls):
+            layer(h, *args, **kwargs)
+            seen.clear()
     finally:
         for h in handles:
             h.remove()
-    return {n: H[n] * (2.0 / max(count[n], 1)) for n in linears}, outs
+    H = {n: total * (2.0 / max(count, 1)) for n, (total, count) in sums.items()}
+    return {n: H[owner[n]] if n in owner else torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
 
 
 def _head(model, prep, wanted: dict):
@@ -520,29 +550,31 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
         prefix, layers = _decoder_layers(model)
         hidden, calls = capture_inputs(model, layers, calib.ids, batch)
         trim_heap()
-        bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress, dynamic_ncols=True)
+        target = _head(model, prep, wanted) if head else None
+        # the last layer whose output is needed: the head's inputs, or the last layer with planned tensors
+        last = len(layers) - 1 if target is not None else max(
+            (i for i in map(layer_index, wanted) if i is not None), default=-1)
+        bar = tqdm(layers[:last + 1], desc="gptq", unit="layer", disable=not progress, dynamic_ncols=True)
         for i, layer in enumerate(bar):
             lazy.load(i)
             linears = {f"{prefix}.{i}.{n}.weight": m for n, m in layer.named_modules()
                        if isinstance(m, torch.nn.Linear) and f"{prefix}.{i}.{n}.weight" in wanted}
             linears = {n: m for n, m in linears.items() if tuple(m.weight.shape) == tuple(wanted[n].shape)}
             stacks = expert_stacks(layer, f"{prefix}.{i}", wanted, arch)
-            if not linears and not stacks:
+            if linears or stacks:
+                H = _hessians(layer, linears, hidden, calls[i], stacks)
+                for name, m in linears.items():
+                    _quantize_linear(name, m, H[name], wanted[name], damp, clip, tensors, methods, act_order)
+                del H
+                for st in stacks:
+                    _quantize_experts(st, wanted, damp, clip, tensors, methods, rtn_experts, act_order)
+                    expert_tokens[next(iter(st.names.values())).rsplit(".", 2)[0]] = list(st.tokens)
+            if i < last or target is not None:   # the next layer's (the head's) inputs; none after the last planned
                 hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
-                lazy.release(i)
-                continue
-            H, _ = _hessians(layer, linears, hidden, calls[i], stacks)
-            for name, m in linears.items():
-                _quantize_linear(name, m, H[name], wanted[name], damp, clip, tensors, methods, act_order)
-            for st in stacks:
-                _quantize_experts(st, wanted, damp, clip, tensors, methods, rtn_experts, act_order)
-                expert_tokens[next(iter(st.names.values())).rsplit(".", 2)[0]] = list(st.tokens)
-            hidden = [_layer_output(o) for o in _run_layer(layer, hidden, calls[i])]
             lazy.release(i)
             bar.set_postfix_str(f"{len(tensors)}/{len(wanted)} tensors", refresh=False)
         bar.close()
-        target = _head(model, prep, wanted) if head else None  # after the last layer: `hidden` is its output
-        if target is not None:
+        if target is not None:   # `hidden` is the last layer's output
             name, out, norm = target
             xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
             H = sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
