@@ -1,14 +1,15 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi]
-        [--methods rtn awq gptq awq+gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
-        [--texts wikitext tasks]
+        [--methods rtn awq gptq awq+gptq gptq+clip dwq gptq+dwq] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--texts wikitext tasks] [--dwq-steps 64 --dwq-lr 3e-5 --dwq-batch 4]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
 so no evaluated token was seen in calibration. Runs are kept in OUT/runs/ and reused (an interrupted
-benchmark continues); the table is printed and written to OUT/methods.md and OUT/methods.json.
+benchmark continues); the table is printed and written to OUT/methods.md and OUT/methods.json, with each
+convert's wall and CPU seconds (CPU: this process, all its threads) when it ran in this invocation.
 `--texts tasks` also evaluates on a non-Wikipedia text (OUT/tasks.txt, `task_text`: HellaSwag contexts with their
 gold endings (ActivityNet / WikiHow) and PIQA goals with their gold solutions (instructables)), in OUT/runs-tasks/.
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from mixq.eval.evaluate import DEFAULT_WINDOWS, evaluate  # noqa: E402
 from mixq.eval.runs import read_results  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
+from mixq.tune.dwq import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DwqConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
 OPTIONS = ("clip", "nohead", "act")
@@ -48,10 +50,11 @@ def task_text(path: Path, hellaswag: int = 1500, piqa: int = 800) -> Path:
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path,
-            text: str = "wikitext") -> dict:
+            text: str = "wikitext", dwq: DwqConfig | None = None) -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
-    `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
+    `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, dwq, gptq+dwq, awq+dwq,
+    awq+gptq+dwq (`dwq`: their steps, learning rate, batch), or one of those with options:
     +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
     act-order with static groups, `--gptq-act-order`)."""
     opts = [o for o in method.split("+") if o in OPTIONS]
@@ -61,10 +64,11 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     ppl_file = None if text == "wikitext" else str(task_text(out / "tasks.txt"))
     seconds = {}
     if not (folder / "mixq_provenance.json").is_file():
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         convert(model, folder, recipe, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                head="nohead" not in opts, act_order="act" in opts)
+                head="nohead" not in opts, act_order="act" in opts, dwq=dwq)
         seconds["convert"] = round(time.time() - t0, 1)
+        seconds["convert_cpu"] = round(time.process_time() - c0, 1)
     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
         t0 = time.time()
         evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True, ppl_file=ppl_file)
@@ -77,12 +81,18 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
             "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
             "n_tokens": k["n_tokens"], "seconds": seconds,
             "calibration": {key: prov.get("calibration", {}).get(key)
-                            for key in ("samples", "length", "seed", "first_token", "seconds")}}
+                            for key in ("samples", "length", "seed", "first_token", "seconds", "dwq")}}
+
+
+def _convert_seconds(row: dict) -> str:
+    """"wall (cpu)" of the row's convert when it ran in this invocation, else "" (reused)."""
+    s = row["seconds"]
+    return f"{s['convert']} ({s['convert_cpu']})" if "convert" in s else ""
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | text | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| model | text | recipe | method | bpw | mean KLD (± se) | vs rtn | KLD p99 | top-1 | ppl (base) | "
+            "convert s (cpu s) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rtn = {(r["model"], r["text"], r["recipe"]): r["kld_mean"] for r in rows if r["method"] == "rtn"}
     lines = [head]
     for r in rows:
@@ -90,7 +100,7 @@ def table(rows: list[dict]) -> str:
         rel = f"{100 * (r['kld_mean'] / base - 1):+.1f}%" if base and r["method"] != "rtn" else ""
         lines.append(f"| {r['model']} | {r['text']} | {r['recipe']} | {r['method']} | {r['bits_per_weight']:.3f} | "
                      f"{r['kld_mean']:.5f} ± {r['kld_mean_stderr']:.5f} | {rel} | {r['kld_p99']:.4f} | "
-                     f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) |")
+                     f"{r['top1']:.4f} | {r['ppl']:.3f} ({r['ppl_base']:.3f}) | {_convert_seconds(r)} |")
     return "\n".join(lines)
 
 
@@ -100,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m"])
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, awq, awq+gptq, each with +clip, +nohead and/or +act (e.g. gptq+clip+nohead)")
+                   help="rtn, gptq, awq, awq+gptq, dwq, gptq+dwq, awq+dwq, awq+gptq+dwq, each with +clip, +nohead "
+                        "and/or +act (e.g. gptq+clip+nohead)")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
@@ -109,15 +120,19 @@ def main(argv=None) -> int:
     p.add_argument("--texts", nargs="+", choices=("wikitext", "tasks"), default=["wikitext"],
                    help="evaluation texts: WikiText-2 test (its first windows, before the calibration part) "
                         "and/or task passages")
+    p.add_argument("--dwq-steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--dwq-lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--dwq-batch", type=int, default=DEFAULT_BATCH)
     a = p.parse_args(argv)
     out = Path(a.out)
     calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
+    dwq = DwqConfig(a.dwq_steps, a.dwq_lr, a.dwq_batch)
     rows = []
     for model in a.models:
         for recipe in a.recipes:
             for text in a.texts:
                 for method in a.methods:
-                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text))
+                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text, dwq))
                     print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print(md)
