@@ -200,12 +200,14 @@ class Student:
         return OutputHead(w[self.head_tuned.name], self.head.bias, self.head.softcap)
 
 
-def window_kl(st: Student, ids: torch.Tensor, h_t: torch.Tensor, head_t: OutputHead, train: bool) -> float:
+def window_kl(st: Student, ids: torch.Tensor, h_t: torch.Tensor, head_t: OutputHead, train: bool,
+              w: dict | None = None) -> float:
     """Mean per-token KL on the windows `ids` (teacher hidden states `h_t`); `train`: its gradient accumulated into
-    the tuned scales and biases (chunked at the head: one chunk's logits at a time)."""
+    the tuned scales and biases (chunked at the head: one chunk's logits at a time). `w`: `st.weights()` made already
+    (without grad)."""
     n_tok = ids.numel()
     with torch.set_grad_enabled(train):
-        w = st.weights()
+        w = st.weights() if w is None else w
         h = hidden_states(st.body, ids, st.body_weights(w))
         head = st.head_with(w)
         hs, ht = h.reshape(-1, h.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
@@ -227,6 +229,15 @@ def window_kl(st: Student, ids: torch.Tensor, h_t: torch.Tensor, head_t: OutputH
             grads.append(w_leaf.grad)
         torch.autograd.backward(roots, grads)
     return total
+
+
+def heldout_kl(st: Student, ids: torch.Tensor, h_t: torch.Tensor, head_t: OutputHead, hold: list,
+               batch: int) -> float:
+    """Mean per-token KL on the held-out windows `hold`, `batch` windows per forward, the weights made once."""
+    with torch.no_grad():
+        w = st.weights()
+        parts = [hold[a:a + batch] for a in range(0, len(hold), batch)]
+        return sum(window_kl(st, ids[p], h_t[p], head_t, False, w) * len(p) for p in parts) / len(hold)
 
 
 # ---------------------------------------------------------------- the run
@@ -260,7 +271,7 @@ def tune(st: Student, ids: torch.Tensor, h_t: torch.Tensor, head_t: OutputHead, 
     rnd, queue = random.Random(seed), []
 
     def heldout() -> float:
-        return sum(window_kl(st, ids[[i]], h_t[[i]], head_t, False) for i in hold) / len(hold)
+        return heldout_kl(st, ids, h_t, head_t, hold, cfg.batch)
 
     def snapshot():
         return [t.stored() for t in st.tuned]
