@@ -1,8 +1,9 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi plan@4.5]
-        [--methods rtn awq gptq awq+gptq gptq+clip] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--methods rtn awq gptq awq+gptq gptq+clip dwq gptq+dwq] [--calib-samples 32 --calib-len 512] [--windows 64]
         [--texts wikitext tasks] [--threads 1]
+        [--dwq-steps 64 --dwq-lr 3e-5 --dwq-batch 4]
 
 Each (model, recipe, method) is converted with `mixq convert --method` (tune/methods.py) into OUT/folders/,
 then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's default WikiText-2 windows
@@ -35,6 +36,7 @@ from mixq.eval.evaluate import DEFAULT_WINDOWS, evaluate  # noqa: E402
 from mixq.eval.runs import read_results  # noqa: E402
 from mixq.io.files import write_atomic  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
+from mixq.tune.dwq import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DwqConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
 OPTIONS = ("clip", "nohead", "act")
@@ -99,10 +101,11 @@ def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict
 
 
 def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: int, out: Path,
-            text: str = "wikitext", threads: int = 1) -> dict:
+            text: str = "wikitext", threads: int = 1, dwq: DwqConfig | None = None) -> dict:
     """Convert (unless already done) and evaluate (unless already done) one combination; its row.
 
-    `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, or one of those with options:
+    `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, dwq, gptq+dwq, awq+dwq,
+    awq+gptq+dwq (`dwq`: their steps, learning rate, batch), or one of those with options:
     +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
     act-order with static groups, `--gptq-act-order`). `recipe`: a recipe name or file, or plan@BPW."""
     opts = [o for o in method.split("+") if o in OPTIONS]
@@ -119,7 +122,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
                 if recipe.startswith(PLAN) else recipe
             with timed(timings, "convert"):
                 convert(model, folder, src, method=base_method, calib=calib, force=True, clip="clip" in opts,
-                        head="nohead" not in opts, act_order="act" in opts)
+                        head="nohead" not in opts, act_order="act" in opts, dwq=dwq)
         with timed(timings, "eval"):
             evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True,
                      ppl_file=ppl_file, threads=threads)
@@ -133,7 +136,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
             "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
             "n_tokens": k["n_tokens"], "timings": timings,
             "calibration": {key: prov.get("calibration", {}).get(key)
-                            for key in ("samples", "length", "seed", "first_token", "seconds")}}
+                            for key in ("samples", "length", "seed", "first_token", "seconds", "dwq")}}
 
 
 def _secs(t: dict | None) -> str:
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"],
                    help="recipe names or files, or plan@BPW (planned at BPW bits per weight under the method)")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, awq, awq+gptq, each with +clip, +nohead and/or +act (e.g. gptq+clip+nohead)")
+                   help="rtn, gptq, awq, awq+gptq, dwq, gptq+dwq, awq+dwq, awq+gptq+dwq, each with +clip, +nohead "
+                        "and/or +act (e.g. gptq+clip+nohead)")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
@@ -179,18 +183,22 @@ def main(argv=None) -> int:
                    help="evaluation texts: WikiText-2 test (its first windows, before the calibration part) "
                         "and/or task passages")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    p.add_argument("--dwq-steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--dwq-lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--dwq-batch", type=int, default=DEFAULT_BATCH)
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
+    dwq = DwqConfig(a.dwq_steps, a.dwq_lr, a.dwq_batch)
     rows = []
     for model in a.models:
         for recipe in a.recipes:
             for text in a.texts:
                 for method in a.methods:
-                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text, a.threads))
+                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text, a.threads, dwq))
                     print(json.dumps(rows[-1]), flush=True)
                     write_table(rows, out)
     print(write_table(rows, out))

@@ -69,9 +69,11 @@ def mlx_lm_command(method: str, src: Path, dest: Path, bits: int, group: int, sa
 
 
 def run_mlx_lm(cmd: list[str], dest: Path, log: Path) -> dict:
-    """Run one mlx-lm quantization (unless its folder exists); wall and CPU seconds of the child."""
+    """Run one mlx-lm quantization (unless its folder exists); its timings (wall and CPU seconds of the child, its
+    peak RSS: the largest child of this process so far)."""
     if (dest / "config.json").is_file():
-        return {}
+        done = dest.parent / f"{dest.name}.timings.json"
+        return json.loads(done.read_text()) if done.is_file() else {}
     env = dict(os.environ)
     if Path(OPENBLAS).is_file():
         env["LD_PRELOAD"] = OPENBLAS
@@ -84,9 +86,11 @@ def run_mlx_lm(cmd: list[str], dest: Path, log: Path) -> dict:
         subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     tmp.rename(dest)
-    return {"convert": round(time.time() - t0, 1),
-            "convert_cpu": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
-            "convert_peak_rss_gb": round(after.ru_maxrss / 2**20, 2)}
+    timings = {"convert": {"wall": round(time.time() - t0, 1),
+                           "cpu": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)},
+               "convert_peak_rss_mb": round(after.ru_maxrss / 1024, 1), "load": os.getloadavg()[0]}
+    (dest.parent / f"{dest.name}.timings.json").write_text(json.dumps(timings, indent=2))
+    return timings
 
 
 def main(argv=None) -> int:
@@ -119,21 +123,21 @@ def main(argv=None) -> int:
                 name = f"{model}-mlx_lm_{method}-b{a.bits}g{a.group_size}-n{a.calib_samples}x{a.calib_len}"
                 dest = out / "folders" / name
                 cmd = mlx_lm_command(method, src, dest, a.bits, a.group_size, a.calib_samples, a.calib_len)
-                seconds = run_mlx_lm(cmd, dest, out / f"{name}.log")
+                timings = run_mlx_lm(cmd, dest, out / f"{name}.log")
                 for txt in a.texts:
                     rows.append(run_one(model, recipe, "rtn", calib, a.windows, out, txt))
                     run = out / ("runs" if txt == "wikitext" else f"runs-{txt}") / name
                     if not (run / "results.json").is_file() or not read_results(run).get("complete"):
                         ppl_file = None if txt == "wikitext" else str(task_text(out / "tasks.txt"))
                         evaluate(str(dest), ["kld", "ppl"], str(run), base=model, windows=a.windows, force=True,
-                                 ppl_file=ppl_file)
+                                 ppl_file=ppl_file, threads=1)
                     r = read_results(run)
                     k = r["kld"]
                     rows.append({"model": model, "recipe": recipe, "method": f"mlx_lm.{method}", "text": txt,
                                  "bits_per_weight": r["bits_per_weight"], "kld_mean": k["kld_mean"],
                                  "kld_mean_stderr": k["kld_mean_stderr"], "kld_p99": k["kld_p99"],
                                  "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
-                                 "n_tokens": k["n_tokens"], "seconds": seconds,
+                                 "n_tokens": k["n_tokens"], "timings": timings,
                                  "calibration": {"file_sha256": sha256_file(text), "samples": a.calib_samples,
                                                  "length": a.calib_len, "drawn_by": "mlx_lm.quant.utils.load_data"}})
                     print(json.dumps(rows[-1]), flush=True)

@@ -13,8 +13,9 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
                             # `mixq plan` writes the dtype its sizes count)
     # tied_head = true      # tied embeddings: rules naming lm_head also apply to embed_tokens
     # method = "rtn"        # how affine tensors are quantized by default: "rtn" (round to nearest),
-                            # "gptq" (tune/gptq.py), "awq" (tune/awq.py) or "awq+gptq" (AWQ's scales folded,
-                            # then GPTQ); the calibrated ones run in `mixq convert`
+                            # "gptq" (tune/gptq.py), "awq" (tune/awq.py), "awq+gptq" (AWQ's scales folded,
+                            # then GPTQ), "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq" (tune/dwq.py: the start
+                            # quant, then scales and biases distilled); the calibrated ones run in `mixq convert`
 
     [[rule]]                          # ordered; the first matching rule wins
     pattern = "*.self_attn.v_proj"    # glob on the module path (tensor name minus ".weight");
@@ -80,8 +81,9 @@ RECIPE_KEYS = {"name", "description", "bits", "group_size", "mode", "keep", "dty
 RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "layer_range",
              "bits", "group_size", "mode", "keep", "keep_source", "method"}
 # rtn: round to nearest (quant/quantize.py); the others need calibration: gptq (tune/gptq.py), awq (tune/awq.py),
-# awq+gptq (AWQ's scales folded, then GPTQ on the scaled weights: tune/awq.py)
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+# awq+gptq (AWQ's scales folded, then GPTQ on the scaled weights: tune/awq.py); dwq (round to nearest, then each
+# group's scale and bias tuned by distillation: tune/dwq.py) and gptq+dwq, awq+dwq, awq+gptq+dwq (that start, then dwq)
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq")
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
 _BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 
