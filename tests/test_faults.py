@@ -548,8 +548,9 @@ def _wait_for(pattern: str, folder: Path, proc, timeout=120.0) -> Path:
 
 @pytest.fixture(scope="module")
 def slow_model(tiny_model):
-    """Big enough (31M parameters) for a signal to land while convert writes."""
-    return tiny_model("llama", hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+    """Big enough (70M parameters) for a signal to land while convert writes (31M finished within a second once
+    packing got faster, before the signal, on a loaded machine)."""
+    return tiny_model("llama", hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                       num_key_value_heads=4, head_dim=64, num_hidden_layers=8)
 
 
