@@ -943,7 +943,7 @@ def test_ctrl_c_mid_eval_then_resume(tiny_model, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"passage": f"Item {i} is on the list.", "question": f"is item {i} on the list", "label": i % 2}
-            for i in range(48)]
+            for i in range(200)]   # enough that Ctrl-C lands mid-run on a loaded machine
     (data / "boolq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["eval", tiny_model("llama"), "--tasks", "boolq", "--data-dir", data, "-o", tmp_path / "run"]
     proc = _sub(args, tmp_path)

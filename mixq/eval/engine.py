@@ -129,7 +129,7 @@ def _hf_config(cfg: dict):
 
 
 def _build(config, state_dict: dict, dtype: str, where):
-    """A transformers model from a config and a state dict with HF checkpoint names."""
+    """A transformers model from a config and a state dict with HF checkpoint names (MoE: `with_eager_experts`)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -141,7 +141,15 @@ def _build(config, state_dict: dict, dtype: str, where):
     except RuntimeError as e:  # e.g. a weight whose shape disagrees with config.json
         raise _mismatch(where, e) from None
     check_loading(info, where)
-    return model.eval()
+    return with_eager_experts(model).eval()
+
+
+def with_eager_experts(model):
+    """`model` with its MoE experts under transformers' eager implementation: one routed expert at a time (a packed
+    stack dequantized per expert, `packed.LazyExperts`); every model mixq builds computes as the engine does."""
+    if hasattr(model, "set_experts_implementation") and not eager_experts(model):
+        model.set_experts_implementation("eager")
+    return model
 
 
 def _mismatch(where, e: Exception) -> MixqError:
@@ -201,7 +209,7 @@ def _load_hf(resolved, dtype: str) -> tuple[object, dict]:
         raise _mismatch(resolved.path, e) from None
     check_loading(info, resolved.path)
     stats = dict(size_bytes=size, n_params=n, bits_per_weight=8 * size / max(n, 1), bits_per_weight_quantized=None)
-    return model.eval(), stats
+    return with_eager_experts(model).eval(), stats
 
 
 def _load_hf_recipe(resolved, recipe_name: str, dtype: str, progress: bool, packed: bool = True) -> tuple[object, dict]:
@@ -525,8 +533,6 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
                 model, stats = _load_hf(resolved, dtype)
         else:
             raise MixqError(f"{ref}: unsupported model kind {resolved.kind!r}")
-        if hasattr(model, "set_experts_implementation") and not eager_experts(model):
-            model.set_experts_implementation("eager")   # MoE: one expert at a time (packed: `LazyExperts`)
         if device != "cpu":
             to_device(model, device)
         if packed:

@@ -62,6 +62,9 @@ def _submit(task, graph: Graph, job: Job, refs: dict, node: dict):
         str(graph.root), job, inputs, cpus, *deps)
 
 
+CANCEL_WAIT_S = 60   # how long a failed sweep waits for its cancelled Ray tasks to end
+
+
 def run_ray(graph: Graph, progress: Progress, address: str | None = None) -> SweepResult:
     ray = connect(address)
     node = {r: _largest_node(ray, r) for r in ("memory", "CPU")}
@@ -77,8 +80,10 @@ def run_ray(graph: Graph, progress: Progress, address: str | None = None) -> Swe
         try:
             result.add(job, ray.get(ready[0]))
         except ray.exceptions.RayError as e:   # an error in the job, or its worker lost more than MAX_RETRIES times
-            for ref in left:
-                ray.cancel(ref)
+            for ref in left:   # the sweep stops: no job may still run (and finish) after this returns
+                ray.cancel(ref, force=True)
+            if left:
+                ray.wait(left, num_returns=len(left), timeout=CANCEL_WAIT_S)
             cause = getattr(e, "cause", None)
             if isinstance(cause, MixqError):
                 raise cause from None
