@@ -14,7 +14,8 @@ dense weight at a time.
   rows of the tokens it looks up (the ids are remapped onto those rows; dequantization is row-wise, so
   the rows are the same numbers as the whole table's).
 * A tied output head is the embedding's `Packed` tensor; `output_head` (eval/head.py) asks `JitParam.rows`
-  for vocabulary slices, never the whole head at once.
+  for vocabulary slices, never the whole head at once, and so does the packed `lm_head`'s own forward
+  (`head.slice_packed_head` replaces it; its hooks are then `own_forward` and leave the placeholder alone).
 * MoE expert stacks (qwen3_moe's `gate_up_proj` = [gate; up], gpt-oss's interleaved, transposed
   `gate_up_proj` and transposed `down_proj`) are built from their MLX parts with the same layout
   functions as the dense engine (`mixq.quant.arch`), so the experts' own forward sees identical tensors
