@@ -535,29 +535,57 @@ def _sub(args, tmp_path, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _wait_for(pattern: str, folder: Path, proc, timeout=120.0) -> Path:
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return False
+
+
+def _pause_when(proc, ready, timeout=180.0) -> None:
+    """Run `proc` in bursts of a few milliseconds (SIGCONT, SIGSTOP) until `ready()` holds while it is stopped:
+    it is then stopped in the middle of its work, and a signal sent before SIGCONT lands before it can finish,
+    however fast the machine (a free-running convert of the slow model takes a fifth of a second)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        found = list(folder.glob(pattern))
-        if found and any(found[0].iterdir()):
-            return found[0]
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
-    raise AssertionError(f"no {pattern} in {folder}")
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGSTOP)
+        while not _stopped(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.001)
+        if ready():
+            return
+    os.kill(proc.pid, signal.SIGCONT)
+    raise AssertionError(f"{proc.args}: not ready within {timeout} s")
+
+
+def _wait_for(pattern: str, folder: Path, proc) -> Path:
+    """The first `pattern` in `folder` once it holds a file; `proc` is left stopped (`_pause_when`)."""
+    def found():
+        return next((p for p in folder.glob(pattern) if any(p.iterdir())), None)
+
+    _pause_when(proc, lambda: found() is not None)
+    return found()
+
+
+def _interrupt(proc) -> None:
+    """Ctrl-C to a process `_pause_when` left stopped."""
+    proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture(scope="module")
 def slow_model(tiny_model):
-    """Big enough (70M parameters) for a signal to land while convert writes (31M finished within a second once
-    packing got faster, before the signal, on a loaded machine)."""
-    return tiny_model("llama", hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+    """Big enough (31M parameters) that convert writes for a while (signals land by `_pause_when`)."""
+    return tiny_model("llama", hidden_size=512, intermediate_size=2048, num_attention_heads=8,
                       num_key_value_heads=4, head_dim=64, num_hidden_layers=8)
 
 
 def test_ctrl_c_mid_convert(slow_model, tmp_path):
     proc = _sub(convert_args(slow_model, tmp_path / "out"), tmp_path)
     _wait_for(".out.tmp-*", tmp_path, proc)
-    proc.send_signal(signal.SIGINT)
+    _interrupt(proc)
     _, err = proc.communicate(timeout=120)
     lines = shown(err)
     assert proc.returncode == 130 and TRACEBACK not in err and len(lines) == 1 and "interrupted" in lines[0], err
@@ -943,16 +971,13 @@ def test_ctrl_c_mid_eval_then_resume(tiny_model, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"passage": f"Item {i} is on the list.", "question": f"is item {i} on the list", "label": i % 2}
-            for i in range(200)]   # enough that Ctrl-C lands mid-run on a loaded machine
+            for i in range(48)]
     (data / "boolq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["eval", tiny_model("llama"), "--tasks", "boolq", "--data-dir", data, "-o", tmp_path / "run"]
     proc = _sub(args, tmp_path)
     samples = tmp_path / "run" / "samples.jsonl"
-    t0 = time.time()
-    while not (samples.exists() and samples.stat().st_size > 0):
-        assert proc.poll() is None and time.time() - t0 < 180, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    _pause_when(proc, lambda: samples.exists() and 0 < len(samples.read_bytes().splitlines()) < len(rows))
+    _interrupt(proc)
     _, err = proc.communicate(timeout=120)
     lines = shown(err)
     assert proc.returncode == 130 and TRACEBACK not in err and len(lines) == 1 and "--resume" in lines[0], err
