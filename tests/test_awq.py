@@ -11,7 +11,7 @@ import pytest
 import torch
 from oracles import mlx_logits, rel_err
 from test_convert import TOKENS
-from test_gptq import _inputs, _tensors, _windows_file
+from test_gptq import _default_text, _inputs, _no_shared_data, _tensors  # noqa: F401 - fixtures (the default text)
 
 from mixq.eval.engine import load_model
 from mixq.quant.prepare import prepare
@@ -23,16 +23,6 @@ from mixq.tune.methods import convert
 
 torch.set_num_threads(1)
 CALIB = CalibConfig(samples=4, length=64)
-
-
-@pytest.fixture(scope="module")
-def _default_text(tmp_path_factory):
-    return _windows_file(tmp_path_factory.mktemp("calib"))
-
-
-@pytest.fixture(autouse=True)
-def _no_shared_data(_default_text, monkeypatch):
-    monkeypatch.setenv("MIXQ_WIKITEXT", str(_default_text))
 
 
 def _ids(src):

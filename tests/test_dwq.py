@@ -10,7 +10,7 @@ import pytest
 import torch
 from oracles import mlx_logits, rel_err
 from test_convert import TOKENS
-from test_gptq import _tensors, _windows_file
+from test_gptq import _default_text, _no_shared_data, _tensors  # noqa: F401 - fixtures (the default text)
 
 from mixq.errors import MixqError
 from mixq.eval.engine import load_model
@@ -22,16 +22,6 @@ from mixq.tune.methods import convert
 torch.set_num_threads(1)
 CALIB = CalibConfig(samples=8, length=64)
 FAST = dwq.DwqConfig(steps=8, lr=1e-4, batch=2)
-
-
-@pytest.fixture(scope="module")
-def _default_text(tmp_path_factory):
-    return _windows_file(tmp_path_factory.mktemp("calib"))
-
-
-@pytest.fixture(autouse=True)
-def _no_shared_data(_default_text, monkeypatch):
-    monkeypatch.setenv("MIXQ_WIKITEXT", str(_default_text))
 
 
 def _ids(src):
