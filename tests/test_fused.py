@@ -105,26 +105,36 @@ def _steps(lm, ids, tokens):
         return torch.stack([s.prefill(ids + tokens[:i]) for i in range(len(tokens) + 1)])
 
 
-@pytest.fixture(scope="module")
-def llama_q4(tiny_model):
-    """A tiny llama (tied head) at q4-hi: the dense engine, and generation's load with --max-memory 0 (fused)."""
+_LOADED: dict = {}
+
+
+def _q4(tiny_model, arch):
+    """A tiny `arch` at q4-hi: the dense engine, and generation's load with --max-memory 0 (fused), made once."""
     from mixq.infer.generate import load
 
-    ref = f"{tiny_model('llama')}@q4-hi"
-    dense = load_model(ref, packed=False, progress=False)
-    model, tok = load(ref, backend="torch", max_memory=0)
-    return dense, model, tok
+    if arch not in _LOADED:
+        ref = f"{tiny_model(arch)}@q4-hi"
+        dense = load_model(ref, packed=False, progress=False)
+        _LOADED[arch] = (dense, *load(ref, backend="torch", max_memory=0))
+    return _LOADED[arch]
 
 
-def test_fused_decode_close_to_dense(llama_q4, monkeypatch):
-    """A decode with every linear layer fused (the tied head too) gives the dense engine's logits within 2% of their
+@pytest.fixture
+def llama_q4(tiny_model):
+    return _q4(tiny_model, "llama")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])   # tied head; q/k/v biases, untied; scaled
+def test_fused_decode_close_to_dense(tiny_model, arch, monkeypatch):   # embedding, tied
+    """A decode with every linear layer fused (a tied head too) gives the dense engine's logits within 3% of their
     range, step after step. Logits rather than sampled tokens: a random tiny model's top two logits can be closer
-    than bfloat16's rounding, so equal greedy tokens would be luck. (Measured: 0.7% here; each fused layer rounds
-    its input and output to bfloat16, up to 0.4% of an output, and 29 such layers feed the logits.) During the decode no
-    weight is dequantized: only the embedding's rows of the tokens looked up."""
-    dense, model, tok = llama_q4
+    than bfloat16's rounding, so equal greedy tokens would be luck. (Measured: llama 0.7%, qwen2 0.5%, gemma3 1.2%;
+    each fused layer rounds its input and output to bfloat16, up to 0.4% of an output, and ~30 such layers feed the
+    logits.) During the decode no weight is dequantized: only the embedding's rows of the tokens looked up."""
+    dense, model, tok = _q4(tiny_model, arch)
     state = packed_weights(model)
-    assert len(state.fused) == 4 * 7 + 1 and not [h for h in state.hooks if not h.rows]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(state.fused) == len(linears) > 8 and not [h for h in state.hooks if not h.rows]
     ids = tok("The quick brown fox")["input_ids"]
     tokens = [int(t) for t in torch.randint(0, 300, (6,), generator=torch.Generator().manual_seed(0))]
     want = _steps(dense, ids, tokens)
@@ -135,7 +145,7 @@ def test_fused_decode_close_to_dense(llama_q4, monkeypatch):
     got = _steps(type("LM", (), {"model": model, "tokenizer": tok}), ids, tokens)
     assert set(rows) == {1} or max(rows) <= len(set(ids))   # embedding rows only, never a weight
     err = (got - want).abs().max() / (want.max() - want.min())
-    assert 0 < err < 0.02, err
+    assert 0 < err < 0.03, err
 
 
 def test_weight_paths_reported(tiny_model, llama_q4, capsys):

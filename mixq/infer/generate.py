@@ -136,7 +136,8 @@ def dequantized_note(model, info) -> str | None:
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     return (f"note: torch backend: quantized weights ({bpw_q:.2f} bits/weight) dequantized to {dtype} at load: "
             f"{mem / 1e9:.2f} GB in memory vs {size / 1e9:.2f} GB quantized ({mem / size:.1f}x), kept dense for "
-            f"speed (--max-memory 0 keeps them packed, slower); the mlx backend runs them quantized")
+            f"speed (--max-memory 0 keeps them packed: affine 4-bit layers then run a fused int4 matmul, other specs "
+            f"are dequantized per forward, slower); the mlx backend runs them quantized")
 
 
 def _mlx_folder(ref: str, recipe: str | None) -> Path:
