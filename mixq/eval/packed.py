@@ -556,7 +556,8 @@ def fuse_int4(model) -> int:
 def weight_paths(model) -> dict[str, dict[str, int]]:
     """Spec ("4-bit g32 affine") -> {path: tensors}: how each quantized weight is computed with (`DENSE_PATH`: a
     dense copy made once; `FUSED_PATH`; `JIT_PATH`: dequantized by each forward; `ROWS_PATH`: an embedding's rows
-    dequantized per lookup). A tied embedding and head count once for each use. Empty: nothing packed."""
+    dequantized per lookup). A tied embedding and head count once per use while packed, once when made dense.
+    Empty: nothing packed."""
     state = packed_weights(model)
     out: dict[str, dict[str, int]] = {}
     if state is None:
