@@ -6,8 +6,10 @@
 
 torch: `mixq.load("MODEL@VARIANT", backend="torch", max_memory=...)` for each `--max-memory` (GB; `auto`:
 generation's default, dense copies of the quantized weights while they fit half the available memory, so every
-variant runs at the same speed; `0`: every quantized weight packed, dequantized per forward: the memory floor and
-what decoding costs without a dense cache); the table shows the memory each holds. mlx: each variant is
+variant runs at the same speed; `0`: every quantized weight packed: affine 4-bit linear layers multiply by their
+4-bit weights (torch's CPU int4 kernel, bfloat16 activations), the others are dequantized per forward: the memory
+floor and what decoding costs without a dense cache); the table shows the memory each holds and the path each spec
+takes (`mixq.eval.packed.weight_paths`). mlx: each variant is
 converted once with `mixq convert` (into the cache) and run by mixq's mlx backend and by mlx_lm's own
 `stream_generate` on the same folder. On Linux the mlx wheel is a slow CPU reference build, so the
 mlx rows use fewer tokens by default; on Apple silicon pass the full counts.
@@ -27,19 +29,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mixq.errors import MixqError
 from mixq.eval.engine import parse_memory
+from mixq.eval.packed import path_lines, weight_paths
+from mixq.eval.perplexity import default_text_file
 from mixq.infer.generate import MlxSession, TorchSession, load, param_bytes, peak_rss_gb
 from mixq.io.files import cache_dir
 from mixq.threads import torch_threads
-
-WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def prompt_tokens(tokenizer, n: int) -> list[int]:
     from mixq.infer.generate import hf_tokenizer
 
-    filler = "The quick brown fox jumps over the lazy dog. " * 400
-    text = WIKITEXT.read_text()[:20000] if WIKITEXT.is_file() else filler
+    try:
+        text = default_text_file().read_text()[:20000]   # $MIXQ_WIKITEXT, else the shared copy near the project
+    except MixqError:
+        text = "The quick brown fox jumps over the lazy dog. " * 400
     ids = hf_tokenizer(tokenizer).encode(text, add_special_tokens=False)
     if len(ids) < n:
         raise SystemExit(f"prompt text too short for {n} tokens")
@@ -139,7 +144,8 @@ def main() -> None:
                     r = best(partial(run_session, s, ids, args.gen_tokens), args.repeats)
                 rows.append(dict(backend=f"torch {args.dtype}, {n_threads} thread(s), --max-memory {budget}",
                                  variant=v, engine="mixq", p=args.prompt_tokens, g=args.gen_tokens,
-                                 mem=param_bytes(model), size=model.mixq_info.size_bytes, **r))
+                                 mem=param_bytes(model), size=model.mixq_info.size_bytes,
+                                 paths="; ".join(path_lines(weight_paths(model))) or "dense", **r))
                 print(rows[-1], file=sys.stderr)
             del model, s
 
@@ -161,18 +167,19 @@ def main() -> None:
                 tok.eos_token_ids = eos
             for engine, r in (("mixq", ours), ("mlx_lm", theirs)):
                 rows.append(dict(backend="mlx" + ("" if native else " (Linux CPU reference build)"), variant=v,
-                                 engine=engine, p=mlx_p, g=mlx_g, mem=mlx_bytes(model), size=folder_bytes(folder), **r))
+                                 engine=engine, paths="mlx quantized matmul", p=mlx_p, g=mlx_g, mem=mlx_bytes(model),
+                                 size=folder_bytes(folder), **r))
                 print(rows[-1], file=sys.stderr)
             del model
         print(f"(mlx_lm {mlx_lm.__version__})", file=sys.stderr)
 
     print(f"\n{args.model}: prompt processing and generation speed (best of {args.repeats})\n")
     print("| backend | variant | engine | prompt tok | prompt tok/s | gen tok | gen tok/s | weights in memory "
-          "| size on disk |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| size on disk | weight paths |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['variant']} | {r['engine']} | {r['p']} | {r['prompt_tps']:.1f} | {r['g']} | "
-              f"{r['gen_tps']:.1f} | {r['mem'] / 1e6:.0f} MB | {r['size'] / 1e6:.0f} MB |")
+              f"{r['gen_tps']:.1f} | {r['mem'] / 1e6:.0f} MB | {r['size'] / 1e6:.0f} MB | {r['paths']} |")
     print(f"\npeak RSS of this process: {peak_rss_gb():.2f} GB; load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -34,7 +34,8 @@ Gemma-3-270m q6-hi (same runs): 1.65-1.75 GB instead of 2.25-2.28 (0.73-0.77x; ~
 with its 262k-token tokenizer; the rest grows during the first forwards and is not heap fragmentation: fixing glibc's
 mmap threshold or arenas changes it by < 0.1 GB), CPU time +6-15%.
 Generation and chat keep `auto` (dense copies within half the memory): a token-by-token decode would dequantize
-every weight per token. measure and plan load unquantized sources (nothing packed) and keep `auto` too.
+every weight per token; beyond the budget they fuse affine 4-bit linear layers (`fused=True`, `packed.fuse_int4`).
+measure and plan load unquantized sources (nothing packed) and keep `auto` too.
 The compute dtype is float32 (default) or bfloat16.
 """
 
@@ -51,6 +52,7 @@ from mixq.eval.packed import (
     JitParam,
     Packed,
     eager_experts,
+    fuse_int4,
     install,
     keep_dense,
     placeholder,
@@ -501,7 +503,7 @@ def _resolved(ref: str | ResolvedModel) -> ResolvedModel:
 
 def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: str = "float32",
                progress: bool = True, packed: bool = True, max_memory: int | None = None,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", fused: bool = False) -> LoadedModel:
     """Load `ref` (folder, .gguf, embedded name, name@recipe; or a `ResolvedModel`, resolved already)
     as a transformers model in `dtype` on `device` (cpu, cuda, mps or auto; see `resolve_device`).
 
@@ -509,6 +511,9 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
     `AUTO_MEMORY_SHARE` of the memory available at load on `device`; 0: none). `packed=False`: every weight
     dequantized at load (the dense engine, the reference the packed one is tested against). Same logits either
     way. On a GPU the packed weights stay in CPU memory and are dequantized there, one module per forward.
+    `fused=True` (generation and chat only): the packed linear layers left that torch's CPU int4 kernel takes
+    (affine 4-bit, group 32-256) multiply by their 4-bit weights directly (`packed.fuse_int4`): logits close to,
+    not bit-identical with, the dense engine's.
     MoE experts run transformers' eager implementation in both engines (one routed expert at a time: a packed stack
     is dequantized per expert, `packed.LazyExperts`; its per-token sums may differ from grouped_mm's in the last
     bits, ~1e-6)."""
@@ -538,6 +543,8 @@ def load_model(ref: str | ResolvedModel, *, recipe: str | None = None, dtype: st
         if packed:
             keep_dense(model, dense_budget(model, max_memory, device))
             slice_packed_head(model)   # a head left packed: its forward by vocabulary slices, never whole
+            if fused:
+                fuse_int4(model)
     trim_heap()
     tokenizer = _tokenizer(resolved.path)
     provenance = dict(resolved.provenance or {})

@@ -25,7 +25,9 @@ dense weight at a time.
   a stack is allocated and only its routed experts are written (`JitParam.routed`).
 
 `keep_dense(model, budget)` replaces the largest packed parameters by dense copies made once (memory for
-speed: a token-by-token decode would otherwise dequantize every weight per token).
+speed: a token-by-token decode would otherwise dequantize every weight per token). `fuse_int4(model)` (generation
+only) makes every packed linear layer left whose spec torch's CPU int4 kernel takes (`FusedInt4`) multiply by its
+4-bit weight directly: no dense weight made per forward. `weight_paths(model)` says which path each spec takes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 
 from mixq.io.safetensors import drop_pages
 from mixq.quant import arch
-from mixq.quant.quantize import dequantize
+from mixq.quant.quantize import dequantize, unpack_codes
 
 _QWEN3_MOE = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _GPT_OSS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -326,10 +328,12 @@ class PackedWeights:
     """What a packed model holds beside its dense parameters (`model.mixq_packed`)."""
     params: dict[str, JitParam]                       # parameter name -> JitParam (the packed ones)
     hooks: list[_Hooks] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)          # parameter made dense (`keep_dense`) -> its spec
+    fused: dict[str, "FusedInt4"] = field(default_factory=dict)  # module name -> its fused weight (`fuse_int4`)
 
     @property
     def nbytes(self) -> int:
-        return sum(jp.nbytes for jp in self.params.values())
+        return sum(jp.nbytes for jp in self.params.values()) + sum(f.nbytes for f in self.fused.values())
 
 
 def install(model, params: dict[str, JitParam]) -> PackedWeights:
@@ -403,6 +407,7 @@ def keep_dense(model, budget_bytes: int) -> int:
         if (id(jp) in rows_only and id(jp) not in head_too) or used + grow > budget_bytes:
             continue
         dense = torch.nn.Parameter(jp.dense(), requires_grad=False)
+        state.kept[key] = spec_label(jp)
         for h in state.hooks:
             for attr, p in list(h.params.items()):
                 if p is jp:
@@ -433,6 +438,9 @@ def weight_bytes(model, device=None) -> int:
             t = p.wq if isinstance(p, Packed) else p
             if dev is None or t.device.type == dev.type:
                 total += p.nbytes if isinstance(p, Packed) else p.numel() * p.element_size()
+    for f in state.fused.values() if state is not None else ():
+        if dev is None or dev.type == "cpu":
+            total += f.nbytes
     return total
 
 
@@ -447,3 +455,132 @@ def dense_state_dict(model) -> dict[str, torch.Tensor]:
         if id(p) in by_holder:
             sd[name] = by_holder[id(p)].dense()
     return sd
+
+
+# ---------------------------------------------------------------- fused int4 matmul (generation)
+
+FUSED_GROUPS = (32, 64, 128, 256)   # the group sizes torch's CPU int4 kernel takes (16 is refused)
+# The one activation dtype the kernel vectorizes (torch 2.13 CPU): with float32 or float16 activations it runs a
+# scalar loop ~50x slower, slower than dequantizing the weight per forward.
+FUSED_DTYPE = torch.bfloat16
+FUSED_PATH = "fused int4 matmul (bfloat16 activations)"
+DENSE_PATH, JIT_PATH, ROWS_PATH = "dense copies", "dequantized per forward", "rows dequantized per lookup"
+
+
+def spec_label(jp: JitParam) -> str:
+    """A packed parameter's spec in words, e.g. "4-bit g32 affine"."""
+    p = next((p for p in jp.parts if isinstance(p, Packed)), None)
+    return "dense" if p is None else f"{p.bits}-bit g{p.group_size} {p.extra.get('mode', 'affine')}"
+
+
+def _int4_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def fusable(module, jp: JitParam) -> bool:
+    """Whether torch's CPU int4 kernel can compute `module` (a linear layer) with its packed weight `jp`: affine
+    4-bit, a group size in `FUSED_GROUPS`, output features a multiple of 16 (the kernel's layout), on the CPU."""
+    p = jp.parts[0] if len(jp.parts) == 1 else None
+    return (isinstance(module, torch.nn.Linear) and isinstance(p, Packed) and jp.build is None and not jp.experts
+            and p.bits == 4 and p.group_size in FUSED_GROUPS and p.extra.get("mode", "affine") == "affine"
+            and len(jp.shape) == 2 and jp.shape[0] % 16 == 0 and torch.device(jp.device or "cpu").type == "cpu"
+            and _int4_kernel())
+
+
+@dataclass
+class FusedInt4:
+    """An affine 4-bit weight [N, K] in the layout of torch's CPU int4 kernel, which multiplies by it directly.
+
+    The kernel (`_weight_int4pack_mm_for_cpu`, torch 2.13; established by experiment, tests/test_fused.py) computes
+    w = (q - 8) * scale + zero per row and group; MLX's affine w = q * scale + bias is that with
+    zero = bias + 8 * scale, exactly in real arithmetic. Its numbers differ from the dense engine's: activations,
+    scales and zeros go in as bfloat16 (`FUSED_DTYPE`: zero = bias + 8 * scale is rounded there, and so is the
+    result) and the weight is never rounded to the scales' dtype as `mx.dequantize` rounds it."""
+    weight: torch.Tensor         # uint8 [N, K / 2] (`_convert_weight_to_int4pack_for_cpu`)
+    scales_zeros: torch.Tensor   # FUSED_DTYPE [K / group_size, N, 2]: (scale, bias + 8 * scale)
+    group_size: int
+
+    @classmethod
+    def of(cls, p: Packed) -> "FusedInt4":
+        codes = unpack_codes(p.wq, 4).to(torch.int32)
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)   # inner_k_tiles: unused on CPU
+        s, b = p.scales.float(), p.biases.float()
+        sz = torch.stack([s.T, (b + 8 * s).T], dim=-1).to(FUSED_DTYPE).contiguous()
+        return cls(weight, sz, p.group_size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ w.T` for x [..., K], in x's dtype."""
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(FUSED_DTYPE), self.weight,
+                                                       self.group_size, self.scales_zeros)
+        return y.to(x.dtype).reshape(*lead, y.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales_zeros))
+
+    @property
+    def spec(self) -> str:
+        return f"4-bit g{self.group_size} affine"
+
+
+def _fused_forward(module: torch.nn.Linear, fused: FusedInt4):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = fused(x)
+        return y if module.bias is None else y + module.bias
+    return forward
+
+
+def fuse_int4(model) -> int:
+    """Make every packed linear layer `fusable` accepts (a tied head too; not kept dense) compute with torch's CPU
+    int4 kernel (`FusedInt4`, converted once, here): no dense weight per forward. Its hooks go; its packed
+    parameter stays (a tied embedding still looks rows up in it; `dense_state_dict` still works). Generation only:
+    the logits are close to, not those of, the dense engine. Returns how many layers."""
+    state = packed_weights(model)
+    if state is None:
+        return 0
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    for h in list(state.hooks):
+        jp = h.params.get("weight")
+        if h.rows or list(h.params) != ["weight"] or not fusable(h.module, jp):
+            continue
+        fused = FusedInt4.of(jp.parts[0])
+        jp.drop_pages()
+        h.remove()
+        state.hooks.remove(h)
+        h.module.forward = _fused_forward(h.module, fused)
+        state.fused[names[id(h.module)]] = fused
+    return len(state.fused)
+
+
+def weight_paths(model) -> dict[str, dict[str, int]]:
+    """Spec ("4-bit g32 affine") -> {path: tensors}: how each quantized weight is computed with (`DENSE_PATH`: a
+    dense copy made once; `FUSED_PATH`; `JIT_PATH`: dequantized by each forward; `ROWS_PATH`: an embedding's rows
+    dequantized per lookup). A tied embedding and head count once per use while packed, once when made dense.
+    Empty: nothing packed."""
+    state = packed_weights(model)
+    out: dict[str, dict[str, int]] = {}
+    if state is None:
+        return out
+
+    def add(spec: str, path: str) -> None:
+        out.setdefault(spec, {})[path] = out.get(spec, {}).get(path, 0) + 1
+
+    for spec in state.kept.values():
+        add(spec, DENSE_PATH)
+    for h in state.hooks:
+        for jp in h.params.values():
+            add(spec_label(jp), ROWS_PATH if h.rows else JIT_PATH)
+    for f in state.fused.values():
+        add(f.spec, FUSED_PATH)
+    return out
+
+
+def path_lines(paths: dict[str, dict[str, int]]) -> list[str]:
+    """`weight_paths` in words, one line per spec: "4-bit g32 affine: 210 tensors, fused int4 matmul (...)"."""
+    lines = []
+    for spec, ways in paths.items():
+        n = sum(ways.values())
+        how = ", ".join(f"{k} {p}" if len(ways) > 1 else p for p, k in ways.items())
+        lines.append(f"{spec}: {n} tensor{'s' if n != 1 else ''}, {how}")
+    return lines

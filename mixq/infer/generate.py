@@ -30,7 +30,7 @@ from mixq.eval.engine import (
     peak_memory_line,
     resolve_device,
 )
-from mixq.eval.packed import weight_bytes
+from mixq.eval.packed import packed_weights, path_lines, weight_bytes, weight_paths
 from mixq.sources.resolve import resolve
 
 BACKENDS = ("auto", "torch", "mlx")
@@ -49,6 +49,8 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float        # GB: peak resident set size of the process (and mlx's peak, if larger)
     finish_reason: str | None = None   # "stop" (EOS), "length" (max_tokens) or None while going
+    weight_paths: dict | None = None   # the last response of the torch backend: spec -> {path: tensors}
+                                       # (`mixq.eval.packed.weight_paths`; empty when nothing is packed)
 
 
 # --- backends and loading ---------------------------------------------------------------------
@@ -102,14 +104,14 @@ def load(path_or_ref, backend: str = "auto", recipe: str | None = None, dtype: s
 def _load_torch(ref: str, recipe: str | None, dtype: str, device: str = "cpu", max_memory: int | None = None):
 
     try:
-        loaded = load_model(ref, recipe=recipe, dtype=dtype, device=device, max_memory=max_memory)
+        loaded = load_model(ref, recipe=recipe, dtype=dtype, device=device, max_memory=max_memory, fused=True)
     except OSError as e:  # transformers' "can't load ..." for a folder that is not a model
         raise MixqError(f"{ref}: cannot load the model ({str(e).splitlines()[0]})") from None
     model, info = loaded.model, loaded.info
     model.mixq_info = info
     note = dequantized_note(model, info)
-    if note:
-        print(note, file=sys.stderr)
+    for line in ([note] if note else []) + path_lines(weight_paths(model)):
+        print(line, file=sys.stderr)
     return model, loaded.tokenizer
 
 
@@ -127,13 +129,15 @@ def dequantized_note(model, info) -> str | None:
     size = getattr(info, "size_bytes", None) or 0
     if not quantized or not size:
         return None
-    mem = param_bytes(model)
+    state = packed_weights(model)
+    mem = param_bytes(model) - (sum(f.nbytes for f in state.fused.values()) if state else 0)  # fused: ~packed size
     if mem <= 1.05 * size:  # packed (buffers and placeholders aside)
         return None
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     return (f"note: torch backend: quantized weights ({bpw_q:.2f} bits/weight) dequantized to {dtype} at load: "
             f"{mem / 1e9:.2f} GB in memory vs {size / 1e9:.2f} GB quantized ({mem / size:.1f}x), kept dense for "
-            f"speed (--max-memory 0 keeps them packed, slower); the mlx backend runs them quantized")
+            f"speed (--max-memory 0 keeps them packed: affine 4-bit layers then run a fused int4 matmul, other specs "
+            f"are dequantized per forward, slower); the mlx backend runs them quantized")
 
 
 def _mlx_folder(ref: str, recipe: str | None) -> Path:
@@ -428,7 +432,9 @@ class TorchSession:
                     break
                 yield response(text)
                 logits = self._forward([token])
-        yield response(text + detok.finalize(), finish)
+        last = response(text + detok.finalize(), finish)
+        last.weight_paths = weight_paths(self.model)
+        yield last
 
 
 class MlxSession:
