@@ -191,7 +191,7 @@ def _records(lm, monkeypatch, group_rows: int, **settings) -> tuple[list[dict], 
     vocab = lm.model.config.get_text_config().vocab_size
     monkeypatch.setattr(head_module, "VOCAB_SLICE", 100)
     monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 5 * vocab)
-    monkeypatch.setattr(scoring, "HEAD_GROUP_ELEMENTS", group_rows * vocab)
+    monkeypatch.setattr(scoring, "HEAD_GROUP_ROWS", group_rows)
     served = []
     run_head = scoring._head
     monkeypatch.setattr(scoring, "_head", lambda h, q: (served.append(len({id(p) for p, _ in q})), run_head(h, q)))

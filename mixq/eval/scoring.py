@@ -15,7 +15,7 @@ Fast, by construction:
   recomputes the context: the same result as a KV cache of the context reused for every choice.
 - Vocabulary logits only at the scored positions: the decoder's hidden states are gathered there
   and only those go through the output head. A packed head (dequantized as it runs) runs once per group of
-  such chunks of positions, across batches (`HEAD_GROUP_ELEMENTS` of logits at once), not once per chunk.
+  such chunks of positions, across batches (`HEAD_GROUP_ROWS` positions at once), not once per chunk.
 - Several documents share a line (packed longest first into lines of `pack_tokens`, each seeing only
   itself), and lines are batched (bounded by documents and tokens per batch): almost no padding;
   torch uses all cores.
@@ -44,11 +44,12 @@ DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most
 DEFAULT_MAX_TOKENS = 1024    # lines x padded length per forward pass at most
 DEFAULT_PACK_TOKENS = 256    # documents are packed into lines of this many tokens (or the longest document)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # scored positions x vocabulary per chunk of a batch (128 MB of float32 logits)
-# A packed head: scored positions x vocabulary whose logits are made in one pass over its slices (one dequantization
-# for them all). A bound on logits, not on hidden states: a row's log-softmax reads all its logits at once, and a
-# streamed one would not be the same numbers. Two chunks (256 MB of float32): Gemma-3-270m's head (0.24 s CPU per
-# dequantization) runs half as often on arc_easy, for about 120 MB more peak memory; more saves little more.
-HEAD_GROUP_ELEMENTS = 1 << 26
+# A packed head: scored positions whose logits are made in one pass over its vocabulary slices (one dequantization
+# for them all), at least a chunk. A dequantization costs about the head's matmul for ~40 positions (Gemma-3-270m,
+# CPU), so its share of the head's time is about 40 / rows per pass. A bound on logits, not on hidden states: a
+# row's log-softmax reads all its logits at once (a streamed one would not give the same numbers). 256: Gemma-3's
+# head (128-row chunks) runs half as often, for up to 128 MB more; SmolLM2's (682-row chunks) within a chunk's memory.
+HEAD_GROUP_ROWS = 256
 LOG_SOFTMAX_ROWS = 16          # scored positions per log-softmax (each row's numbers do not depend on the others)
 
 
@@ -324,11 +325,11 @@ def _head(head, queue: list[tuple[_Pending, int]]) -> None:
 
 
 def _group_rows(head, vocab: int) -> int:
-    """Scored positions whose logits the head makes in one pass: a packed head's HEAD_GROUP_ELEMENTS // vocab (its
-    dequantization shared by them), a dense head's none beyond one chunk (nothing to share: today's flow)."""
+    """Scored positions whose logits the head makes in one pass: a packed head's HEAD_GROUP_ROWS or a chunk (its
+    dequantization shared by them), a dense head's one chunk (nothing to share: chunk by chunk)."""
     import torch
 
-    return 0 if isinstance(head.weight, torch.Tensor) else HEAD_GROUP_ELEMENTS // vocab
+    return 0 if isinstance(head.weight, torch.Tensor) else max(_chunk_rows(vocab), HEAD_GROUP_ROWS)
 
 
 def _chunk_rows(vocab: int) -> int:
