@@ -172,3 +172,68 @@ def test_branchless_documents_run_maskless_and_a_fallback_scores_each_document_o
     assert sorted(r["doc_id"] for r in got) == [0, 1, 2]
     for r in got:
         assert r["lls"] == pytest.approx(want[r["doc_id"]], abs=1e-4)
+
+
+@pytest.fixture(scope="module", params=["gemma3_text", "llama"])
+def engines(request, tiny_model):
+    """(dense, packed) engines of a tiny model quantized 8/6-bit, tied head (gemma3_text: sliding windows)."""
+    from mixq.eval.engine import load_model
+
+    ref = f"{tiny_model(request.param)}@qx86-hi"
+    return load_model(ref, packed=False, progress=False), load_model(ref, progress=False, max_memory=0)
+
+
+def _records(lm, monkeypatch, group_rows: int, **settings) -> tuple[list[dict], list[int]]:
+    """Records of 12 arc_easy documents in batches of about 2 documents, the head's logits made in
+    chunks of 5 positions, by vocabulary slices of 100 rows; and per head pass the number of batches it served."""
+    from mixq.eval import head as head_module
+
+    vocab = lm.model.config.get_text_config().vocab_size
+    monkeypatch.setattr(head_module, "VOCAB_SLICE", 100)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 5 * vocab)
+    monkeypatch.setattr(scoring, "HEAD_GROUP_ROWS", group_rows)
+    served = []
+    run_head = scoring._head
+    monkeypatch.setattr(scoring, "_head", lambda h, q: (served.append(len({id(p) for p, _ in q})), run_head(h, q)))
+    docs = list(enumerate([{**ARC_EASY_8, "question": "Why? " * k} for k in range(10)] + DOCS["arc_easy"]))
+    docs[3] = (3, ONE_TOKEN_ARC)
+    recs = list(score_docs(lm.model, lm.tokenizer, "arc_easy", docs, progress=False, max_tokens=200, **settings))
+    assert sorted(r["doc_id"] for r in recs) == list(range(12)) if "part" not in settings else True
+    return recs, [n for n in served if n]
+
+
+def test_packed_head_runs_once_per_group_of_batches(engines, monkeypatch):
+    """A packed head runs on the scored positions of several batches at once, with the records of one batch at a
+    time, bit for bit (each chunk is its batch's own); the dense head runs one chunk at a time."""
+    dense, packed = engines
+    today, per_chunk = _records(packed, monkeypatch, 0)
+    grouped, groups = _records(packed, monkeypatch, 40)
+    assert grouped == today and _records(dense, monkeypatch, 40)[0] == today
+    assert max(per_chunk) == 1 and max(groups) > 1 and len(groups) < len(per_chunk)
+    assert max(_records(dense, monkeypatch, 40)[1]) == 1
+    one, groups = _records(packed, monkeypatch, 10_000, check=False)  # without the self-check: one group, all batches
+    assert len(groups) == 1 and groups[0] > 1
+    assert sorted(one, key=lambda r: r["doc_id"]) == sorted(today, key=lambda r: r["doc_id"])
+
+
+def test_parts_with_a_grouped_head_give_the_single_call(engines, monkeypatch):
+    """part=(K, N) calls (each grouping its own batches' heads) give the single call's records."""
+    _, packed = engines
+    whole = {r["doc_id"]: r for r in _records(packed, monkeypatch, 40)[0]}
+    parts = [r for k in range(3) for r in _records(packed, monkeypatch, 40, part=(k, 3))[0]]
+    assert sorted(r["doc_id"] for r in parts) == sorted(whole)
+    assert all(r == whole[r["doc_id"]] for r in parts)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_all_logits_of_is_all_logits_of_each(softcap):
+    """Several inputs through one pass over the head's slices: each input's logits bit for bit those of its own
+    call, whatever the others' row counts (a matmul's rows may depend on how many there are: 1-3 rows differ)."""
+    from mixq.eval.head import OutputHead
+
+    g = torch.Generator().manual_seed(0)
+    head = OutputHead(torch.randn(300, 64, generator=g), torch.randn(300, generator=g), softcap)
+    hs = [torch.randn(n, 64, generator=g) for n in (1, 2, 3, 5, 17, 64)]
+    for step in (None, 100):
+        got = head.all_logits_of(hs, step)
+        assert all(torch.equal(x, head.all_logits(h, step)) for x, h in zip(got, hs))

@@ -72,19 +72,30 @@ class OutputHead:
     def all_logits(self, h: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """All vocabulary logits of `h` [..., d], made slice by slice (`slices`): the numbers of one `logits(h)`
         call (each column of a matmul is computed alone), while a packed head holds only one slice dense."""
-        out = None
+        return self.all_logits_of([h], step)[0]
+
+    def all_logits_of(self, hs: list[torch.Tensor], step: int | None = None) -> list[torch.Tensor]:
+        """`all_logits(h)` of each of `hs`, bit for bit (each is its own matmul per slice), with each slice of the
+        weight made once for them all: a packed head is dequantized once per call, not once per input."""
+        outs: list[torch.Tensor | None] = [None] * len(hs)
         for a, b in self.slices(step):
-            x = self.logits(h, a, b)
-            if out is None:
-                out = torch.empty((*x.shape[:-1], self.vocab_size), dtype=x.dtype, device=x.device)
-            out[..., a:b] = x
-        return out
+            w = self.rows(a, b)
+            bias = None if self.bias is None else self.bias[a:b]
+            for i, h in enumerate(hs):
+                x = self._apply(h, w, bias)
+                if outs[i] is None:
+                    outs[i] = torch.empty((*x.shape[:-1], self.vocab_size), dtype=x.dtype, device=x.device)
+                outs[i][..., a:b] = x
+        return outs
 
     def logits(self, h: torch.Tensor, a: int = 0, b: int | None = None, *,
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of hidden states `h` [..., d]: vocabulary columns a..b, or the columns `rows` (an index tensor)."""
-        w = self.rows(a, b, rows=rows)
         bias = None if self.bias is None else (self.bias[a:b] if rows is None else self.bias[rows])
+        return self._apply(h, self.rows(a, b, rows=rows), bias)
+
+    def _apply(self, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The linear layer with weight rows `w`, then the soft-capping."""
         x = F.linear(h, w, bias)
         if self.softcap:
             x = x / self.softcap

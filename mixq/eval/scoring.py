@@ -14,7 +14,8 @@ Fast, by construction:
   each token's true position id). One forward pass scores all choices of a document, and never
   recomputes the context: the same result as a KV cache of the context reused for every choice.
 - Vocabulary logits only at the scored positions: the decoder's hidden states are gathered there
-  and only those go through the output head.
+  and only those go through the output head. A packed head (dequantized as it runs) runs once per group of
+  such chunks of positions, across batches (`HEAD_GROUP_ROWS` positions at once), not once per chunk.
 - Several documents share a line (packed longest first into lines of `pack_tokens`, each seeing only
   itself), and lines are batched (bounded by documents and tokens per batch): almost no padding;
   torch uses all cores.
@@ -26,6 +27,7 @@ disagree (a model whose attention ignores custom masks).
 from __future__ import annotations
 
 import sys
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -41,7 +43,13 @@ DEFAULT_BATCH_SIZE = 64      # documents per forward pass at most
 # 256/1024 was 10-15% faster than 512/4096 on hellaswag, piqa, arc_easy and boolq.
 DEFAULT_MAX_TOKENS = 1024    # lines x padded length per forward pass at most
 DEFAULT_PACK_TOKENS = 256    # documents are packed into lines of this many tokens (or the longest document)
-HEAD_CHUNK_ELEMENTS = 1 << 25  # scored positions x vocabulary per output-head call (128 MB of float32)
+HEAD_CHUNK_ELEMENTS = 1 << 25  # scored positions x vocabulary per chunk of a batch (128 MB of float32 logits)
+# A packed head: scored positions whose logits are made in one pass over its vocabulary slices (one dequantization
+# for them all), at least a chunk. A dequantization costs about the head's matmul for ~40 positions (Gemma-3-270m,
+# CPU), so its share of the head's time is about 40 / rows per pass. A bound on logits, not on hidden states: a
+# row's log-softmax reads all its logits at once (a streamed one would not give the same numbers). 256: Gemma-3's
+# head (128-row chunks) runs half as often, for up to 128 MB more; SmolLM2's (682-row chunks) within a chunk's memory.
+HEAD_GROUP_ROWS = 256
 LOG_SOFTMAX_ROWS = 16          # scored positions per log-softmax (each row's numbers do not depend on the others)
 
 
@@ -224,38 +232,141 @@ def _layout(lines: list[list[Row]], pad_id: int) -> _Layout:
 
 def _run(model, lines: list[list[Row]], tree: bool, pad_id: int) -> list[list[float]]:
     """Forward one batch of lines (each: rows packed one after another); per row, in order, the summed
-    log-likelihood of each choice. Plain mode: one row per line, the unmodified model. A batch of
-    branchless single-row lines runs without a mask: causal attention never reads the right padding
-    and skips the upper triangle."""
+    log-likelihood of each choice. Tree mode: `_tree_sums` of this batch alone. Plain mode: one row per line,
+    the unmodified model."""
+    if tree:
+        return next(_tree_sums(model, [lines], pad_id))
     import torch
 
     with torch.inference_mode():
         lay = _on_device(_layout(lines, pad_id), model.device)
-        if tree:
-            head = output_head(model)
-            if head is None:
-                raise ValueError("the model has no linear output head")  # _check_tree falls back to plain scoring
-            base = getattr(model, model.base_model_prefix)
-            if _is_causal(lines):
-                hidden = base(input_ids=lay.ids, use_cache=False).last_hidden_state
-            else:
-                mask = _masks(lay.pos, lay.br, lay.doc, model.get_input_embeddings().weight.dtype,
-                              _windows(model.config))
-                hidden = base(input_ids=lay.ids, attention_mask=mask, position_ids=lay.pos,
-                              use_cache=False).last_hidden_state
+        logits = model(input_ids=lay.ids, attention_mask=(lay.doc >= 0).long(), use_cache=False).logits
+        li, si, ti = _targets(lay, model.device)
+        logp = []
+        for c in _chunks(len(lay.toks), model.config.get_text_config().vocab_size):
+            logp += _logps(logits[li[c], si[c]], ti[c])
+        return _sums(lines, lay.owner, logp)
 
-            def logits_at(li, si):  # only the scored positions go through the output head, slice by slice
-                return head.all_logits(hidden[li, si])
+
+@dataclass
+class _Pending:
+    """A tree batch whose trunk has run: per chunk of its scored positions (`_chunks`), their hidden states and
+    target tokens until the head has run on them, then their log-probs."""
+    lines: list[list[Row]]
+    owner: list[tuple[int, int]]
+    chunks: list
+    logp: list[list[float] | None]
+
+    def done(self) -> bool:
+        return all(x is not None for x in self.logp)
+
+    def sums(self) -> list[list[float]]:
+        return _sums(self.lines, self.owner, [x for c in self.logp for x in c])
+
+
+def _tree_sums(model, batches, pad_id: int) -> Iterator[list[list[float]]]:
+    """Per tree batch, in order, what `_run` returns: the decoder batch by batch, the output head on groups of
+    chunks of scored positions, across batches (`_group_rows`): a packed head is dequantized once per group,
+    not once per chunk. The same numbers as batch by batch: every chunk is the one its batch alone makes and
+    its logits are its own matmuls (`OutputHead.all_logits_of`)."""
+    head = output_head(model)
+    if head is None:
+        raise ValueError("the model has no linear output head")  # _check_tree falls back to plain scoring
+    vocab = model.config.get_text_config().vocab_size
+    chunk, group = _chunk_rows(vocab), _group_rows(head, vocab)
+    waiting: deque[_Pending] = deque()
+    queue: list[tuple[_Pending, int]] = []   # the chunks whose head has not run
+    for lines in batches:
+        p = _trunk(model, lines, pad_id)
+        waiting.append(p)
+        for k in range(len(p.chunks)):
+            queue.append((p, k))
+            if sum(q.chunks[j][1].shape[0] for q, j in queue) + chunk > group:  # no room for another chunk
+                _head(head, queue)
+        while waiting and waiting[0].done():
+            yield waiting.popleft().sums()
+    _head(head, queue)
+    while waiting:
+        yield waiting.popleft().sums()
+
+
+def _trunk(model, lines: list[list[Row]], pad_id: int) -> _Pending:
+    """The decoder without its head on one batch; its hidden states at the scored positions, by chunk. A batch
+    of branchless single-row lines runs without a mask: causal attention never reads the right padding and
+    skips the upper triangle."""
+    import torch
+
+    with torch.inference_mode():
+        lay = _on_device(_layout(lines, pad_id), model.device)
+        base = getattr(model, model.base_model_prefix)
+        if _is_causal(lines):
+            hidden = base(input_ids=lay.ids, use_cache=False).last_hidden_state
         else:
-            logits_all = model(input_ids=lay.ids, attention_mask=(lay.doc >= 0).long(), use_cache=False).logits
+            mask = _masks(lay.pos, lay.br, lay.doc, model.get_input_embeddings().weight.dtype, _windows(model.config))
+            hidden = base(input_ids=lay.ids, attention_mask=mask, position_ids=lay.pos,
+                          use_cache=False).last_hidden_state
+        li, si, ti = _targets(lay, model.device)
+        cs = _chunks(len(lay.toks), model.config.get_text_config().vocab_size)
+        return _Pending(lines, lay.owner, [(hidden[li[c], si[c]], ti[c]) for c in cs], [None] * len(cs))
 
-            def logits_at(li, si):
-                return logits_all[li, si]
-        logp = _target_logps(logits_at, lay, model.config.get_text_config().vocab_size, model.device)
-        sums = [[0.0] * len(r.targets) for line in lines for r in line]
-        for (i, j), lp in zip(lay.owner, logp):
-            sums[i][j] += lp
-        return sums
+
+def _head(head, queue: list[tuple[_Pending, int]]) -> None:
+    """The output head on the queued chunks, all in one pass over its vocabulary slices; empties the queue."""
+    import torch
+
+    if not queue:
+        return
+    with torch.inference_mode():
+        logits = head.all_logits_of([p.chunks[k][0] for p, k in queue])
+        for n, (p, k) in enumerate(queue):
+            p.logp[k] = _logps(logits[n], p.chunks[k][1])
+            p.chunks[k] = logits[n] = None
+    queue.clear()
+
+
+def _group_rows(head, vocab: int) -> int:
+    """Scored positions whose logits the head makes in one pass: a packed head's HEAD_GROUP_ROWS or a chunk (its
+    dequantization shared by them), a dense head's one chunk (nothing to share: chunk by chunk)."""
+    import torch
+
+    return 0 if isinstance(head.weight, torch.Tensor) else max(_chunk_rows(vocab), HEAD_GROUP_ROWS)
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, HEAD_CHUNK_ELEMENTS // vocab)
+
+
+def _chunks(n: int, vocab: int) -> list[slice]:
+    """A batch's scored positions in chunks of `_chunk_rows`: the logits of one chunk are made and held at once
+    (bounded memory for large vocabularies), each chunk one matmul per vocabulary slice."""
+    step = _chunk_rows(vocab)
+    return [slice(a, a + step) for a in range(0, n, step)]
+
+
+def _targets(lay: _Layout, device):
+    """(lines, slots, token ids) of the scored tokens, as tensors."""
+    import torch
+
+    return (torch.tensor(x, dtype=torch.long, device=device) for x in (lay.lines_of, lay.slots, lay.toks))
+
+
+def _logps(logits, tokens) -> list[float]:
+    """Log-prob of each row's token under its logits [m, V], LOG_SOFTMAX_ROWS rows at a time."""
+    import torch
+
+    t, out = tokens[:, None], []
+    for r in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):  # row by row the same numbers, less memory
+        rows = slice(r, r + LOG_SOFTMAX_ROWS)
+        out += torch.log_softmax(logits[rows].float(), dim=-1).gather(1, t[rows])[:, 0].tolist()
+    return out
+
+
+def _sums(lines: list[list[Row]], owner: list[tuple[int, int]], logp: list[float]) -> list[list[float]]:
+    """Per row, in order, the summed log-prob of each choice."""
+    sums = [[0.0] * len(r.targets) for line in lines for r in line]
+    for (i, j), lp in zip(owner, logp):
+        sums[i][j] += lp
+    return sums
 
 
 def _on_device(lay: _Layout, device) -> _Layout:
@@ -263,24 +374,6 @@ def _on_device(lay: _Layout, device) -> _Layout:
     if device.type == "cpu":
         return lay
     return replace(lay, ids=lay.ids.to(device), pos=lay.pos.to(device), br=lay.br.to(device), doc=lay.doc.to(device))
-
-
-def _target_logps(logits_at, lay: _Layout, vocab: int, device=None) -> list[float]:
-    """Log-prob of each scored token, from `logits_at(lines, slots)`, in chunks: bounded memory for
-    large vocabularies."""
-    import torch
-
-    li, si, ti = (torch.tensor(x, device=device) for x in (lay.lines_of, lay.slots, lay.toks))
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    logp = []
-    for a in range(0, len(lay.toks), chunk):
-        b = slice(a, a + chunk)
-        logits, t = logits_at(li[b], si[b]), ti[b, None]
-        for r in range(0, logits.shape[0], LOG_SOFTMAX_ROWS):  # row by row the same numbers, less memory
-            rows = slice(r, r + LOG_SOFTMAX_ROWS)
-            logp += torch.log_softmax(logits[rows].float(), dim=-1).gather(1, t[rows])[:, 0].tolist()
-        del logits
-    return logp
 
 
 def _pack(rows: list[Row], capacity: int) -> list[list[Row]]:
@@ -475,9 +568,9 @@ def _scored(model, job: _Job, batches, tree: bool, opts: ScoreOptions, first=Non
                disable=not opts.progress, dynamic_ncols=True, leave=False)
     try:
         pending: dict[int, dict[int, float]] = {}
-        for i in todo:
+        done = first if todo[:1] == [0] else None
+        for i, sums in zip(todo, _batch_sums(model, [batches[i] for i in todo], tree, job.pad_id, done)):
             batch = batches[i]
-            sums = first if first and i == 0 else _run(model, batch, tree, job.pad_id)
             trim_heap()
             for r, s in zip((r for line in batch for r in line), sums):
                 if mine is not None and r.index not in mine:
@@ -493,6 +586,17 @@ def _scored(model, job: _Job, batches, tree: bool, opts: ScoreOptions, first=Non
                 bar.update(1)
     finally:
         bar.close()
+
+
+def _batch_sums(model, batches, tree: bool, pad_id: int, first=None) -> Iterator[list[list[float]]]:
+    """Each batch's sums (`_run`), in order; `first`: the first batch's, already computed."""
+    if first is not None:
+        yield first
+        batches = batches[1:]
+    if tree:
+        yield from _tree_sums(model, batches, pad_id)
+    else:
+        yield from (_run(model, b, False, pad_id) for b in batches)
 
 
 def _record(t: Task, doc_id, lls, gold, lens, n_tokens) -> dict:
