@@ -25,10 +25,14 @@ torch.set_num_threads(1)
 CALIB = CalibConfig(samples=4, length=64)
 
 
-def _ids(src):
+def _calib(src):
     from transformers import AutoTokenizer
 
-    return calibration(AutoTokenizer.from_pretrained(str(src)), CALIB).ids
+    return calibration(AutoTokenizer.from_pretrained(str(src)), CALIB)
+
+
+def _ids(src):
+    return _calib(src).ids
 
 
 # ---------------------------------------------------------------- one weight, one group
@@ -145,6 +149,25 @@ def test_fold_refused_where_the_norm_feeds_more(tiny_model):
 
 
 # ---------------------------------------------------------------- quantized
+
+@pytest.mark.parametrize("arch_name,method", [("llama", "awq"), ("llama", "awq+gptq"), ("gemma3_text", "awq"),
+                                              ("gemma3_text", "awq+gptq")])
+def test_layer_by_layer_same_as_whole_model(tiny_model, arch_name, method):
+    """awq_tensors (one decoder layer in memory at a time: tune/gptq.py's LayerLoader) gives exactly the quantized
+    tensors, folded floats, methods and record that run_awq gives on the whole float model."""
+    src = tiny_model(arch_name)
+    prep = prepare(src, "q4-hi", method=method)
+    cal = _calib(src)
+    with torch.no_grad():
+        model = load_model(str(src), progress=False, packed=False).model
+        tensors, methods, floats, info = awq.run_awq(model, prep, cal.ids, progress=False)
+    pre = awq.awq_tensors(prep, cal, progress=False)
+    assert tensors and floats and info["head"] and info["awq_scaled_groups"]
+    assert pre.tensors.keys() == tensors.keys() and pre.floats.keys() == floats.keys()
+    assert all(torch.equal(a, b) for n in tensors for a, b in zip(pre.tensors[n], tensors[n]))
+    assert all(torch.equal(pre.floats[n], floats[n]) for n in floats)
+    assert pre.methods == methods and {k: pre.calibration[k] for k in info} == info
+
 
 def _layer0_error(src, method):
     """||layer 0's output - the float layer's|| on the calibration inputs, its linears quantized by `method`."""
