@@ -216,9 +216,46 @@ def find_groups(linears: dict, stats: dict, norm_out: dict) -> list[Group]:
         if fed:
             groups.append(Group(n, "norm", fed))
     for prev, nxt in PAIRS:
-        if prev in linears and nxt in linears and linears[prev].out_features == linears[nxt].in_features:
+        if pair_folds(linears, prev, nxt):
             groups.append(Group(prev, "linear", (nxt,)))
     return groups
+
+
+def pair_folds(linears: dict, prev: str, nxt: str) -> bool:
+    """Whether linear `nxt`'s scale can fold into linear `prev`'s rows (PAIRS): both there, prev's outputs as many
+    as nxt's inputs (not so for o_proj under grouped-query attention)."""
+    return prev in linears and nxt in linears and linears[prev].out_features == linears[nxt].in_features
+
+
+def scalable(linears: dict) -> set:
+    """The module paths of the decoder linears `linears` {path: nn.Linear} that AWQ can give a scale, judged by
+    their names and shapes alone: all but the second of a PAIRS pair whose first cannot take its scale
+    (`pair_folds`). (The whole search also needs the op before to feed only them: checked by folding, not here.)"""
+    out = set(linears)
+    for prev, nxt in PAIRS:
+        for path in linears:
+            if path.endswith("." + nxt):
+                layer = path[:-len(nxt)]
+                if not pair_folds({p: linears.get(layer + p) for p in (prev, nxt) if layer + p in linears},
+                                  prev, nxt):
+                    out.discard(path)
+    return out
+
+
+def awq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, mean_abs: torch.Tensor | None = None,
+                   n_grid: int = N_GRID) -> torch.Tensor:
+    """`w` [out, in] (stored dtype) as convert's awq stores it were it alone in its group, read back as the layer
+    then computes (float32; `mixq measure --method awq`): with its inputs' `mean_abs`, the scale s searched for it
+    alone (`search_scale`), W diag(s) quantized by the clipping search under H / (s s^T), dequantized, times
+    diag(1/s) (the op before, divided by s, gives the quantized weight x / s); without (no op before can take a
+    scale: the head, o_proj under grouped-query attention), the clipping search alone."""
+    dt, bits, gs = w.dtype, spec.bits, spec.group_size
+    wf = w.to(torch.float32)
+    s = torch.ones(wf.shape[1])
+    if mean_abs is not None:
+        s = search_scale([(wf, bits, gs, dt)], H, mean_abs.to(torch.float32), n_grid)[0]
+    parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt)
+    return dequantize(*parts, bits, gs).to(torch.float32) / s
 
 
 def norm_offset(norm) -> float | None:
