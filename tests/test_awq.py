@@ -17,6 +17,7 @@ from mixq.eval.engine import load_model
 from mixq.quant.prepare import prepare
 from mixq.quant.quantize import dequantize, quantize
 from mixq.quant.recipe import parse_recipe
+from mixq.quant.spec import Spec
 from mixq.tune import awq, gptq
 from mixq.tune.calib import CalibConfig, calibration
 from mixq.tune.methods import convert
@@ -25,10 +26,14 @@ torch.set_num_threads(1)
 CALIB = CalibConfig(samples=4, length=64)
 
 
-def _ids(src):
+def _calib(src):
     from transformers import AutoTokenizer
 
-    return calibration(AutoTokenizer.from_pretrained(str(src)), CALIB).ids
+    return calibration(AutoTokenizer.from_pretrained(str(src)), CALIB)
+
+
+def _ids(src):
+    return _calib(src).ids
 
 
 # ---------------------------------------------------------------- one weight, one group
@@ -146,6 +151,25 @@ def test_fold_refused_where_the_norm_feeds_more(tiny_model):
 
 # ---------------------------------------------------------------- quantized
 
+@pytest.mark.parametrize("arch_name,method", [("llama", "awq"), ("llama", "awq+gptq"), ("gemma3_text", "awq"),
+                                              ("gemma3_text", "awq+gptq")])
+def test_layer_by_layer_same_as_whole_model(tiny_model, arch_name, method):
+    """awq_tensors (one decoder layer in memory at a time: tune/gptq.py's LayerLoader) gives exactly the quantized
+    tensors, folded floats, methods and record that run_awq gives on the whole float model."""
+    src = tiny_model(arch_name)
+    prep = prepare(src, "q4-hi", method=method)
+    cal = _calib(src)
+    with torch.no_grad():
+        model = load_model(str(src), progress=False, packed=False).model
+        tensors, methods, floats, info = awq.run_awq(model, prep, cal.ids, progress=False)
+    pre = awq.awq_tensors(prep, cal, progress=False)
+    assert tensors and floats and info["head"] and info["awq_scaled_groups"]
+    assert pre.tensors.keys() == tensors.keys() and pre.floats.keys() == floats.keys()
+    assert all(torch.equal(a, b) for n in tensors for a, b in zip(pre.tensors[n], tensors[n]))
+    assert all(torch.equal(pre.floats[n], floats[n]) for n in floats)
+    assert pre.methods == methods and {k: pre.calibration[k] for k in info} == info
+
+
 def _layer0_error(src, method):
     """||layer 0's output - the float layer's|| on the calibration inputs, its linears quantized by `method`."""
     prep = prepare(src, "q3", method="awq")
@@ -241,3 +265,27 @@ def test_awq_folder_opens_in_mlx_lm(tiny_model, tmp_path, arch_name, method):
     assert any(t["method"] == "awq-folded" for t in prov["tensors"])
     engine = load_model(str(out), progress=False).model(torch.tensor(TOKENS)).logits.detach().numpy()
     assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_scalable_by_shape_as_the_model_pass_finds(tiny_model, kv_heads):
+    """`scalable` (measure's view, names and shapes only) leaves out exactly the linears run_awq finds no op
+    before: o_proj under grouped-query attention; with as many kv heads as heads, none. `awq_round_trip` without
+    a mean is the clipping search's quant read back; with one, a scale goes in (a different, lower-error quant)."""
+    src = tiny_model("llama", **({"num_key_value_heads": kv_heads} if kv_heads else {}))
+    prep = prepare(src, "q4", dtype="float32", method="awq")
+    with torch.no_grad():
+        model = load_model(str(src), progress=False, packed=False).model
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+        left = set(linears) - awq.scalable(linears)
+        info = awq.run_awq(model, prep, _ids(src), progress=False, quantize=False)[3]
+    assert left == {n.removesuffix(".weight") for n, why in info["awq_not_scaled"].items() if why == awq.NO_OP}
+    assert bool(left) == (kv_heads is None)
+    x = _inputs()
+    H = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    spec = Spec(3, 32)
+    clip = awq.awq_round_trip(w, H, spec)
+    assert torch.equal(clip, dequantize(*awq.quantize_clipped(w.float(), H, 3, 32, torch.bfloat16), 3, 32).float())
+    scaled = awq.awq_round_trip(w, H, spec, x.abs().mean(0))
+    assert awq.output_error(w.float(), scaled, H) < awq.output_error(w.float(), clip, H)

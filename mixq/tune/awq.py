@@ -1,6 +1,9 @@
 """AWQ (Lin et al. 2023) on the MLX affine grid: activation-aware input-channel scales folded into the op before,
-then a clipping search; layer by layer, as tune/gptq.py runs (each layer's inputs come from the quantized layers
-before it).
+then a clipping search; layer by layer, through tune/gptq.py's `LayerLoader`, capture and run helpers (each
+layer's inputs come from the quantized layers before it). Memory: as gptq_tensors', one decoder layer at a time
+(loaded from the source before it is searched and quantized, released after it ran) plus the tensors outside the
+layers (embedding, final norm, head) in float32, the calibration activations and the results so far. `run_awq`
+also takes a whole float model (no loader), the same path, bit for bit.
 
 Per decoder layer, on its calibration inputs:
   * every nn.Linear's inputs are observed over all calibration tokens: H = 2/n X^T X and mean |x| per channel;
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from mixq.errors import MixqError
+from mixq.io.memory import trim_heap
 from mixq.io.safetensors import dtype_from_name
 from mixq.quant.convert import Precomputed
 from mixq.quant.quantize import affine_params, dequantize, pack_codes
@@ -212,9 +216,46 @@ def find_groups(linears: dict, stats: dict, norm_out: dict) -> list[Group]:
         if fed:
             groups.append(Group(n, "norm", fed))
     for prev, nxt in PAIRS:
-        if prev in linears and nxt in linears and linears[prev].out_features == linears[nxt].in_features:
+        if pair_folds(linears, prev, nxt):
             groups.append(Group(prev, "linear", (nxt,)))
     return groups
+
+
+def pair_folds(linears: dict, prev: str, nxt: str) -> bool:
+    """Whether linear `nxt`'s scale can fold into linear `prev`'s rows (PAIRS): both there, prev's outputs as many
+    as nxt's inputs (not so for o_proj under grouped-query attention)."""
+    return prev in linears and nxt in linears and linears[prev].out_features == linears[nxt].in_features
+
+
+def scalable(linears: dict) -> set:
+    """The module paths of the decoder linears `linears` {path: nn.Linear} that AWQ can give a scale, judged by
+    their names and shapes alone: all but the second of a PAIRS pair whose first cannot take its scale
+    (`pair_folds`). (The whole search also needs the op before to feed only them: checked by folding, not here.)"""
+    out = set(linears)
+    for prev, nxt in PAIRS:
+        for path in linears:
+            if path.endswith("." + nxt):
+                layer = path[:-len(nxt)]
+                if not pair_folds({p: linears.get(layer + p) for p in (prev, nxt) if layer + p in linears},
+                                  prev, nxt):
+                    out.discard(path)
+    return out
+
+
+def awq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, mean_abs: torch.Tensor | None = None,
+                   n_grid: int = N_GRID) -> torch.Tensor:
+    """`w` [out, in] (stored dtype) as convert's awq stores it were it alone in its group, read back as the layer
+    then computes (float32; `mixq measure --method awq`): with its inputs' `mean_abs`, the scale s searched for it
+    alone (`search_scale`), W diag(s) quantized by the clipping search under H / (s s^T), dequantized, times
+    diag(1/s) (the op before, divided by s, gives the quantized weight x / s); without (no op before can take a
+    scale: the head, o_proj under grouped-query attention), the clipping search alone."""
+    dt, bits, gs = w.dtype, spec.bits, spec.group_size
+    wf = w.to(torch.float32)
+    s = torch.ones(wf.shape[1])
+    if mean_abs is not None:
+        s = search_scale([(wf, bits, gs, dt)], H, mean_abs.to(torch.float32), n_grid)[0]
+    parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt)
+    return dequantize(*parts, bits, gs).to(torch.float32) / s
 
 
 def norm_offset(norm) -> float | None:
@@ -356,59 +397,39 @@ def quantize_linear(m, H, tp, method: str, damp: float, clip: bool):
 
 def run_awq(model, prep, ids: torch.Tensor, *, n_grid: int = N_GRID, damp: float = gptq.DAMP,
             batch: int = gptq.BATCH, progress: bool = True, clip: bool = False, head: bool = True,
-            quantize: bool = True):
+            quantize: bool = True, loader: gptq.LayerLoader | None = None):
     """AWQ (and GPTQ) on the float torch `model` of `prep`, in place, for every tensor the plan gives a calibrated
     method: (tensors, methods, floats, info). `quantize=False`: only the scales are searched and folded (the model
-    stays float; nothing is quantized)."""
+    stays float; nothing is quantized). `loader`: the model is `loader.model` (tune/gptq.py's `LayerLoader`), each
+    decoder layer loaded before it runs and released after; None: `model` holds every layer."""
     from tqdm import tqdm
 
-    wanted = {tp.name: tp for tp in prep.plan.tensors if tp.method in CALIBRATED}
     planned = {tp.name: tp for tp in prep.plan.tensors}
+    wanted = {name: tp for name, tp in planned.items() if tp.method in CALIBRATED}
     methods = {name: f"rtn ({tp.method} applies to the decoder layers' linears and the output head)"
                for name, tp in wanted.items()}
     tensors, floats, not_scaled, alphas = {}, {}, {}, {}
     prefix, layers = gptq._decoder_layers(model)
     hidden, calls = gptq.capture_inputs(model, layers, ids, batch)
-    bar = tqdm(layers, desc="awq", unit="layer", disable=not progress, dynamic_ncols=True)
+    trim_heap()
+    target = gptq._head(model, prep, wanted) if head else None
+    last = gptq.last_layer(layers, wanted, target)
+    bar = tqdm(layers[:last + 1], desc="awq", unit="layer", disable=not progress, dynamic_ncols=True)
     for i, layer in enumerate(bar):
-        full = {n: f"{prefix}.{i}.{n}.weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        linears = {n: m for n, m in layer.named_modules() if n in full}
-        todo = {n for n in linears if full[n] in wanted and tuple(linears[n].weight.shape) == wanted[full[n]].shape}
-        if todo:
-            stats, norm_out, outs = observe(layer, linears, _norms(layer), hidden, calls[i])
-            method = {n: wanted[full[n]].method for n in todo}
-            spec = {n: (wanted[full[n]].spec.bits, wanted[full[n]].spec.group_size,
-                        dtype_from_name(wanted[full[n]].dtype)) for n in todo}
-            sc = scale_layer(layer, linears, method, spec, stats, norm_out, hidden[0], calls[i][0], outs[0], n_grid,
-                             damp)
-            for local in sorted(sc.changed):  # folded norm weights / biases: stored (and used on) in their dtype
-                name, p = f"{prefix}.{i}.{local}", layer.get_parameter(local)
-                p.copy_(p.to(dtype_from_name(planned[name].dtype)).to(p.dtype))
-                floats[name] = p.detach().to(dtype_from_name(planned[name].dtype)).clone()
-            not_scaled.update({full[n]: why for n, why in sc.not_scaled.items()})
-            alphas.update({f"{prefix}.{i}.{n}": [a, round(r, 4)] for n, (a, r) in sc.alphas.items()})
-            for n in sorted(todo):
-                name, m = full[n], linears[n]
-                if n in sc.s:
-                    s = sc.s[n]
-                    H = stats[n].H / (s[:, None] * s[None, :])
-                elif method[n] in AWQ_METHODS and n not in sc.not_scaled:
-                    not_scaled[name] = NO_OP
-                    H = stats[n].H
-                else:
-                    H = stats[n].H
-                if quantize:
-                    tensors[name] = quantize_linear(m, H, wanted[name], method[n], damp, clip)
-                methods[name] = _label(method[n], n in sc.s)
-        hidden = [gptq._layer_output(o) for o in gptq._run_layer(layer, hidden, calls[i])]
+        if loader is not None:
+            loader.load(i)
+        _awq_layer(layer, f"{prefix}.{i}", planned, wanted, hidden, calls[i], (n_grid, damp, clip, quantize),
+                   (tensors, methods, floats, not_scaled, alphas))
+        if i < last or target is not None:   # the next layer's (the head's) inputs; none after the last planned
+            hidden = [gptq._layer_output(o) for o in gptq._run_layer(layer, hidden, calls[i])]
+        if loader is not None:
+            loader.release(i)
         bar.set_postfix_str(f"{len(tensors)}/{len(wanted)} tensors", refresh=False)
     bar.close()
-    target = gptq._head(model, prep, wanted) if head else None
     if target is not None and quantize:
         name, out, norm = target
-        xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
-        H = sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
-        tensors[name] = quantize_linear(out, H, wanted[name], wanted[name].method, damp, clip)
+        tensors[name] = quantize_linear(out, gptq.head_hessian(norm, hidden), wanted[name], wanted[name].method,
+                                        damp, clip)
         methods[name] = _label(wanted[name].method, False)
         if wanted[name].method in AWQ_METHODS:
             not_scaled[name] = "the output head: no op before it can take a scale"
@@ -419,18 +440,55 @@ def run_awq(model, prep, ids: torch.Tensor, *, n_grid: int = N_GRID, damp: float
     return tensors, methods, floats, info
 
 
+def _awq_layer(layer, path: str, planned: dict, wanted: dict, hidden: list, calls: list, opts: tuple,
+               out: tuple) -> None:
+    """One decoder layer (module path `path`) of `run_awq`: its groups' scales searched and folded, its planned
+    linears quantized in place (`planned`: every tensor's plan, `wanted`: the calibrated ones'); the results go
+    into `out` = (tensors, methods, floats, not_scaled, alphas)."""
+    n_grid, damp, clip, quantize = opts
+    tensors, methods, floats, not_scaled, alphas = out
+    full = {n: f"{path}.{n}.weight" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in layer.named_modules() if n in full}
+    todo = {n for n in linears if full[n] in wanted and tuple(linears[n].weight.shape) == wanted[full[n]].shape}
+    if not todo:
+        return
+    stats, norm_out, outs = observe(layer, linears, _norms(layer), hidden, calls)
+    ref = outs[0]
+    del outs    # only the first batch's float output is checked against
+    method = {n: wanted[full[n]].method for n in todo}
+    spec = {n: (wanted[full[n]].spec.bits, wanted[full[n]].spec.group_size, dtype_from_name(wanted[full[n]].dtype))
+            for n in todo}
+    sc = scale_layer(layer, linears, method, spec, stats, norm_out, hidden[0], calls[0], ref, n_grid, damp)
+    for local in sorted(sc.changed):  # folded norm weights / biases: stored (and used on) in their dtype
+        name, p = f"{path}.{local}", layer.get_parameter(local)
+        p.copy_(p.to(dtype_from_name(planned[name].dtype)).to(p.dtype))
+        floats[name] = p.detach().to(dtype_from_name(planned[name].dtype)).clone()
+    not_scaled.update({full[n]: why for n, why in sc.not_scaled.items()})
+    alphas.update({f"{path}.{n}": [a, round(r, 4)] for n, (a, r) in sc.alphas.items()})
+    for n in sorted(todo):
+        name, m = full[n], linears[n]
+        H = stats[n].H
+        if n in sc.s:
+            s = sc.s[n]
+            H = H / (s[:, None] * s[None, :])
+        elif method[n] in AWQ_METHODS and n not in sc.not_scaled:
+            not_scaled[name] = NO_OP
+        if quantize:
+            tensors[name] = quantize_linear(m, H, wanted[name], method[n], damp, clip)
+        methods[name] = _label(method[n], n in sc.s)
+
+
 def awq_tensors(prep, calib, *, n_grid: int = N_GRID, damp: float = gptq.DAMP, batch: int = gptq.BATCH,
                 progress: bool = True, threads: int | None = None, clip: bool = False,
                 head: bool = True) -> Precomputed:
     """AWQ / awq+gptq (and gptq) for every tensor the plan of `prep` gives such a method, on the calibration windows
     `calib`: a `Precomputed` for convert's writer (quantized tensors, folded float tensors, per-tensor methods,
     calibration provenance). `clip`: gptq's range search (tune/gptq.py) for the GPTQ'd tensors."""
-    from mixq.eval.engine import load_model
-
     t0 = time.time()
     with torch.no_grad(), torch_threads(threads or torch.get_num_threads()):
-        model = load_model(str(prep.path), progress=False, packed=False).model
-        tensors, methods, floats, info = run_awq(model, prep, calib.ids, n_grid=n_grid, damp=damp, batch=batch,
-                                                 progress=progress, clip=clip, head=head)
+        trim_heap()   # tokenizing the calibration text leaves freed blocks (as in gptq_tensors)
+        lazy = gptq.layer_loader(prep)
+        tensors, methods, floats, info = run_awq(lazy.model, prep, calib.ids, n_grid=n_grid, damp=damp, batch=batch,
+                                                 progress=progress, clip=clip, head=head, loader=lazy)
     info = {**info, **calib.info, "seconds": round(time.time() - t0, 1)}
     return Precomputed(tensors, methods, info, floats)

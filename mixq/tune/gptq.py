@@ -518,6 +518,20 @@ def _head(model, prep, wanted: dict):
     return None
 
 
+def head_hessian(norm, hidden: list) -> torch.Tensor:
+    """H = 2/n X^T X of the output head's inputs: the final norm of the last decoder layer's outputs `hidden`."""
+    xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
+    return sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
+
+
+def last_layer(layers, wanted: dict, target) -> int:
+    """The last decoder layer whose output is needed: the last one, for the head's inputs (`target` not None), else
+    the last with planned tensors (-1: none)."""
+    if target is not None:
+        return len(layers) - 1
+    return max((i for i in map(layer_index, wanted) if i is not None), default=-1)
+
+
 def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods, act_order=False) -> None:
     dt = dtype_from_name(tp.dtype)
     wq, s, b = gptq_quantize(m.weight, H, tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp, clip=clip,
@@ -551,9 +565,7 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
         hidden, calls = capture_inputs(model, layers, calib.ids, batch)
         trim_heap()
         target = _head(model, prep, wanted) if head else None
-        # the last layer whose output is needed: the head's inputs, or the last layer with planned tensors
-        last = len(layers) - 1 if target is not None else max(
-            (i for i in map(layer_index, wanted) if i is not None), default=-1)
+        last = last_layer(layers, wanted, target)
         bar = tqdm(layers[:last + 1], desc="gptq", unit="layer", disable=not progress, dynamic_ncols=True)
         for i, layer in enumerate(bar):
             lazy.load(i)
@@ -576,9 +588,8 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
         bar.close()
         if target is not None:   # `hidden` is the last layer's output
             name, out, norm = target
-            xs = [norm(h).reshape(-1, h.shape[-1]).to(torch.float32) for h in hidden]
-            H = sum(x.T @ x for x in xs) * (2.0 / sum(x.shape[0] for x in xs))
-            _quantize_linear(name, out, H, wanted[name], damp, clip, tensors, methods, act_order)
+            _quantize_linear(name, out, head_hessian(norm, hidden), wanted[name], damp, clip, tensors, methods,
+                             act_order)
     info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": "static groups" if act_order else False,
             "clip_search": clip,
             "head": target[0] if target is not None else None, **calib.info,

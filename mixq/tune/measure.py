@@ -20,12 +20,17 @@ Two methods:
   unchanged). Large vocabularies (> VOCAB_FULL_MAX) use the union of the base's top-TOPK tokens as
   the support (`--full-vocab` to turn off). The KLD itself is perplexity.py's (`_kld_rows`).
 
-Quantization method (`--method rtn | gptq`, default rtn): the perturbed tensor is what `mixq convert --method`
+Quantization method (`--method rtn | gptq | awq`, default rtn): the perturbed tensor is what `mixq convert --method`
 of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ with the Hessian
 of that tensor's inputs in the unquantized model on the calibration windows (decoder layers' linears; the output
 head, or with tied embeddings the embedding, from the final norm's outputs), as convert applies it; tensors convert
 leaves round-to-nearest under gptq (an untied embedding, float-mode candidates) are measured so here too. The
 plan then allocates bits for the quant that will be made (`mixq plan --method gptq` writes `method = "gptq"`).
+awq: tune/awq.py's `awq_round_trip`, the tensor as if alone in its group: its own scale searched on its inputs' Hessian
+and mean |x| (not the one q/k/v or gate/up share in convert), the clipping search, read back divided by the scale
+(the fold's 1/s taken exactly: the norm's rounding to its stored dtype and the change of v_proj's rows by o_proj's
+scale are left out); the head and linears with no op before them by shape (o_proj under grouped-query attention)
+get the clipping search alone, as convert gives them.
 
 Calibration text (tune/calib.py `tail_windows`): by default the *end* of WikiText-2's test file
 (perplexity.default_text_file): the last `--tokens // --ctx` of the consecutive `--ctx`-token windows
@@ -63,6 +68,7 @@ from mixq.quant.recipe import uniform_recipe
 from mixq.quant.spec import FLOAT_MODES, Spec
 from mixq.quant.tensors import layer_index, module_path
 from mixq.threads import available_cores, torch_threads
+from mixq.tune.awq import awq_round_trip, scalable
 from mixq.tune.calib import tail_windows
 from mixq.tune.gptq import gptq_round_trip
 
@@ -71,7 +77,7 @@ VOCAB_FULL_MAX = 65536
 TOPK = 32
 DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))
 DEFAULT_MODES = ("mxfp4", "nvfp4", "mxfp8")
-QUANT_METHODS = ("rtn", "gptq")     # how a candidate is quantized (convert's --method)
+QUANT_METHODS = ("rtn", "gptq", "awq")     # how a candidate is quantized (convert's --method)
 ESTIMATORS = ("fisher", "direct")   # how its damage is measured
 
 
@@ -105,12 +111,34 @@ def as_spec(c) -> Spec:
 # The model-side machinery
 
 
-def method_round_trip(w: torch.Tensor, spec: Spec, name: str, H=None) -> torch.Tensor:
-    """What convert stores of `w` (in its stored dtype) under `spec`, read back: GPTQ's under the input Hessian `H`
-    when one is given and the spec is affine, else round to nearest's."""
+def method_round_trip(w: torch.Tensor, spec: Spec, name: str, H=None, mean_abs=None,
+                      quant: str = "gptq") -> torch.Tensor:
+    """What convert stores of `w` (in its stored dtype) under `spec`, read back: when an input Hessian `H` is given
+    and the spec is affine, GPTQ's (`quant` "gptq") or AWQ's (`quant` "awq": tune/awq.py `awq_round_trip`, scaled
+    when the inputs' `mean_abs` is given, else clipped only), else round to nearest's."""
     if H is not None and spec.mode == "affine":
+        if quant == "awq":
+            m = None if mean_abs is None else mean_abs.to(torch.float32)
+            return awq_round_trip(w, H.to(torch.float32), spec, m)
         return gptq_round_trip(w, H.to(torch.float32), spec)
     return round_trip(w, spec, name)
+
+
+def quant_inputs(quant: str, hessians: dict, means: dict, heads: set[str], name: str) -> tuple:
+    """(H, mean |x|) that `method_round_trip` takes for tensor `name` under `quant`: (None, None) for rtn; the mean
+    only for awq and a linear AWQ can scale (`means` holds only those: `awq_means`)."""
+    if quant == "rtn":
+        return None, None
+    H = tensor_hessian(hessians, heads, name)
+    return H, (means.get(module_path(name)) if quant == "awq" and H is not None else None)
+
+
+def awq_means(model, sums: dict, tokens: int) -> dict:
+    """module path -> mean |x| of the inputs (from their sums over `tokens`) of the decoder linears AWQ can scale
+    (tune/awq.py `scalable`)."""
+    mods = dict(model.named_modules())
+    ok = scalable({k: mods[k] for k in sums})
+    return {k: v / tokens for k, v in sums.items() if k in ok}
 
 
 def head_names(model) -> set[str]:
@@ -130,12 +158,13 @@ def tensor_hessian(hessians: dict, heads: set[str], name: str):
     return h
 
 
-def input_hessians(model, ids) -> dict:
+def input_hessians(model, ids, abs_sums: dict | None = None) -> dict:
     """module path -> X^T X / tokens (float64) of the inputs of every decoder layer's linear, and "__final__": of
-    the output head's inputs (the final hidden states), over the windows `ids` (one forward per window)."""
+    the output head's inputs (the final hidden states), over the windows `ids` (one forward per window).
+    `abs_sums`: filled with module path -> sum of |x| per input channel (float64) too."""
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     grams: dict = {}
-    handles = [mod.register_forward_pre_hook(partial(_add_gram, grams, name))
+    handles = [mod.register_forward_pre_hook(partial(_add_gram, grams, name, abs_sums=abs_sums))
                for name, mod in model.named_modules()
                if isinstance(mod, torch.nn.Linear) and layer_index(name) is not None]
     try:
@@ -206,10 +235,13 @@ def _save_input(store: dict, key, module, args, kwargs=None) -> None:
     store[key] = hs.detach().clone()
 
 
-def _add_gram(store: dict, key, module, args) -> None:
-    """Forward pre-hook (bound with functools.partial): accumulate X^T X of the module's input in float64."""
+def _add_gram(store: dict, key, module, args, abs_sums: dict | None = None) -> None:
+    """Forward pre-hook (bound with functools.partial): accumulate X^T X of the module's input in float64 (and,
+    into `abs_sums`, the sum of |x| per channel)."""
     x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
     store[key] = store[key] + x.T @ x if key in store else x.T @ x
+    if abs_sums is not None:
+        abs_sums[key] = abs_sums.get(key, 0) + x.abs().sum(0)
 
 
 @dataclass
@@ -221,6 +253,7 @@ class Calibrated:
     base_logp: object                   # (logits [N, V'] at the scored positions over the subset, their lse)
     hessians: dict = field(default_factory=dict)   # module path -> X^T X / ntok (float64)
     token_counts: object = None
+    means: dict = field(default_factory=dict)      # module path -> mean |x| (float64): awq's scalable linears
 
 
 class Measurer:
@@ -239,25 +272,25 @@ class Measurer:
             raise MixqError("`mixq measure` needs a model with a linear output head (lm_head)")
         self.params = dict(model.named_parameters())
         self.modules = dict(model.named_modules())
-        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians or quant == "gptq")
+        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians or quant != "rtn")
         self.heads = head_names(model)
 
     def round_trip(self, name: str, w, spec: Spec):
         """`w` (stored dtype) as convert stores it under `spec` with this measurement's quantization method."""
-        H = tensor_hessian(self.cal.hessians, self.heads, name) if self.quant == "gptq" else None
-        return method_round_trip(w, spec, name, H)
+        H, mean_abs = quant_inputs(self.quant, self.cal.hessians, self.cal.means, self.heads, name)
+        return method_round_trip(w, spec, name, H, mean_abs, self.quant)
 
     # -- base pass ----------------------------------------------------------------------------
-    def _base_pass(self, input_ids, want_h: bool):
+    def _base_pass(self, input_ids, want_h: bool, abs_sums: dict | None = None):
         """(input of every decoder layer and of the final norm, X^T X sums of the layers' linear inputs, last
-        hidden state) of one unperturbed forward."""
+        hidden state) of one unperturbed forward (`abs_sums`: filled with their sums of |x| per channel)."""
         inputs: dict[int, torch.Tensor] = {}
         grams: dict[str, torch.Tensor] = {}
         handles = [layer.register_forward_pre_hook(partial(_save_input, inputs, i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]
         handles.append(self.inner.norm.register_forward_pre_hook(partial(_save_input, inputs, self.n_layers)))
         if want_h:
-            handles += [mod.register_forward_pre_hook(partial(_add_gram, grams, name))
+            handles += [mod.register_forward_pre_hook(partial(_add_gram, grams, name, abs_sums=abs_sums))
                         for name, mod in self.modules.items()
                         if isinstance(mod, torch.nn.Linear) and layer_index(name) is not None]
         try:
@@ -269,7 +302,8 @@ class Measurer:
         return [inputs[i] for i in range(self.n_layers + 1)], grams, hidden
 
     def _calibrate(self, input_ids, full_vocab, topk, want_h) -> Calibrated:
-        layer_inputs, grams, hidden = self._base_pass(input_ids, want_h)
+        sums: dict | None = {} if self.quant == "awq" else None
+        layer_inputs, grams, hidden = self._base_pass(input_ids, want_h, sums)
         ntok = input_ids.numel()
         hess = {k: v / ntok for k, v in grams.items()}
         flat = hidden.reshape(-1, hidden.shape[-1]).double()
@@ -280,7 +314,8 @@ class Measurer:
             vocab = torch.unique(full.topk(topk, dim=-1).indices.reshape(-1))
             full = full[:, vocab]
         counts = torch.bincount(input_ids.reshape(-1), minlength=self.head.vocab_size).double()
-        return Calibrated(input_ids, layer_inputs, vocab, (full, _lse(full)), hess, counts)
+        return Calibrated(input_ids, layer_inputs, vocab, (full, _lse(full)), hess, counts,
+                          awq_means(self.model, sums or {}, ntok))
 
     # -- perturbed passes ---------------------------------------------------------------------
     def start_layer(self, name: str) -> int:
@@ -398,16 +433,16 @@ class MeasurementFile:
         write_atomic(self.path, json.dumps(self.doc, indent=1))
 
 
-def _candidate_deltas(params: dict, tensors, progress: bool, hessian=None) -> dict:
+def _candidate_deltas(params: dict, tensors, progress: bool, inputs=None, quant: str = "rtn") -> dict:
     """name -> every candidate's weight change dequant(quant(W)) - W, stacked (bfloat16: ample for a dot product);
-    `hessian(name)`: the input Hessian GPTQ quantizes that tensor with (None: round to nearest)."""
+    `inputs(name)`: the (H, mean |x|) `quant` quantizes that tensor with (`quant_inputs`; None: round to nearest)."""
     dws = {}
     for name in tqdm(params, desc="quantize candidates", unit="tensor", disable=not progress, file=sys.stderr,
                      leave=False):
         dtype_name, cands = tensors[name]
         w = params[name].detach()
-        H = hessian(name) if hessian is not None else None
-        rows = [(method_round_trip(w.to(getattr(torch, dtype_name)), c, name, H).float() - w.float())
+        H, mean_abs = inputs(name) if inputs is not None else (None, None)
+        rows = [(method_round_trip(w.to(getattr(torch, dtype_name)), c, name, H, mean_abs, quant).float() - w.float())
                 .reshape(-1).to(torch.bfloat16) for c in cands]
         dws[name] = torch.stack(rows)
     return dws
@@ -454,11 +489,12 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
     if doc.get("complete"):
         return doc
     params = _parameters(model, tensors)
-    hessian = None
-    if quant == "gptq":
-        hess, heads = input_hessians(model, windows.ids), head_names(model)
-        hessian = partial(tensor_hessian, hess, heads)
-    dws = _candidate_deltas(params, tensors, progress, hessian)
+    inputs = None
+    if quant != "rtn":
+        sums: dict | None = {} if quant == "awq" else None
+        hess, heads = input_hessians(model, windows.ids, sums), head_names(model)
+        inputs = partial(quant_inputs, quant, hess, awq_means(model, sums or {}, windows.ids.numel()), heads)
+    dws = _candidate_deltas(params, tensors, progress, inputs, quant)
     state = doc.get("fisher_state") or {"windows_done": 0, "sums": {}}
     acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in params}
     n_win, ctx = windows.ids.shape
@@ -617,7 +653,7 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
             only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None,
             quant: str = "rtn") -> dict:
     """`mixq measure`: load `ref` (float32, on `device`), measure every quantizable tensor under every candidate
-    (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq), write `out`.
+    (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq | awq), write `out`.
     `method`: the estimator (fisher | direct). Float32 on every device: the damages compared are far smaller than
     bfloat16's rounding."""
     device = resolve_device(device)
@@ -696,7 +732,7 @@ def add_arguments(p) -> None:
 def add_method_argument(p) -> None:
     p.add_argument("--method", choices=QUANT_METHODS + ESTIMATORS, default=None,
                    help="quantization method the damages are measured under, as `mixq convert --method` makes the "
-                        "quant: rtn (default) or gptq (fisher / direct: the --estimator, as before)")
+                        "quant: rtn (default), gptq or awq (fisher / direct: the --estimator, as before)")
 
 
 def method_options(args) -> tuple[str, str]:
