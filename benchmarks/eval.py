@@ -14,7 +14,8 @@ With --kld RECIPE it also times the KL divergence of MODEL@RECIPE against MODEL 
 of 512 WikiText-2 tokens (mixq eval's default context): the base pass (run once, then cached) and the quant pass apart.
 
 Set up the harness once (never in mixq's .venv):
-    python3 -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install torch==2.13.0 'lm-eval[hf]'  # [hf]: transformers, accelerate (lm-eval 0.4.13 made them optional)
+    python3 -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install torch==2.13.0 'lm-eval[hf]'
+(lm-eval 0.4.13 needs the [hf] extra for transformers and accelerate.)
 Run:
     .venv/bin/python benchmarks/eval.py [--limit 200] [--tasks arc_easy,...] [--out /tmp/mixq-bench-eval]
 """
