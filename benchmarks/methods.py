@@ -10,7 +10,7 @@ then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's de
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
 so no evaluated token was seen in calibration. A recipe `plan@BPW` is planned as `mixq plan --target-bpw BPW`
 plans it, on a measurement (`mixq measure`, its defaults: the end of WikiText-2, after the calibration windows)
-made under the method used (gptq for gptq and awq+gptq, rtn for rtn and awq, which measure has no mode for):
+made under the method used (gptq for gptq and awq+gptq, awq for awq, rtn for rtn):
 OUT/plans/MODEL-QUANT.json (resumable) and OUT/plans/MODEL-plan@BPW-QUANT.toml, then converted with the method.
 Runs are kept in OUT/runs/ and reused: a finished row is not redone, so an interrupted benchmark continues
 where it stopped. Each row's timings (wall and CPU seconds of measure + plan, convert, eval; this process's peak
@@ -78,8 +78,10 @@ def _peak_rss_mb() -> float:
 
 
 def measured_quant(method: str) -> str:
-    """The quantization a plan for `method` is measured under (measure knows rtn and gptq)."""
-    return "gptq" if "gptq" in method.split("+") else "rtn"
+    """The quantization a plan for `method` is measured under (measure knows rtn, gptq and awq; awq+gptq is
+    measured under gptq)."""
+    parts = method.split("+")
+    return "gptq" if "gptq" in parts else "awq" if "awq" in parts else "rtn"
 
 
 def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict) -> str:
