@@ -470,7 +470,11 @@ DENSE_PATH, JIT_PATH, ROWS_PATH = "dense copies", "dequantized per forward", "ro
 def spec_label(jp: JitParam) -> str:
     """A packed parameter's spec in words, e.g. "4-bit g32 affine"."""
     p = next((p for p in jp.parts if isinstance(p, Packed)), None)
-    return "dense" if p is None else f"{p.bits}-bit g{p.group_size} {p.extra.get('mode', 'affine')}"
+    return "dense" if p is None else _packed_label(p)
+
+
+def _packed_label(p: Packed) -> str:
+    return f"{p.bits}-bit g{p.group_size} {p.extra.get('mode', 'affine')}"
 
 
 def _int4_kernel() -> bool:
@@ -499,6 +503,7 @@ class FusedInt4:
     weight: torch.Tensor         # uint8 [N, K / 2] (`_convert_weight_to_int4pack_for_cpu`)
     scales_zeros: torch.Tensor   # FUSED_DTYPE [K / group_size, N, 2]: (scale, bias + 8 * scale)
     group_size: int
+    spec: str                    # the packed weight's spec in words (`spec_label`)
 
     @classmethod
     def of(cls, p: Packed) -> "FusedInt4":
@@ -506,7 +511,7 @@ class FusedInt4:
         weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)   # inner_k_tiles: unused on CPU
         s, b = p.scales.float(), p.biases.float()
         sz = torch.stack([s.T, (b + 8 * s).T], dim=-1).to(FUSED_DTYPE).contiguous()
-        return cls(weight, sz, p.group_size)
+        return cls(weight, sz, p.group_size, _packed_label(p))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ w.T` for x [..., K], in x's dtype."""
@@ -518,10 +523,6 @@ class FusedInt4:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scales_zeros))
-
-    @property
-    def spec(self) -> str:
-        return f"4-bit g{self.group_size} affine"
 
 
 def _fused_forward(module: torch.nn.Linear, fused: FusedInt4):
@@ -564,7 +565,8 @@ def weight_paths(model) -> dict[str, dict[str, int]]:
         return out
 
     def add(spec: str, path: str) -> None:
-        out.setdefault(spec, {})[path] = out.get(spec, {}).get(path, 0) + 1
+        ways = out.setdefault(spec, {})
+        ways[path] = ways.get(path, 0) + 1
 
     for spec in state.kept.values():
         add(spec, DENSE_PATH)
