@@ -10,7 +10,8 @@ then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's de
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
 so no evaluated token was seen in calibration. A recipe `plan@BPW` is planned as `mixq plan --target-bpw BPW`
 plans it, on a measurement (`mixq measure`, its defaults: the end of WikiText-2, after the calibration windows)
-made under the method used (gptq for gptq and awq+gptq, awq for awq, rtn for rtn):
+made under the method used (gptq for gptq and awq+gptq, awq for awq, rtn for rtn; gptq and awq fitted on this run's
+calibration windows, not on the measured ones):
 OUT/plans/MODEL-QUANT.json (resumable) and OUT/plans/MODEL-plan@BPW-QUANT.toml, then converted with the method.
 Runs are kept in OUT/runs/ and reused: a finished row is not redone, so an interrupted benchmark continues
 where it stopped. Each row's timings (wall and CPU seconds of measure + plan, convert, eval; this process's peak
@@ -84,8 +85,9 @@ def measured_quant(method: str) -> str:
     return "gptq" if "gptq" in parts else "awq" if "awq" in parts else "rtn"
 
 
-def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict) -> str:
-    """The recipe file for `plan@BPW` measured under `quant` (measured and planned once, then reused)."""
+def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict, calib: CalibConfig) -> str:
+    """The recipe file for `plan@BPW` measured under `quant` (gptq/awq with the calibration `calib` convert uses;
+    measured and planned once, then reused)."""
     from mixq.tune.allocate import allocate
     from mixq.tune.measure import measure
 
@@ -95,7 +97,7 @@ def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict
         return str(path)
     mpath = out / "plans" / f"{model}-{quant}.json"
     with timed(timings, "measure"):
-        meas = measure(model, out=mpath, resume=True, quant=quant)
+        meas = measure(model, out=mpath, resume=True, quant=quant, method_calib=calib)
     with timed(timings, "plan"):
         alloc = allocate(model, meas, target_bpw=bpw, measurement_path=str(mpath))
         write_atomic(path, alloc.text)
@@ -120,7 +122,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     done = (run / "results.json").is_file() and read_results(run).get("complete")
     if not done:
         if not (folder / "mixq_provenance.json").is_file():
-            src = planned_recipe(model, recipe, measured_quant(base_method), out, timings) \
+            src = planned_recipe(model, recipe, measured_quant(base_method), out, timings, calib) \
                 if recipe.startswith(PLAN) else recipe
             with timed(timings, "convert"):
                 convert(model, folder, src, method=base_method, calib=calib, force=True, clip="clip" in opts,

@@ -34,13 +34,13 @@ class CalibConfig:
     length: int = DEFAULT_LENGTH
     seed: int = DEFAULT_SEED
 
-    def check(self) -> None:
-        """Options checked before anything is loaded."""
-        for opt, v, low in (("--calib-samples", self.samples, 1), ("--calib-len", self.length, 2)):
+    def check(self, prefix: str = "") -> None:
+        """Options checked before anything is loaded (`prefix`: of the option names, as add_calib_arguments')."""
+        for opt, v, low in ((f"--{prefix}calib-samples", self.samples, 1), (f"--{prefix}calib-len", self.length, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise MixqError(f"{opt} {v!r}: give an integer of {low} or more")
         if self.file is not None and not Path(self.file).expanduser().is_file():
-            raise MixqError(f"--calib {self.file}: no such text file; give a plain text file")
+            raise MixqError(f"--{prefix}calib {self.file}: no such text file; give a plain text file")
 
 
 @dataclass
@@ -85,6 +85,23 @@ def calibration(tokenizer, cfg: CalibConfig | None = None) -> Calibration:
     return Calibration(ids, info)
 
 
+def without_span(cal: Calibration, path, start: int, end: int) -> Calibration:
+    """`cal` without its samples that share a token with tokens [start, end) of the text file `path` (e.g. the
+    windows `mixq measure` scores): the dropped starts go to `info["dropped_overlapping"]`."""
+    import torch
+
+    same = Path(cal.info["file"]).resolve() == Path(path).resolve()
+    length = cal.info["length"]
+    keep = [i for i, s in enumerate(cal.info["token_starts"]) if not (same and s < end and start < s + length)]
+    if not keep:
+        raise MixqError(f"{path}: every calibration window overlaps tokens {start}..{end} that are measured; "
+                        "pass another calibration file or more samples")
+    dropped = [s for i, s in enumerate(cal.info["token_starts"]) if i not in set(keep)]
+    info = {**cal.info, "token_starts": [cal.info["token_starts"][i] for i in keep], "samples_used": len(keep),
+            "dropped_overlapping": dropped}
+    return Calibration(cal.ids[torch.tensor(keep)].clone(), info)
+
+
 def tail_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
     """(perplexity.Windows, info): the last n_tokens // ctx windows of `ctx` tokens of a text file (default:
     perplexity.default_text_file), `mixq measure`'s calibration. Evaluation's ppl/kld windows are counted from the
@@ -100,18 +117,21 @@ def tail_windows(tokenizer, path=None, n_tokens: int = 1024, ctx: int = 256):
                  "windows_in_file": total, "scored_tokens": sub.n_tokens, "digest": sub.digest}
 
 
-def add_calib_arguments(p) -> None:
-    p.add_argument("--calib", default=None, metavar="FILE",
-                   help="calibration text file (default: WikiText-2 test after eval's default ppl/KLD windows)")
-    p.add_argument("--calib-samples", type=int, default=DEFAULT_SAMPLES,
-                   help=f"calibration windows (default {DEFAULT_SAMPLES})")
-    p.add_argument("--calib-len", type=int, default=DEFAULT_LENGTH,
-                   help=f"tokens per calibration window (default {DEFAULT_LENGTH})")
-    p.add_argument("--calib-seed", type=int, default=DEFAULT_SEED,
-                   help=f"seed choosing the calibration windows (default {DEFAULT_SEED})")
+def add_calib_arguments(p, prefix: str = "", what: str = "calibration") -> None:
+    """--calib, --calib-samples, --calib-len, --calib-seed (each after `prefix`: measure's are --method-calib...)."""
+    p.add_argument(f"--{prefix}calib", default=None, metavar="FILE",
+                   help=f"{what} text file (default: WikiText-2 test after eval's default ppl/KLD windows)")
+    p.add_argument(f"--{prefix}calib-samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"{what} windows (default {DEFAULT_SAMPLES})")
+    p.add_argument(f"--{prefix}calib-len", type=int, default=DEFAULT_LENGTH,
+                   help=f"tokens per {what} window (default {DEFAULT_LENGTH})")
+    p.add_argument(f"--{prefix}calib-seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed choosing the {what} windows (default {DEFAULT_SEED})")
 
 
-def calib_config(args) -> CalibConfig:
-    cfg = CalibConfig(args.calib, args.calib_samples, args.calib_len, args.calib_seed)
-    cfg.check()
+def calib_config(args, prefix: str = "") -> CalibConfig:
+    """The CalibConfig of the options `add_calib_arguments(p, prefix)` added."""
+    dest = prefix.replace("-", "_")
+    cfg = CalibConfig(*(getattr(args, f"{dest}calib{k}") for k in ("", "_samples", "_len", "_seed")))
+    cfg.check(prefix)
     return cfg

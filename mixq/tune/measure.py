@@ -22,8 +22,11 @@ Two methods:
 
 Quantization method (`--method rtn | gptq | awq`, default rtn): the perturbed tensor is what `mixq convert --method`
 of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ with the Hessian
-of that tensor's inputs in the unquantized model on the calibration windows (decoder layers' linears; the output
-head, or with tied embeddings the embedding, from the final norm's outputs), as convert applies it; tensors convert
+of that tensor's inputs in the unquantized model (decoder layers' linears; the output head, or with tied embeddings
+the embedding, from the final norm's outputs), as convert applies it, on convert's calibration text
+(`--method-calib FILE --method-calib-samples N --method-calib-len L`, convert's defaults) less every window that
+shares a token with the measured windows: fitted on the scored tokens themselves, GPTQ looked ~3x better than the
+quant convert makes (a plan on it lost to the rtn plan); tensors convert
 leaves round-to-nearest under gptq (an untied embedding, float-mode candidates) are measured so here too. The
 plan then allocates bits for the quant that will be made (`mixq plan --method gptq` writes `method = "gptq"`).
 awq: tune/awq.py's `awq_round_trip`, the tensor as if alone in its group: its own scale searched on its inputs' Hessian
@@ -69,7 +72,7 @@ from mixq.quant.spec import FLOAT_MODES, Spec
 from mixq.quant.tensors import layer_index, module_path
 from mixq.threads import available_cores, torch_threads
 from mixq.tune.awq import awq_round_trip, scalable
-from mixq.tune.calib import tail_windows
+from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, calibration, tail_windows, without_span
 from mixq.tune.gptq import gptq_round_trip
 
 FORMAT = "mixq-measurement/1"
@@ -179,6 +182,14 @@ def input_hessians(model, ids, abs_sums: dict | None = None) -> dict:
     return {k: v.cpu() / ids.numel() for k, v in grams.items()}
 
 
+def calibrated_inputs(model, quant: str, ids) -> tuple[dict, dict]:
+    """(input Hessians, awq's mean |x|) of the unquantized `model` on the windows `ids`: what `quant` (gptq, awq)
+    quantizes each tensor with."""
+    sums: dict | None = {} if quant == "awq" else None
+    hess = input_hessians(model, ids, sums)
+    return hess, awq_means(model, sums or {}, ids.numel())
+
+
 def apply_round_trips(model, plan, originals: dict, cache: dict | None = None) -> None:
     """Set every planned tensor of `model` to what the plan stores, read back: quantized ones to their round trip
     from the stored dtype, kept ones cast to the stored dtype and back (`originals`: name -> source tensor;
@@ -260,7 +271,9 @@ class Measurer:
     """Perturb one tensor at a time and return the mean per-token KLD against the base."""
 
     def __init__(self, model, input_ids, *, full_vocab: bool = False, topk: int = TOPK, hessians: bool = True,
-                 quant: str = "rtn"):
+                 quant: str = "rtn", method_inputs: tuple[dict, dict] | None = None):
+        """`method_inputs`: (Hessians, mean |x|) a calibrated `quant` quantizes with (`method_inputs`); None: those
+        of the measured windows themselves."""
         self.model = model
         self.quant = quant
         model.requires_grad_(False)
@@ -274,10 +287,11 @@ class Measurer:
         self.modules = dict(model.named_modules())
         self.cal = self._calibrate(input_ids, full_vocab, topk, hessians or quant != "rtn")
         self.heads = head_names(model)
+        self.method_inputs = method_inputs or (self.cal.hessians, self.cal.means)
 
     def round_trip(self, name: str, w, spec: Spec):
         """`w` (stored dtype) as convert stores it under `spec` with this measurement's quantization method."""
-        H, mean_abs = quant_inputs(self.quant, self.cal.hessians, self.cal.means, self.heads, name)
+        H, mean_abs = quant_inputs(self.quant, *self.method_inputs, self.heads, name)
         return method_round_trip(w, spec, name, H, mean_abs, self.quant)
 
     # -- base pass ----------------------------------------------------------------------------
@@ -403,7 +417,8 @@ def candidate_table(prep, specs) -> dict[str, tuple[str, list[Spec]]]:
 
 
 # Settings a resumed measurement must share with the file it continues.
-_RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab", "quant_method")
+_RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab", "quant_method",
+                "method_calib")
 _RESUME_DEFAULTS = {"quant_method": "rtn"}   # files written before the key existed
 
 
@@ -472,7 +487,7 @@ def fisher_estimates(tensors, state: dict, scored_per_window: int, draws: int) -
 
 def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
                    header: dict, draws: int = 8, seed: int = 0, resume: bool = False, progress: bool = True,
-                   quant: str = "rtn") -> dict:
+                   quant: str = "rtn", method_inputs: tuple[dict, dict] | None = None) -> dict:
     """Second-order (Fisher) estimate of every tensor's damage for every candidate, all at once; the
     measurement is written to `out` after every window (resumable with `resume=True`).
 
@@ -482,7 +497,7 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
     so mean (g . dW)^2 / (2 * tokens) is an unbiased estimate of the mean per-token KLD to second
     order. One forward and `draws` backward passes per window give g for every tensor; the dot
     products with every candidate's dW = dequant(quant(W)) - W are cheap. Window i draws its labels
-    with seed + i.
+    with seed + i. `method_inputs`: as `Measurer`'s (None: from the measured windows).
     """
     mf = MeasurementFile(out, {"format": FORMAT, **header, "method": "fisher", "draws": draws}, resume)
     doc = mf.doc
@@ -491,9 +506,8 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
     params = _parameters(model, tensors)
     inputs = None
     if quant != "rtn":
-        sums: dict | None = {} if quant == "awq" else None
-        hess, heads = input_hessians(model, windows.ids, sums), head_names(model)
-        inputs = partial(quant_inputs, quant, hess, awq_means(model, sums or {}, windows.ids.numel()), heads)
+        hess, means = method_inputs or calibrated_inputs(model, quant, windows.ids)
+        inputs = partial(quant_inputs, quant, hess, means, head_names(model))
     dws = _candidate_deltas(params, tensors, progress, inputs, quant)
     state = doc.get("fisher_state") or {"windows_done": 0, "sums": {}}
     acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in params}
@@ -553,7 +567,8 @@ def _direct_record(m: Measurer, name: str, dtype_name: str, cands, chosen, bar) 
 
 def measure_direct(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *, out: Path,
                    header: dict, direct: str = "anchors", anchors=DEFAULT_ANCHORS, full_vocab: bool = False,
-                   resume: bool = False, progress: bool = True, quant: str = "rtn") -> dict:
+                   resume: bool = False, progress: bool = True, quant: str = "rtn",
+                   method_inputs: tuple[dict, dict] | None = None) -> dict:
     """Each tensor's damage by perturbed forwards (all candidates, or the anchors with the others scaled by
     the proxy error); the measurement is written to `out` after every tensor (resumable with `resume=True`)."""
     header = {"format": FORMAT, **header, "method": "direct", "direct": direct,
@@ -566,7 +581,7 @@ def measure_direct(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
         doc["complete"] = True
         return doc
     _parameters(model, todo)
-    m = Measurer(model, windows.ids, full_vocab=full_vocab, quant=quant)
+    m = Measurer(model, windows.ids, full_vocab=full_vocab, quant=quant, method_inputs=method_inputs)
     doc["vocab_subset_size"] = None if m.cal.vocab is None else int(m.cal.vocab.numel())
     chosen = {n: _direct_choices(tensors[n][1], direct, anchors) for n in todo}
     bar = tqdm(total=sum(map(len, chosen.values())), desc="measure (direct)", unit="fwd", disable=not progress,
@@ -651,11 +666,12 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
             tokens: int = 1024, ctx: int = 256, out, resume: bool = False, method: str = "fisher", draws: int = 8,
             direct: str = "anchors", full_vocab: bool = False, progress: bool = True,
             only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None,
-            quant: str = "rtn") -> dict:
+            quant: str = "rtn", method_calib: CalibConfig | None = None) -> dict:
     """`mixq measure`: load `ref` (float32, on `device`), measure every quantizable tensor under every candidate
     (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq | awq), write `out`.
-    `method`: the estimator (fisher | direct). Float32 on every device: the damages compared are far smaller than
-    bfloat16's rounding."""
+    `method`: the estimator (fisher | direct). `method_calib`: the calibration text gptq / awq quantize with (convert's
+    default), less any window that overlaps the measured ones. Float32 on every device: the damages compared are far
+    smaller than bfloat16's rounding."""
     device = resolve_device(device)
     if device == "mps":
         raise MixqError("--device mps: measure sums in float64, which MPS lacks; use --device cpu")
@@ -663,6 +679,8 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
         raise MixqError(f"unknown measurement estimator {method!r}: use fisher or direct")
     if quant not in QUANT_METHODS:
         raise MixqError(f"--method {quant!r}: measure knows the quantization methods {', '.join(QUANT_METHODS)}")
+    method_calib = method_calib or CalibConfig()
+    method_calib.check("method-")
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
         raise MixqError(f"--ctx {ctx!r}: must be 2 or more tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < ctx:
@@ -689,11 +707,25 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
         header = {"model": str(ref), "source": str(prep.path), "candidates": [key_of(c) for c in specs],
                   "calib": calib_info, "quant_method": quant,
                   "metric": f"mean per-token KL(base || one tensor quantized{by}), nats"}
+        inputs = None
+        if quant != "rtn":
+            inputs, header["method_calib"] = _method_inputs(lm, quant, method_calib, calib_info)
         if method == "fisher":
             return measure_fisher(lm.model, table, windows, out=out, header=header, draws=draws, resume=resume,
-                                  progress=progress, quant=quant)
+                                  progress=progress, quant=quant, method_inputs=inputs)
         return measure_direct(lm.model, table, windows, out=out, header=header, direct=direct,
-                              full_vocab=full_vocab, resume=resume, progress=progress, quant=quant)
+                              full_vocab=full_vocab, resume=resume, progress=progress, quant=quant,
+                              method_inputs=inputs)
+
+
+def _method_inputs(lm, quant: str, cfg: CalibConfig, measured: dict) -> tuple[tuple[dict, dict], dict]:
+    """((Hessians, mean |x|) of the calibration `cfg` that `quant` quantizes with, less the windows that share a
+    token with the `measured` ones (tail_windows' info), its provenance). GPTQ fitted to the very tokens its damage
+    is measured on would look far better than the quant convert makes."""
+    start = measured["first_window"] * measured["ctx"]
+    end = start + measured["n_windows"] * measured["ctx"]
+    cal = without_span(calibration(lm.tokenizer, cfg), measured["file"], start, end)
+    return calibrated_inputs(lm.model, quant, cal.ids.to(lm.model.device)), cal.info
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -714,6 +746,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--ctx", type=int, default=256, help="calibration window length (default 256)")
     add_method_argument(p)
+    add_calib_arguments(p, prefix="method-", what="gptq/awq calibration")
     p.add_argument("--estimator", choices=ESTIMATORS, default=None,
                    help="fisher (default): second-order estimate from sampled-label gradients, all tensors and "
                         "candidates at once; direct: one forward per tensor and candidate")
@@ -753,7 +786,7 @@ def cli(args) -> int:
     doc = measure(args.model, levels=levels, group_sizes=groups, modes=modes, calib=args.calib, tokens=args.tokens,
                   ctx=args.ctx, out=Path(args.output), resume=args.resume, method=estimator,
                   draws=args.draws, direct=args.direct, full_vocab=args.full_vocab, device=opts.device,
-                  max_memory=opts.max_memory, quant=quant)
+                  max_memory=opts.max_memory, quant=quant, method_calib=calib_config(args, prefix="method-"))
     print(f"measured {len(doc['tensors'])} tensors x {len(doc['candidates'])} candidates in "
           f"{doc.get('seconds', 0):.0f}s -> {args.output}")
     print(peak_memory_line())
