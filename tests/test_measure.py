@@ -210,6 +210,7 @@ def test_measure_under_gptq_damages_at_most_rtn_and_plans(tiny, tmp_path):
         0.8 * sum(t["damage"]["3:32"] for t in rtn["tensors"].values())
     alloc = allocate(str(tiny[0]), gq, target_bpw=4.0)
     assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "gptq"
+    assert f"gptq fitted on {tiny[1]} (" in alloc.text   # the plan says which calibration its damages assume
     assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {"gptq"}
     assert {tp.method for tp in allocate(str(tiny[0]), rtn, target_bpw=4.0).plan.quantized} == {"rtn"}
 

@@ -362,7 +362,7 @@ def recipe_text(alloc: Allocation, measurement: dict, measurement_path, rules: s
         f"# measurement: {measurement_path or '?'} (method {measurement.get('method', '?')}, "
         f"quantization {measurement.get('quant_method', 'rtn')}, "
         f"calibration {measurement.get('calib', {}).get('file', '?')}, "
-        f"{_tokens_used(measurement)} tokens)"
+        f"{_tokens_used(measurement)} tokens{_method_calib_text(measurement)})"
         + ("; damages per tensor and group size fitted to c / (2^bits - 1)^2" if measurement.get("method") == "fisher"
            else ""),
         f"# tensors: {summary}",
@@ -379,6 +379,15 @@ def mix_text(plan: Plan) -> str:
     """The chosen mix as shares of the parameters, largest first ("mxfp4 52.1%, 6-bit g32 30.0%, ...")."""
     by = plan.summary()["by_spec"]
     return ", ".join(f"{k} {e['share']:.1%}" for k, e in by.items())
+
+
+def _method_calib_text(measurement: dict) -> str:
+    """"; gptq fitted on FILE (N x L tokens, seed S)" for a measurement under a calibrated method, else ""."""
+    cal = measurement.get("method_calib")
+    if not cal:
+        return ""
+    return (f"; {measurement.get('quant_method')} fitted on {cal['file']} ({cal.get('samples_used', cal['samples'])} "
+            f"x {cal['length']} tokens, seed {cal['seed']}: convert's --calib options should match)")
 
 
 def _tokens_used(measurement: dict):
