@@ -309,3 +309,18 @@ def test_measure_refuses_bad_method_calibration_by_its_option(tiny, tmp_path, ca
         err = capsys.readouterr().err
         assert name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_plan_caches_a_measurement_per_method_and_calibration(tmp_path, monkeypatch):
+    """`mixq plan --method gptq` measuring now caches one file per model, method and calibration fitted on."""
+    from mixq.tune.allocate import default_measurement_path
+    from mixq.tune.calib import CalibConfig
+
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path))
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    paths = {default_measurement_path("m", q, c) for q in ("gptq", "awq")
+             for c in (None, CalibConfig(samples=32), CalibConfig(seed=1), CalibConfig(str(text)))}
+    assert len(paths) == 8
+    assert default_measurement_path("m") == default_measurement_path("m", "rtn", CalibConfig(samples=32))
+    assert default_measurement_path("m", "gptq") == default_measurement_path("m", "gptq", CalibConfig())

@@ -31,11 +31,12 @@ import numpy as np
 
 from mixq.errors import MixqError
 from mixq.eval.engine import add_device_arguments, device_options, peak_memory_line
-from mixq.io.files import cache_dir, write_atomic
+from mixq.io.files import cache_dir, sha256_file, write_atomic
 from mixq.quant.plan import Plan
 from mixq.quant.prepare import DTYPES, prepare
 from mixq.quant.recipe import keep_recipe, parse_recipe, uniform_recipe
 from mixq.quant.spec import Spec
+from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config
 from mixq.tune.measure import QUANT_METHODS, load_measurement, measure, measurement_damages, parse_key
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +403,13 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s).rstrip("/").rsplit("/", 1)[-1]) or "model"
 
 
-def default_measurement_path(model: str, quant: str = "rtn") -> Path:
-    return Path(cache_dir()) / "measurements" / f"{_slug(model)}{'' if quant == 'rtn' else '-' + quant}.json"
+def default_measurement_path(model: str, quant: str = "rtn", calib: CalibConfig | None = None) -> Path:
+    """The cache file `mixq plan` measures into: one per model, method and (gptq, awq) the calibration fitted on."""
+    if quant == "rtn":
+        return Path(cache_dir()) / "measurements" / f"{_slug(model)}.json"
+    c = calib or CalibConfig()
+    text = "" if c.file is None else "-" + sha256_file(Path(c.file).expanduser())[:12]
+    return Path(cache_dir()) / "measurements" / f"{_slug(model)}-{quant}-{c.samples}x{c.length}-s{c.seed}{text}.json"
 
 
 def add_arguments(p) -> None:
@@ -420,6 +426,7 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=QUANT_METHODS, default=None,
                    help="quantization method the plan is for: damages measured under it (a --measurement must have "
                         "been measured so; default: the measurement's, rtn when measuring now) and the recipe says it")
+    add_calib_arguments(p, prefix="method-", what="gptq/awq calibration")
     p.add_argument("-o", "--output", required=True, help="recipe TOML to write")
     add_device_arguments(p, dtype=False)   # for measuring now (--dtype above is the storage dtype)
 
@@ -435,10 +442,10 @@ def cli(args) -> int:
             raise MixqError(f"--measurement {mpath} was measured under method {measured}, not {args.method}; "
                             f"run `mixq measure {args.model} --method {args.method} -o FILE` and pass that")
     else:
-        quant = args.method or "rtn"
-        mpath = default_measurement_path(args.model, quant)
+        quant, calib = args.method or "rtn", calib_config(args, prefix="method-")
+        mpath = default_measurement_path(args.model, quant, calib)
         meas = measure(args.model, out=mpath, resume=True, device=opts.device, max_memory=opts.max_memory,
-                       quant=quant)
+                       quant=quant, method_calib=calib)
     target_bytes = parse_size(args.target_size) if args.target_size else None
     alloc = allocate(args.model, meas, target_bpw=args.target_bpw, target_bytes=target_bytes, dtype=args.dtype,
                      allow_keep=not args.no_keep, measurement_path=str(mpath))
