@@ -1,8 +1,8 @@
-"""AWQ (Lin et al. 2023) on the MLX affine grid: activation-aware input-channel scales folded into the op before,
-then a clipping search; layer by layer, through tune/gptq.py's `LayerLoader`, capture and run helpers (each
-layer's inputs come from the quantized layers before it). Memory: as gptq_tensors', one decoder layer at a time
-(loaded from the source before it is searched and quantized, released after it ran) plus the tensors outside the
-layers (embedding, final norm, head) in float32, the calibration activations and the results so far. `run_awq`
+"""AWQ (Lin et al. 2023) on MLX's grids (affine and the float modes): activation-aware input-channel scales folded into
+the op before, then a clipping search; layer by layer, through tune/gptq.py's `LayerLoader`, capture and run helpers
+(each layer's inputs come from the quantized layers before it). Memory: as gptq_tensors', one decoder layer at a
+time (loaded from the source before it is searched and quantized, released after it ran) plus the tensors outside
+the layers (embedding, final norm, head) in float32, the calibration activations and the results so far. `run_awq`
 also takes a whole float model (no loader), the same path, bit for bit.
 
 Per decoder layer, on its calibration inputs:
@@ -12,9 +12,9 @@ Per decoder layer, on its calibration inputs:
     after post_attention_layernorm; gemma3: gate/up after pre_feedforward_layernorm), and `v_proj -> o_proj`,
     `up_proj -> down_proj` when the first's outputs are as many as the second's inputs (no GQA);
   * per group, s = mean|x|^alpha / sqrt(max * min) for alpha on N_GRID points in [0, 1) minimises the group's
-    output error sum_W tr(E H E^T), E = W - Q(W diag s) diag(1/s), over all calibration tokens (Q: MLX's affine
-    quantize/dequantize under each linear's planned bits, group size and dtype); alpha = 0 is s = 1, round to
-    nearest, so the error chosen is never above round-to-nearest's;
+    output error sum_W tr(E H E^T), E = W - Q(W diag s) diag(1/s), over all calibration tokens (Q: MLX's quantize /
+    dequantize under each linear's planned bits, group size, dtype and mode: affine or a float mode); alpha = 0 is
+    s = 1, round to nearest, so the error chosen is never above round-to-nearest's;
   * s is folded: the linears' columns times s; the norm's gain divided by s (gemma's (1 + w) gain too:
     w' = (1 + w) / s - 1; the offset is probed on the module itself) or the preceding linear's rows and bias
     divided by s. The float layer's output (first batch) must stay what it was (relative FOLD_TOL) or the fold is
@@ -22,10 +22,13 @@ Per decoder layer, on its calibration inputs:
     awq / awq+gptq (or whose preceding linear is not) are not scaled either: a rule's method touches only its
     tensors. Every unscaled awq tensor is listed with its reason (`awq_not_scaled` in the provenance);
   * "awq" linears are quantized with a clipping search (per row and group, the range shrink in CLIP_GRID with the
-    least error e H_gg e^T on the group's block of H); "awq+gptq" and "gptq" linears get GPTQ (tune/gptq.py) under
-    the Hessian of their scaled inputs, H / (s s^T); the quantized weights replace the float ones.
+    least error e H_gg e^T on the group's block of H; a float mode shrinks the group's max |w| before its scale is
+    chosen, the values beyond saturating at the format's largest code); "awq+gptq" and "gptq" linears get GPTQ
+    (tune/gptq.py) under the Hessian of their scaled inputs, H / (s s^T); the quantized weights replace the float
+    ones.
 Folded norm weights and biases are written in their stored dtype (`Precomputed.floats`): the folder stays plain MLX
-affine. The output head takes no scale (its input is the final norm, whose gain a tied embedding cannot follow):
+(affine or float-mode tensors, as planned).
+The output head takes no scale (its input is the final norm, whose gain a tied embedding cannot follow):
 "awq" gives it the clipping search only ("awq (clip only)"), "awq+gptq" GPTQ. MoE expert stacks (not nn.Linear)
 and embeddings stay round-to-nearest, and `methods` says so.
 """

@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al. 2022) on the MLX affine grid: Hessian-based error compensation, layer by layer.
+"""GPTQ (Frantar et al. 2022) on MLX's grids (affine and the float modes): Hessian-based error compensation, layer
+by layer.
 
 `gptq_quantize(w, H, bits, group_size, dtype=...)` quantizes one weight [out, in] column by column: each
 column is rounded to its group's grid and the rounding error, weighted by the inverse Hessian
@@ -10,6 +11,13 @@ are computed as the group starts, from the weights as updated so far, with mx.qu
 (`quant.quantize.affine_params`) and rounded to the stored dtype; codes are rounded as mx.quantize rounds
 them. The compensation uses the exact values MLX dequantizes (scale * q, rounded, + bias, rounded, in the
 stored dtype), so what is written is plain MLX affine and what GPTQ optimised is what MLX computes.
+Float modes (`mode` mxfp4, nvfp4, mxfp8; `_FloatGrid`): the same column loop; a group's scale (E8M0 power of two
+for mx*, E4M3 for nvfp4) is computed as the group starts from the max |w| of its columns as updated so far (in the
+stored dtype) by mx.quantize's own formula (`quant.quantize.float_scales`), each column is rounded to the nearest
+code of its group's grid (E2M1: 16 codes, E4M3: 256) with mlx's ties (`float_codes`), and the error is taken
+against code value * scale, which is what MLX dequantizes (exact): the output is `quantize(..., mode=)`'s layout
+(packed codes, uint8 scales, no biases). The range search (`clip`) and act-order are affine only; a float-mode tensor
+ignores them.
 Act-order (`act_order=True`, `convert --gptq-act-order`) uses static groups (`_act_order`): scales and biases of
 MLX's contiguous groups are fixed from the weight before GPTQ, the columns are done in act order, and the codes
 stored in the original order, so the layout stays exactly MLX's.
