@@ -13,7 +13,7 @@ import torch
 from oracles import mlx_logits, rel_err
 from test_awq import _calib, _ids
 from test_convert import TOKENS
-from test_gptq import _default_text, _inputs, _no_shared_data  # noqa: F401 - fixtures (the default text)
+from test_gptq import _default_text, _inputs, _no_shared_data, _tensors  # noqa: F401 - fixtures (the default text)
 
 from mixq.eval.engine import load_model
 from mixq.quant.prepare import prepare
@@ -22,6 +22,7 @@ from mixq.quant.recipe import parse_recipe
 from mixq.quant.spec import Spec
 from mixq.tune import awq, gptq
 from mixq.tune.calib import CalibConfig
+from mixq.tune.dwq import DwqConfig
 from mixq.tune.measure import method_round_trip
 from mixq.tune.methods import convert
 
@@ -184,17 +185,30 @@ def test_model_output_closer_with_gptq_on_mxfp4(tiny_model, tmp_path):
 
 
 @pytest.mark.mlx
-@pytest.mark.parametrize("recipe,method", [("mxfp4", "gptq"), ("nvfp4", "gptq"), ("mxfp8", "gptq"),
-                                           ("nvfp4", "awq+gptq"), ("mxfp4", "awq")])
-def test_float_folder_opens_in_mlx_lm(tiny_model, tmp_path, recipe, method):
-    """A float-mode folder made by a calibrated method: its tensors carry that method, and mlx_lm.load opens it with
-    the engine's logits."""
-    out = convert(tiny_model("llama"), tmp_path / "out", recipe, method=method, calib=CALIB, progress=False)
+@pytest.mark.parametrize("arch,recipe,method", [("llama", "mxfp4", "gptq"), ("llama", "nvfp4", "gptq"),
+                                                ("llama", "mxfp8", "gptq"), ("llama", "nvfp4", "awq+gptq"),
+                                                ("llama", "mxfp4", "awq"), ("qwen3_moe", "nvfp4", "gptq")])
+def test_float_folder_opens_in_mlx_lm(tiny_model, tmp_path, arch, recipe, method):
+    """A float-mode folder made by a calibrated method (qwen3_moe: its expert stacks by GPTQ per expert too): its
+    tensors carry that method, and mlx_lm.load opens it with the engine's logits."""
+    out = convert(tiny_model(arch), tmp_path / "out", recipe, method=method, calib=CALIB, progress=False)
     prov = json.loads((out / "mixq_provenance.json").read_text())
     got = {t["method"] for t in prov["tensors"] if t.get("method")}
     assert got & {method, "awq (clip only)"}, got
     engine = load_model(str(out), progress=False).model(torch.tensor(TOKENS)).logits.detach().numpy()
     assert rel_err(mlx_logits(out, TOKENS), engine) < 1e-4
+
+
+def test_clip_and_act_order_leave_float_tensors_plain(tiny_model, tmp_path):
+    """--gptq-clip and --gptq-act-order are affine only: on an mxfp4 recipe the tensors are plain gptq's, and the
+    calibration record says so."""
+    src = tiny_model("llama")
+    prep = prepare(src, "mxfp4", method="gptq")
+    plain = gptq.gptq_tensors(prep, _calib(src), progress=False)
+    both = gptq.gptq_tensors(prep, _calib(src), progress=False, clip=True, act_order=True)
+    assert plain.tensors.keys() == both.tensors.keys() and plain.tensors
+    assert all(torch.equal(a, b) for n in plain.tensors for a, b in zip(plain.tensors[n][:2], both.tensors[n][:2]))
+    assert "float_modes" in both.calibration and "float_modes" not in plain.calibration
 
 
 def test_dwq_method_on_a_float_mode_is_its_start(tiny_model):
@@ -211,3 +225,21 @@ def test_dwq_method_on_a_float_mode_is_its_start(tiny_model):
         assert by_mode == {"affine": {method}, "nvfp4": {start}}, (method, by_mode)
     rule = parse_recipe(text.replace('mode = "nvfp4"\n', 'mode = "nvfp4"\nmethod = "gptq+dwq"\n'))
     assert {tp.method for tp in prepare(src, rule).plan.tensors if tp.spec and tp.spec.mode == "nvfp4"} == {"gptq"}
+
+
+def test_gptq_dwq_on_a_mixed_recipe(tiny_model, tmp_path):
+    """gptq+dwq on a recipe with nvfp4 mlp tensors: the affine tensors are tuned (method gptq+dwq), the nvfp4 ones
+    are GPTQ's and say so (method gptq), byte-identical to a plain gptq convert of them."""
+    text = '[recipe]\nname = "m"\nbits = 4\ngroup_size = 64\n[[rule]]\npattern = "*.mlp.*"\nmode = "nvfp4"\n'
+    src = tiny_model("llama")
+    cal = CalibConfig(samples=8, length=64)
+    out = convert(src, tmp_path / "dwq", parse_recipe(text), method="gptq+dwq", calib=cal,
+                  dwq=DwqConfig(steps=4, lr=1e-4, batch=2), progress=False)
+    methods = {t["name"]: t["method"] for t in json.loads((out / "mixq_provenance.json").read_text())["tensors"]
+               if t.get("method")}
+    mlp = {n for n in methods if ".mlp." in n}
+    assert mlp and {methods[n] for n in mlp} == {"gptq"}
+    assert {m for n, m in methods.items() if n not in mlp} == {"gptq+dwq"}
+    ref = _tensors(convert(src, tmp_path / "gptq", parse_recipe(text), method="gptq", calib=cal, progress=False))
+    got = _tensors(out)
+    assert all(torch.equal(got[k], ref[k]) for k in got if ".mlp." in k)

@@ -662,8 +662,10 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
             name, out, norm = target
             _quantize_linear(name, out, head_hessian(norm, hidden), wanted[name], damp, clip, tensors, methods,
                              act_order)
+    floats = (clip or act_order) and any(tp.spec.mode != "affine" for tp in wanted.values())
     info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": "static groups" if act_order else False,
             "clip_search": clip,
+            **({"float_modes": "clip search and act-order apply to affine tensors only"} if floats else {}),
             "head": target[0] if target is not None else None, **calib.info,
             "seconds": round(time.time() - t0, 1),
             "fallback_rtn": sorted(n for n, m in methods.items() if m.startswith("rtn")),
