@@ -118,7 +118,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     if mode == "affine":
         scales = torch.empty(rows, cols // group_size, dtype=dtype)
         grid = _AffineGrid(scales, torch.empty_like(scales), bits, group_size, torch.diag(H).to(torch.float32),
-                           CLIP_GRID if clip else (1.0,), rows)
+                           CLIP_GRID if clip else (1.0,))
     else:
         grid = _FloatGrid(torch.empty(rows, cols // group_size, dtype=torch.uint8), bits, group_size, mode, dtype)
     # small ops and small factorizations: one thread is fastest, and stays fast on a busy machine (measured under
@@ -236,18 +236,24 @@ def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> t
     return best[1], best[2]
 
 
+@dataclass
 class _AffineGrid:
     """GPTQ's per-group affine grid: a group's (scale, bias) from its columns as updated so far, mx.quantize's formula
     (`_group_params`; `grid`: range shrink factors searched), rounded to the stored dtype; codes as mx.quantize rounds
     them; the values MLX dequantizes (`_levels`)."""
+    scales: torch.Tensor     # [rows, groups] in the stored dtype (filled)
+    biases: torch.Tensor
+    bits: int
+    gs: int
+    hdiag: torch.Tensor      # diag(H): the range search's weights
+    grid: tuple
 
-    def __init__(self, scales, biases, bits: int, group_size: int, hdiag, grid, rows: int):
+    def __post_init__(self):
         import numpy as np
 
-        self.scales, self.biases, self.bits, self.gs = scales, biases, bits, group_size
-        self.hdiag, self.grid = hdiag, grid
-        self.maxq = float((1 << bits) - 1)
-        self.flat = np.arange(rows) * (1 << bits)
+        rows = self.scales.shape[0]
+        self.maxq = float((1 << self.bits) - 1)
+        self.flat = np.arange(rows) * (1 << self.bits)
         self.t = np.empty(rows, dtype=np.float32)
 
     def start(self, i: int, cols) -> None:
@@ -272,15 +278,20 @@ class _AffineGrid:
         return q, self.levels[self.flat + q]
 
 
+@dataclass
 class _FloatGrid:
     """GPTQ's per-group float-mode grid (mxfp4, nvfp4, mxfp8): a group's scale from the max |w| of its columns as
     updated so far (in the stored dtype), codes as mx.quantize computes and rounds them (`quant.quantize.float_scales`,
     `float_codes`); the value MLX dequantizes is code value * scale, exact in float32."""
+    scales: torch.Tensor     # uint8 [rows, groups] (filled)
+    bits: int
+    gs: int
+    mode: str
+    dtype: torch.dtype       # the stored dtype: a group's max |w| is taken in it, as mx.quantize does
+    biases: None = None
 
-    def __init__(self, scales, bits: int, group_size: int, mode: str, dtype):
-        self.scales, self.biases, self.bits, self.gs = scales, None, bits, group_size
-        self.mode, self.dtype = mode, dtype
-        self.values = float_values(bits).numpy()
+    def __post_init__(self):
+        self.values = float_values(self.bits).numpy()
 
     def start(self, i: int, cols) -> None:
         import numpy as np
