@@ -114,7 +114,8 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     act-order with static groups, `--gptq-act-order`). `recipe`: a recipe name or file, or plan@BPW."""
     opts = [o for o in method.split("+") if o in OPTIONS]
     base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
-    name = f"{model}-{recipe}-{method.replace('+', '_')}"
+    label = Path(recipe).stem if recipe.endswith(".toml") else recipe   # a recipe file: its name, not its path
+    name = f"{model}-{label}-{method.replace('+', '_')}"
     folder, run = out / "folders" / name, out / ("runs" if text == "wikitext" else f"runs-{text}") / name
     tfile = out / "timings" / f"{name}{'' if text == 'wikitext' else '-' + text}.json"
     ppl_file = None if text == "wikitext" else str(task_text(out / "tasks.txt"))

@@ -45,7 +45,7 @@ def test_scale_search_below_rtn_on_outlier_inputs():
     H = 2 * x.T @ x / x.shape[0]
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float()
     for bits in (3, 4):
-        s, err, base, alpha = awq.search_scale([(w, bits, 32, torch.bfloat16)], H, x.abs().mean(0))
+        s, err, base, alpha = awq.search_scale([(w, bits, 32, torch.bfloat16, "affine")], H, x.abs().mean(0))
         rtn = dequantize(*quantize(w.to(torch.bfloat16), bits, 32), bits, 32).float()
         assert base == pytest.approx(awq.output_error(w, rtn, H), rel=1e-5)
         assert err < 0.9 * base and alpha > 0, (bits, err, base, alpha)
@@ -79,7 +79,7 @@ def test_awq_gptq_vs_gptq_on_one_linear():
     for seed in (1, 2, 3):
         w = torch.randn(96, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).float()
         for bits in (2, 3, 4):
-            weights = [(w, bits, 32, torch.bfloat16)]
+            weights = [(w, bits, 32, torch.bfloat16, "affine")]
             s, *_ = awq.search_scale(weights, H, x.abs().mean(0))
             plain = awq.gptq_error(weights, H, torch.ones(256))
             assert plain == pytest.approx(awq.output_error(w, dequantize(*gptq.gptq_quantize(
@@ -143,7 +143,7 @@ def test_fold_refused_where_the_norm_feeds_more(tiny_model):
     with torch.no_grad():
         stats, norm_out, outs = awq.observe(layer, {"proj": layer.proj}, {"norm": layer.norm}, x, calls)
         w0, g0 = layer.proj.weight.clone(), layer.norm.weight.clone()
-        sc = awq.scale_layer(layer, {"proj": layer.proj}, {"proj": "awq"}, {"proj": (4, 32, torch.float32)},
+        sc = awq.scale_layer(layer, {"proj": layer.proj}, {"proj": "awq"}, {"proj": (4, 32, torch.float32, "affine")},
                              stats, norm_out, x[0], calls[0], outs[0])
     assert not sc.s and "output reaches more than proj" in sc.not_scaled["proj"]
     assert torch.equal(layer.proj.weight, w0) and torch.equal(layer.norm.weight, g0)
@@ -184,7 +184,7 @@ def _layer0_error(src, method):
         s = {}
         if method == "awq":
             s = awq.scale_layer(layer, linears, dict.fromkeys(linears, "awq"), dict.fromkeys(linears, (3, 64,
-                                torch.bfloat16)), stats, norm_out, hidden[0], calls[0][0], ref[0]).s
+                                torch.bfloat16, "affine")), stats, norm_out, hidden[0], calls[0][0], ref[0]).s
         for n, m in linears.items():
             tp = next(t for t in prep.plan.tensors if t.name == f"{prefix}.0.{n}.weight")
             if method == "awq":

@@ -204,8 +204,8 @@ def test_gptq_head(tiny_model, tmp_path, arch_name):
 
 def test_method_refusals(tiny_model, tmp_path):
     src = tiny_model("llama")
-    with pytest.raises(MixqError, match="needs an affine spec"):
-        parse_recipe('[recipe]\nbits = 4\n[[rule]]\npattern = "*"\nmode = "mxfp4"\nmethod = "gptq"\n')
+    with pytest.raises(MixqError, match="needs a quantized spec"):
+        parse_recipe('[recipe]\nbits = 4\n[[rule]]\npattern = "*"\nkeep = true\nmethod = "gptq"\n')
     with pytest.raises(MixqError, match="method 'awqq' not in"):
         parse_recipe('[recipe]\nbits = 4\nmethod = "awqq"\n')
     recipe = parse_recipe('[recipe]\nname = "g"\nbits = 4\nmethod = "gptq"\n')

@@ -193,8 +193,10 @@ def _gptq_and_rtn(tiny, tmp_path, **kw):
 
 def test_measure_under_gptq_damages_at_most_rtn_and_plans(tiny, tmp_path):
     """`--method gptq` (direct KLD): each decoder linear and the tied head/embedding is perturbed by what convert's
-    GPTQ stores; every such damage is at or below round to nearest's, float modes stay rtn's; `mixq plan` on it
-    writes a valid recipe that says method = "gptq" for every affine tensor."""
+    GPTQ stores, float-mode candidates too; every decoder linear's damage is at or below round to nearest's (the
+    tied head/embedding's too at the affine candidates; at mxfp4 it measured 1.15x rtn's here: GPTQ fits the head's
+    outputs, not its role as the embedding); `mixq plan` on it writes a valid recipe that says method = "gptq" for
+    every quantized tensor."""
     from mixq.quant.recipe import parse_recipe
     from mixq.tune.allocate import allocate
 
@@ -203,15 +205,15 @@ def test_measure_under_gptq_damages_at_most_rtn_and_plans(tiny, tmp_path):
     assert gq["tensors"].keys() == rtn["tensors"].keys() and len(gq["tensors"]) == 1 + 7 * 2
     for name in gq["tensors"]:
         g, r = gq["tensors"][name]["damage"], rtn["tensors"][name]["damage"]
-        assert g["mxfp4"] == r["mxfp4"]   # float modes: round to nearest under gptq too
-        for key in ("2:32", "3:32"):
+        for key in ("2:32", "3:32") if "embed_tokens" in name else ("2:32", "3:32", "mxfp4"):
             assert g[key] <= r[key] * 1.02, (name, key, g[key], r[key])
-    assert sum(t["damage"]["3:32"] for t in gq["tensors"].values()) < \
-        0.8 * sum(t["damage"]["3:32"] for t in rtn["tensors"].values())
+    for key in ("3:32", "mxfp4"):
+        assert sum(t["damage"][key] for t in gq["tensors"].values()) < \
+            0.8 * sum(t["damage"][key] for t in rtn["tensors"].values())
     alloc = allocate(str(tiny[0]), gq, target_bpw=4.0)
     assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "gptq"
     assert f"gptq fitted on {tiny[1]} (" in alloc.text   # the plan says which calibration its damages assume
-    assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {"gptq"}
+    assert {tp.method for tp in alloc.plan.quantized} == {"gptq"}
     assert {tp.method for tp in allocate(str(tiny[0]), rtn, target_bpw=4.0).plan.quantized} == {"rtn"}
 
 
@@ -251,7 +253,7 @@ def test_method_options_of_measure_and_plan(tiny, tmp_path):
 def test_measure_under_awq_below_rtn_and_plans(tiny, tmp_path):
     """`--method awq` (direct KLD): each decoder linear is perturbed by tune/awq.py's `awq_round_trip` (its own
     scale and the clipping search; o_proj under grouped-query attention and the tied head/embedding: clipping
-    only), float modes stay rtn's; the summed damage is well below rtn's; `mixq plan` on it writes method = "awq"."""
+    only), float-mode candidates too; the summed damage is well below rtn's; `mixq plan` on it writes method = "awq"."""
     from mixq.quant.recipe import parse_recipe
     from mixq.tune.allocate import allocate
 
@@ -261,11 +263,9 @@ def test_measure_under_awq_below_rtn_and_plans(tiny, tmp_path):
     aw = measure(str(src), out=tmp_path / "awq.json", quant="awq", method_calib=_method_calib(calib), **kw)
     rtn = measure(str(src), out=tmp_path / "rtn.json", **kw)
     assert aw["quant_method"] == "awq" and aw["tensors"].keys() == rtn["tensors"].keys()
-    for name in aw["tensors"]:
-        assert aw["tensors"][name]["damage"]["mxfp4"] == rtn["tensors"][name]["damage"]["mxfp4"]
-    for key in ("2:32", "3:32"):
+    for key in ("2:32", "3:32", "mxfp4"):   # mxfp4 measured only 4% below rtn here (power-of-two scales)
         a, r = (sum(t["damage"][key] for t in d["tensors"].values()) for d in (aw, rtn))
-        assert a < 0.8 * r, (key, a, r)
+        assert a < (0.99 if key == "mxfp4" else 0.8) * r, (key, a, r)
     alloc = allocate(str(src), aw, target_bpw=4.0)
     assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "awq"
     assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {"awq"}

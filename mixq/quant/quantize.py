@@ -280,6 +280,36 @@ def _e4m3_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
+def float_scales(amax: torch.Tensor, bits: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored uint8 scale bytes, float32 scales) of float-mode groups whose max |w| is `amax` (in the weight's
+    dtype), as mx.quantize computes them (module docstring); calibrated methods (tune/gptq.py, tune/awq.py) use it
+    to stay on MLX's grid."""
+    s = (amax / _FP_MAX[bits]).float()   # in w's dtype, as mlx
+    if mode == "nvfp4":
+        sbyte = _e4m3_bytes(s)
+        return sbyte, sbyte.view(torch.float8_e4m3fn).float()
+    # E8M0: the smallest power of two >= s; byte n + 127 without clamping (as mlx)
+    m, e = torch.frexp(s)
+    n = torch.where(m == 0.5, e - 1, e).masked_fill_(s == 0, 0)
+    sbyte = (n + 127).bitwise_and_(0xFF).to(torch.uint8)
+    # 2**n as float32 bits (s >= 2**-149, so -149 <= n <= 126; below -126 it is subnormal)
+    return sbyte, torch.where(n >= -126, (n + 127) << 23, 1 << (n + 149).clamp_(min=0)).view(torch.float32)
+
+
+def float_codes(g: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of the values `g` (float32, or the weight's dtype) under float32 `scale` (broadcast), rounded as
+    mx.quantize rounds them (0 where the scale is 0)."""
+    x = g.to(torch.float32, copy=True).div_(scale).masked_fill_(scale == 0, 0.0)
+    return _fp4_codes(x) if bits == 4 else _e4m3_bytes(x)
+
+
+def float_values(bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The value of every float-mode code [2**bits] in `dtype` (E2M1 or E4M3): dequantized = value * scale."""
+    if bits == 4:
+        return torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32).to(dtype)
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().to(dtype)
+
+
 def _quantize_float(w: torch.Tensor, bits: int, group_size: int, mode: str, name):
     lead, cols = tuple(w.shape[:-1]), w.shape[-1]
     rows = math.prod(lead)
@@ -287,7 +317,6 @@ def _quantize_float(w: torch.Tensor, bits: int, group_size: int, mode: str, name
     w2 = w.reshape(rows, cols)
     packed = torch.empty(rows, cols * bits // 32, dtype=torch.uint32)
     scales = torch.empty(rows, ng, dtype=torch.uint8)
-    fmax = _FP_MAX[bits]
     with torch_threads(_THREADS, at_most=True):
         for a, b in _row_chunks(rows, cols):
             g = w2[a:b].view(b - a, ng, group_size)
@@ -298,18 +327,8 @@ def _quantize_float(w: torch.Tensor, bits: int, group_size: int, mode: str, name
             if mode == "nvfp4" and bool((amax > _NVFP4_MAX).any()):
                 raise MixqError(f"{_label(name)}: holds values above {_NVFP4_MAX:.3g} in magnitude, which mlx's "
                                 f"nvfp4 quantizer mis-rounds; keep this tensor unquantized or use another mode")
-            s = (amax / fmax).float()   # in w's dtype, as mlx
-            if mode == "nvfp4":
-                sbyte = _e4m3_bytes(s)
-                scale = sbyte.view(torch.float8_e4m3fn).float()
-            else:  # E8M0: the smallest power of two >= s; byte n + 127 without clamping (as mlx)
-                m, e = torch.frexp(s)
-                n = torch.where(m == 0.5, e - 1, e).masked_fill_(s == 0, 0)
-                sbyte = (n + 127).bitwise_and_(0xFF).to(torch.uint8)
-                # 2**n as float32 bits (s >= 2**-149, so -149 <= n <= 126; below -126 it is subnormal)
-                scale = torch.where(n >= -126, (n + 127) << 23, 1 << (n + 149).clamp_(min=0)).view(torch.float32)
-            x = g.to(torch.float32, copy=True).div_(scale).masked_fill_(scale == 0, 0.0)
-            q = _fp4_codes(x) if bits == 4 else _e4m3_bytes(x)
+            sbyte, scale = float_scales(amax, bits, mode)
+            q = float_codes(g, scale, bits)
             _pack_into(packed[a:b], q.view(b - a, cols), bits)
             scales[a:b] = sbyte.view(b - a, ng)
     return packed.view(*lead, cols * bits // 32), scales.view(*lead, ng), None
@@ -329,10 +348,7 @@ def _dequantize_float(wq, scales, biases, bits: int, group_size: int, mode: str,
     if cols % group_size or tuple(scales.shape) != (*lead, ng):
         raise MixqError(f"{_label(name)}: packed shape {tuple(wq.shape)} does not match scales "
                         f"{tuple(scales.shape)} for mode {mode} (bits={bits}, group_size={group_size})")
-    if bits == 4:
-        values = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32).to(dt)
-    else:
-        values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().to(dt)
+    values = float_values(bits, dt)
     sb = scales.reshape(-1, ng)
     if mode == "nvfp4":
         sv = sb.view(torch.float8_e4m3fn).float()

@@ -12,7 +12,7 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     # dtype = "bfloat16"    # optional: dtype the output tensors are stored in (convert --dtype wins;
                             # `mixq plan` writes the dtype its sizes count)
     # tied_head = true      # tied embeddings: rules naming lm_head also apply to embed_tokens
-    # method = "rtn"        # how affine tensors are quantized by default: "rtn" (round to nearest),
+    # method = "rtn"        # how quantized tensors are quantized by default: "rtn" (round to nearest),
                             # "gptq" (tune/gptq.py), "awq" (tune/awq.py), "awq+gptq" (AWQ's scales folded,
                             # then GPTQ), "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq" (tune/dwq.py: the start
                             # quant, then scales and biases distilled); the calibrated ones run in `mixq convert`
@@ -30,7 +30,8 @@ A recipe is a TOML file (the built-ins live in mixq/quant/recipes/):
     # keep = true                     # ... or keep the tensor unquantized
     # keep_source = true              # tensors the checkpoint ships quantized in a form MLX holds (gpt-oss's
                                       # MXFP4 experts) are kept as they ship, bit for bit; others get the spec
-    # method = "gptq"                 # this rule's quantization method (affine specs only; default: the recipe's)
+    # method = "gptq"                 # this rule's quantization method (not with keep; default: the recipe's;
+                                      # a dwq method on a float mode is its start: dwq tunes affine tensors only)
 
 Modes (mlx 0.32's `mx.quantize(..., mode=)`; a spec's mode is "affine" unless it says otherwise, a rule
 does not inherit the default's): "affine" (bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128: a scale and a
@@ -84,6 +85,9 @@ RULE_KEYS = {"pattern", "regex", "every", "offset", "first", "last", "layers", "
 # awq+gptq (AWQ's scales folded, then GPTQ on the scaled weights: tune/awq.py); dwq (round to nearest, then each
 # group's scale and bias tuned by distillation: tune/dwq.py) and gptq+dwq, awq+dwq, awq+gptq+dwq (that start, then dwq)
 METHODS = ("rtn", "gptq", "awq", "awq+gptq", "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq")
+# the dwq methods and their start methods; dwq tunes affine scales and biases only, so a float-mode tensor planned
+# with one gets its start alone (`Recipe.method_for`)
+DWQ_METHODS = {"dwq": "rtn", "gptq+dwq": "gptq", "awq+dwq": "awq", "awq+gptq+dwq": "awq+gptq"}
 SELECTOR_KEYS = ("every", "offset", "first", "last", "layers", "layer_range")
 _BUILTIN_ORDER = ("bf16", "q", "fp", "mixed", "qx")
 
@@ -216,14 +220,16 @@ class Recipe:
     path: str | None = None         # file it was read from ("builtin:NAME" for built-ins)
     dtype: str | None = None        # dtype to store tensors in, if the recipe says
     tied_head: bool = True
-    method: str = "rtn"             # default quantization method of affine tensors (METHODS)
+    method: str = "rtn"             # default quantization method of quantized tensors (METHODS)
 
     def method_for(self, rule: Rule | None, spec: Spec | None) -> str:
-        """The method a tensor matched by `rule` (None: the default) with `spec` is quantized with: calibrated
-        methods apply to affine specs only, float modes and kept tensors are always "rtn"."""
-        if spec is None or spec.mode != "affine":
+        """The method a tensor matched by `rule` (None: the default) with `spec` is quantized with: kept tensors are
+        always "rtn"; gptq, awq and awq+gptq apply to affine and float-mode specs; a dwq method on a float mode is
+        its start (DWQ_METHODS: dwq tunes affine scales and biases only)."""
+        if spec is None:
             return "rtn"
-        return (rule.method if rule is not None and rule.method else None) or self.method
+        method = (rule.method if rule is not None and rule.method else None) or self.method
+        return method if spec.mode == "affine" else DWQ_METHODS.get(method, method)
 
     def match(self, module_path: str, *, n_layers: int | None) -> tuple[Rule | None, Spec | None]:
         """(first matching rule or None for the default, its spec; None spec = keep)."""
@@ -313,9 +319,9 @@ def _rule(i: int, table, src: str, default_group: int) -> Rule:
     if not isinstance(keep_source, bool):
         raise MixqError(f"{where}: keep_source must be true or false, got {keep_source!r}")
     method = _method(table, f"{where} ({pats[0]})")
-    if method not in (None, "rtn") and (spec is None or spec.mode != "affine"):
-        raise MixqError(f"{where} ({pats[0]}): method {method!r} needs an affine spec (bits/group_size), not "
-                        f"{'keep' if spec is None else spec.mode}; drop the method or give bits")
+    if method not in (None, "rtn") and spec is None:
+        raise MixqError(f"{where} ({pats[0]}): method {method!r} needs a quantized spec (bits/group_size or a "
+                        f"mode), not keep; drop the method or give bits")
     return Rule(i, tuple(pats), regex, spec, tuple(sels), compiled, where, keep_source=keep_source, method=method)
 
 

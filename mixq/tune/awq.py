@@ -1,8 +1,8 @@
-"""AWQ (Lin et al. 2023) on the MLX affine grid: activation-aware input-channel scales folded into the op before,
-then a clipping search; layer by layer, through tune/gptq.py's `LayerLoader`, capture and run helpers (each
-layer's inputs come from the quantized layers before it). Memory: as gptq_tensors', one decoder layer at a time
-(loaded from the source before it is searched and quantized, released after it ran) plus the tensors outside the
-layers (embedding, final norm, head) in float32, the calibration activations and the results so far. `run_awq`
+"""AWQ (Lin et al. 2023) on MLX's grids (affine and the float modes): activation-aware input-channel scales folded into
+the op before, then a clipping search; layer by layer, through tune/gptq.py's `LayerLoader`, capture and run helpers
+(each layer's inputs come from the quantized layers before it). Memory: as gptq_tensors', one decoder layer at a
+time (loaded from the source before it is searched and quantized, released after it ran) plus the tensors outside
+the layers (embedding, final norm, head) in float32, the calibration activations and the results so far. `run_awq`
 also takes a whole float model (no loader), the same path, bit for bit.
 
 Per decoder layer, on its calibration inputs:
@@ -12,9 +12,9 @@ Per decoder layer, on its calibration inputs:
     after post_attention_layernorm; gemma3: gate/up after pre_feedforward_layernorm), and `v_proj -> o_proj`,
     `up_proj -> down_proj` when the first's outputs are as many as the second's inputs (no GQA);
   * per group, s = mean|x|^alpha / sqrt(max * min) for alpha on N_GRID points in [0, 1) minimises the group's
-    output error sum_W tr(E H E^T), E = W - Q(W diag s) diag(1/s), over all calibration tokens (Q: MLX's affine
-    quantize/dequantize under each linear's planned bits, group size and dtype); alpha = 0 is s = 1, round to
-    nearest, so the error chosen is never above round-to-nearest's;
+    output error sum_W tr(E H E^T), E = W - Q(W diag s) diag(1/s), over all calibration tokens (Q: MLX's quantize /
+    dequantize under each linear's planned bits, group size, dtype and mode: affine or a float mode); alpha = 0 is
+    s = 1, round to nearest, so the error chosen is never above round-to-nearest's;
   * s is folded: the linears' columns times s; the norm's gain divided by s (gemma's (1 + w) gain too:
     w' = (1 + w) / s - 1; the offset is probed on the module itself) or the preceding linear's rows and bias
     divided by s. The float layer's output (first batch) must stay what it was (relative FOLD_TOL) or the fold is
@@ -22,10 +22,13 @@ Per decoder layer, on its calibration inputs:
     awq / awq+gptq (or whose preceding linear is not) are not scaled either: a rule's method touches only its
     tensors. Every unscaled awq tensor is listed with its reason (`awq_not_scaled` in the provenance);
   * "awq" linears are quantized with a clipping search (per row and group, the range shrink in CLIP_GRID with the
-    least error e H_gg e^T on the group's block of H); "awq+gptq" and "gptq" linears get GPTQ (tune/gptq.py) under
-    the Hessian of their scaled inputs, H / (s s^T); the quantized weights replace the float ones.
+    least error e H_gg e^T on the group's block of H; a float mode shrinks the group's max |w| before its scale is
+    chosen, the values beyond saturating at the format's largest code); "awq+gptq" and "gptq" linears get GPTQ
+    (tune/gptq.py) under the Hessian of their scaled inputs, H / (s s^T); the quantized weights replace the float
+    ones.
 Folded norm weights and biases are written in their stored dtype (`Precomputed.floats`): the folder stays plain MLX
-affine. The output head takes no scale (its input is the final norm, whose gain a tied embedding cannot follow):
+(affine or float-mode tensors, as planned).
+The output head takes no scale (its input is the final norm, whose gain a tied embedding cannot follow):
 "awq" gives it the clipping search only ("awq (clip only)"), "awq+gptq" GPTQ. MoE expert stacks (not nn.Linear)
 and embeddings stay round-to-nearest, and `methods` says so.
 """
@@ -41,7 +44,7 @@ from mixq.errors import MixqError
 from mixq.io.memory import trim_heap
 from mixq.io.safetensors import dtype_from_name
 from mixq.quant.convert import Precomputed
-from mixq.quant.quantize import affine_params, dequantize, pack_codes
+from mixq.quant.quantize import affine_params, dequantize, float_codes, float_scales, float_values, pack_codes
 from mixq.threads import torch_threads
 from mixq.tune import gptq
 
@@ -58,12 +61,19 @@ ROWS = 4096            # rows per step of the clipping search (bounds its tempor
 
 # ---------------------------------------------------------------- one weight
 
-def fake_quant(w: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, shrink=None):
-    """(dequantized [rows, in] float32, codes, scales, biases [rows, groups, ...] float32) of `w` [rows, in] (values
-    in `dtype`) as MLX stores and dequantizes it; `shrink` (a factor, or [rows, groups, 1]): scale and bias from
-    each group's range shrunk by it (mx.quantize's formula), codes clamped to the grid."""
+def fake_quant(w: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, shrink=None, mode: str = "affine"):
+    """(dequantized [rows, in] float32, codes, scales, biases [rows, groups, ...]) of `w` [rows, in] (values in
+    `dtype`) as MLX stores and dequantizes it; `shrink` (a factor, or [rows, groups, 1]): scale and bias from each
+    group's range shrunk by it (mx.quantize's formula), codes clamped to the grid. Affine: float32 scales and biases;
+    a float mode (`mode`): uint8 scale bytes, biases None, the scale from each group's max |w| times `shrink` (the
+    values beyond saturate at the format's largest code)."""
     rows, cols = w.shape
     g = w.reshape(rows, cols // gs, gs)
+    if mode != "affine":
+        amax = g.abs().amax(-1, keepdim=True)
+        sbyte, scale = float_scales((amax if shrink is None else amax * shrink).to(dtype), bits, mode)
+        q = float_codes(g, scale, bits)
+        return (float_values(bits)[q.long()] * scale).reshape(rows, cols), q, sbyte, None
     s, z = affine_params(g if shrink is None else g * shrink, bits)
     q = ((g - z) / s).clamp_(0.0, float((1 << bits) - 1)).round_()
     deq = (s.to(dtype) * q.to(dtype) + z.to(dtype)).to(torch.float32)
@@ -78,7 +88,7 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor) -> float:
 
 def search_scale(weights: list, H: torch.Tensor, x_mean: torch.Tensor, n_grid: int = N_GRID):
     """(s [in], its error, round-to-nearest's error) for the linears `weights` [(W float32 [out, in], bits, group
-    size, dtype)] sharing the input of Hessian `H` and mean |x| `x_mean`: the alpha of s = x_mean^alpha with the
+    size, dtype, mode)] sharing the input of Hessian `H` and mean |x| `x_mean`: the alpha of s = x_mean^alpha with the
     least summed output error of W diag(s), quantized, times diag(1/s)."""
     x_mean = x_mean.clamp(min=1e-4)
     best = base = None
@@ -86,9 +96,9 @@ def search_scale(weights: list, H: torch.Tensor, x_mean: torch.Tensor, n_grid: i
         s = x_mean ** (k / n_grid)
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
-        for w, bits, gs, dt in weights:
+        for w, bits, gs, dt, mode in weights:
             ws = (w * s).to(dt).to(torch.float32)
-            err += output_error(w, fake_quant(ws, bits, gs, dt)[0] / s, H)
+            err += output_error(w, fake_quant(ws, bits, gs, dt, mode=mode)[0] / s, H)
         if best is None or err < best[1]:
             best = (s, err, k / n_grid)
         base = err if base is None else base
@@ -100,15 +110,16 @@ def gptq_error(weights: list, H: torch.Tensor, s: torch.Tensor, damp: float = gp
     by GPTQ under their scaled inputs' Hessian H / (s s^T)."""
     Hs = H / (s[:, None] * s[None, :])
     err = 0.0
-    for w, bits, gs, dt in weights:
-        parts = gptq.gptq_quantize(w * s, Hs, bits, gs, dtype=dt, damp=damp)
-        err += output_error(w, dequantize(*parts, bits, gs).to(torch.float32) / s, H)
+    for w, bits, gs, dt, mode in weights:
+        parts = gptq.gptq_quantize(w * s, Hs, bits, gs, dtype=dt, damp=damp, mode=mode)
+        err += output_error(w, dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s, H)
     return err
 
 
-def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, grid=CLIP_GRID):
+def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, grid=CLIP_GRID,
+                mode: str = "affine"):
     """shrink [rows, groups, 1]: per row and group, the factor in `grid` with the least error e H_gg e^T (H_gg: the
-    group's diagonal block of H, so each group's own share of the output error)."""
+    group's diagonal block of H, so each group's own share of the output error); `mode`: see `fake_quant`."""
     rows, cols = w.shape
     ng = cols // gs
     Hb = torch.stack([H[k * gs:(k + 1) * gs, k * gs:(k + 1) * gs] for k in range(ng)])
@@ -118,7 +129,7 @@ def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: tor
         g = wc.reshape(-1, ng, gs)
         best_err = best = None
         for p in grid:
-            e = g - fake_quant(wc, bits, gs, dtype, p if p != 1.0 else None)[0].view(-1, ng, gs)
+            e = g - fake_quant(wc, bits, gs, dtype, p if p != 1.0 else None, mode)[0].view(-1, ng, gs)
             err = torch.einsum("rgi,gij,rgj->rg", e, Hb, e)
             if best is None:
                 best_err, best = err, torch.full_like(err, p)
@@ -129,14 +140,18 @@ def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: tor
     return out
 
 
-def quantize_clipped(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype):
-    """(packed uint32, scales, biases) of `w` [rows, in] as `quant.quantize.quantize` returns them, each group's
-    range chosen by `clip_search` (with no shrink chosen, exactly mx.quantize's)."""
+def quantize_clipped(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype,
+                     mode: str = "affine"):
+    """(packed uint32, scales, biases) of `w` [rows, in] as `quant.quantize.quantize(..., mode=mode)` returns them,
+    each group's range (float modes: its max |w|) chosen by `clip_search` (with no shrink chosen, exactly
+    mx.quantize's)."""
     w = w.to(dtype).to(torch.float32)
     rows, cols = w.shape
-    _, q, s, z = fake_quant(w, bits, gs, dtype, clip_search(w, H, bits, gs, dtype))
-    return (pack_codes(q.reshape(rows, cols).to(torch.uint8), bits), s.reshape(rows, -1).to(dtype),
-            z.reshape(rows, -1).to(dtype))
+    _, q, s, z = fake_quant(w, bits, gs, dtype, clip_search(w, H, bits, gs, dtype, mode=mode), mode)
+    packed = pack_codes(q.reshape(rows, cols).to(torch.uint8), bits)
+    if mode != "affine":
+        return packed, s.reshape(rows, -1), None
+    return packed, s.reshape(rows, -1).to(dtype), z.reshape(rows, -1).to(dtype)
 
 
 # ---------------------------------------------------------------- one layer
@@ -249,13 +264,13 @@ def awq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, mean_abs: torch.Tenso
     alone (`search_scale`), W diag(s) quantized by the clipping search under H / (s s^T), dequantized, times
     diag(1/s) (the op before, divided by s, gives the quantized weight x / s); without (no op before can take a
     scale: the head, o_proj under grouped-query attention), the clipping search alone."""
-    dt, bits, gs = w.dtype, spec.bits, spec.group_size
+    dt, bits, gs, mode = w.dtype, spec.bits, spec.group_size, spec.mode
     wf = w.to(torch.float32)
     s = torch.ones(wf.shape[1])
     if mean_abs is not None:
-        s = search_scale([(wf, bits, gs, dt)], H, mean_abs.to(torch.float32), n_grid)[0]
-    parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt)
-    return dequantize(*parts, bits, gs).to(torch.float32) / s
+        s = search_scale([(wf, bits, gs, dt, mode)], H, mean_abs.to(torch.float32), n_grid)[0]
+    parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt, mode)
+    return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
 
 
 def norm_offset(norm) -> float | None:
@@ -310,7 +325,7 @@ class LayerScales:
 def scale_layer(layer, linears: dict, method: dict, spec: dict, stats: dict, norm_out: dict, hidden0, call0,
                 ref, n_grid: int = N_GRID, damp: float = gptq.DAMP) -> LayerScales:
     """Search and fold the scales of one layer's groups (module docstring). `method` / `spec`: the planned method
-    and (bits, group size, dtype) of the layer's calibrated linears, by local name. A group of awq+gptq linears
+    and (bits, group size, dtype, mode) of the layer's calibrated linears, by local name. A group of awq+gptq linears
     keeps its scale only where GPTQ of the scaled weights has less output error than GPTQ of the unscaled ones.
     The folds are checked together (one layer run); if that fails, one by one, and the failing ones undone."""
     norms = _norms(layer)
@@ -386,12 +401,12 @@ def _label(method: str, scaled: bool) -> str:
 def quantize_linear(m, H, tp, method: str, damp: float, clip: bool):
     """Quantize the linear `m` under its plan `tp`: GPTQ for gptq / awq+gptq, else the clipping search; the
     dequantized weight replaces the float one. Returns (packed, scales, biases)."""
-    dt, bits, gs = dtype_from_name(tp.dtype), tp.spec.bits, tp.spec.group_size
+    dt, bits, gs, mode = dtype_from_name(tp.dtype), tp.spec.bits, tp.spec.group_size, tp.spec.mode
     if method in ("gptq", "awq+gptq"):
-        parts = gptq.gptq_quantize(m.weight, H, bits, gs, dtype=dt, damp=damp, clip=clip)
+        parts = gptq.gptq_quantize(m.weight, H, bits, gs, dtype=dt, damp=damp, clip=clip, mode=mode)
     else:
-        parts = quantize_clipped(m.weight, H, bits, gs, dt)
-    m.weight.copy_(dequantize(*parts, bits, gs).to(m.weight.dtype))
+        parts = quantize_clipped(m.weight, H, bits, gs, dt, mode)
+    m.weight.copy_(dequantize(*parts, bits, gs, mode=mode).to(m.weight.dtype))
     return parts
 
 
@@ -456,8 +471,8 @@ def _awq_layer(layer, path: str, planned: dict, wanted: dict, hidden: list, call
     ref = outs[0]
     del outs    # only the first batch's float output is checked against
     method = {n: wanted[full[n]].method for n in todo}
-    spec = {n: (wanted[full[n]].spec.bits, wanted[full[n]].spec.group_size, dtype_from_name(wanted[full[n]].dtype))
-            for n in todo}
+    spec = {n: (wanted[full[n]].spec.bits, wanted[full[n]].spec.group_size, dtype_from_name(wanted[full[n]].dtype),
+                wanted[full[n]].spec.mode) for n in todo}
     sc = scale_layer(layer, linears, method, spec, stats, norm_out, hidden[0], calls[0], ref, n_grid, damp)
     for local in sorted(sc.changed):  # folded norm weights / biases: stored (and used on) in their dtype
         name, p = f"{path}.{local}", layer.get_parameter(local)

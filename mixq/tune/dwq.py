@@ -2,9 +2,10 @@
 start quant fixed, each group's scale and bias are tuned so that the quantized model's next-token distributions match
 the unquantized model's on the calibration text.
 
-Methods (`DWQ_METHODS`, method -> start): "dwq" (start: round to nearest), "gptq+dwq", "awq+dwq", "awq+gptq+dwq"
-(start: gptq, awq, awq+gptq; tune/methods.py runs the start pass on the plan with the dwq methods replaced by their
-start, `start_prep`). Then:
+Methods (`DWQ_METHODS`, method -> start, in quant/recipe.py): "dwq" (start: round to nearest), "gptq+dwq", "awq+dwq",
+"awq+gptq+dwq" (start: gptq, awq, awq+gptq; tune/methods.py runs the start pass on the plan with the dwq methods
+replaced by their start, `start_prep`). A float-mode tensor (mxfp4, nvfp4, mxfp8: no affine scale and bias) is
+planned with the start alone (`Recipe.method_for`) and never tuned. Then:
   * teacher: the unquantized float32 model; its final hidden states (after the final norm) on every calibration
     window are kept, not its logits (samples x length x hidden floats), which are recomputed per chunk of CHUNK
     tokens through its head;
@@ -41,9 +42,9 @@ from mixq.io.safetensors import dtype_from_name
 from mixq.quant.arch import hf_state_dict
 from mixq.quant.convert import Precomputed
 from mixq.quant.quantize import Quantized, dequantize, quantize, unpack_codes
+from mixq.quant.recipe import DWQ_METHODS
 from mixq.threads import torch_threads
 
-DWQ_METHODS = {"dwq": "rtn", "gptq+dwq": "gptq", "awq+dwq": "awq", "awq+gptq+dwq": "awq+gptq"}  # method -> start
 CHUNK = 256            # tokens per head pass of the KL (a chunk's logits: CHUNK x vocabulary floats, a few times)
 DEFAULT_STEPS = 64
 DEFAULT_LR = 3e-5
@@ -354,8 +355,7 @@ def dwq_tensors(prep, calib, cfg: DwqConfig, start, *, progress: bool = True,
         if tp.name in done:
             methods[tp.name] = _label(tp.method, was)
         else:
-            why = ("MoE experts keep their start quant" if len(tp.shape) == 3
-                   else "float mode" if tp.spec is None or tp.spec.mode != "affine" else "no model parameter to tune")
+            why = "MoE experts keep their start quant" if len(tp.shape) == 3 else "no model parameter to tune"
             methods[tp.name] = f"{was.split(' (')[0]} (dwq: {why})"
     record.update(tuned_tensors=len(tuned), head=head_tuned.name if head_tuned else None,
                   seconds=round(time.time() - t0, 1))

@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al. 2022) on the MLX affine grid: Hessian-based error compensation, layer by layer.
+"""GPTQ (Frantar et al. 2022) on MLX's grids (affine and the float modes): Hessian-based error compensation, layer
+by layer.
 
 `gptq_quantize(w, H, bits, group_size, dtype=...)` quantizes one weight [out, in] column by column: each
 column is rounded to its group's grid and the rounding error, weighted by the inverse Hessian
@@ -10,6 +11,13 @@ are computed as the group starts, from the weights as updated so far, with mx.qu
 (`quant.quantize.affine_params`) and rounded to the stored dtype; codes are rounded as mx.quantize rounds
 them. The compensation uses the exact values MLX dequantizes (scale * q, rounded, + bias, rounded, in the
 stored dtype), so what is written is plain MLX affine and what GPTQ optimised is what MLX computes.
+Float modes (`mode` mxfp4, nvfp4, mxfp8; `_FloatGrid`): the same column loop; a group's scale (E8M0 power of two
+for mx*, E4M3 for nvfp4) is computed as the group starts from the max |w| of its columns as updated so far (in the
+stored dtype) by mx.quantize's own formula (`quant.quantize.float_scales`), each column is rounded to the nearest
+code of its group's grid (E2M1: 16 codes, E4M3: 256) with mlx's ties (`float_codes`), and the error is taken
+against code value * scale, which is what MLX dequantizes (exact): the output is `quantize(..., mode=)`'s layout
+(packed codes, uint8 scales, no biases). The range search (`clip`) and act-order are affine only; a float-mode tensor
+ignores them.
 Act-order (`act_order=True`, `convert --gptq-act-order`) uses static groups (`_act_order`): scales and biases of
 MLX's contiguous groups are fixed from the weight before GPTQ, the columns are done in act order, and the codes
 stored in the original order, so the layout stays exactly MLX's.
@@ -52,7 +60,16 @@ from mixq.io.memory import trim_heap
 from mixq.io.safetensors import dtype_from_name
 from mixq.quant.arch import hf_state_dict, model_type
 from mixq.quant.convert import Precomputed
-from mixq.quant.quantize import Quantized, affine_params, dequantize, pack_codes, quantize
+from mixq.quant.quantize import (
+    Quantized,
+    affine_params,
+    dequantize,
+    float_codes,
+    float_scales,
+    float_values,
+    pack_codes,
+    quantize,
+)
 from mixq.quant.tensors import layer_index
 from mixq.threads import torch_threads
 
@@ -82,12 +99,15 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, dtype: torch.dtype,
-                  damp: float = DAMP, block: int = BLOCK, clip: bool = False, act_order: bool = False):
-    """(packed uint32 [out, in*bits/32], scales, biases [out, in/group] in `dtype`) of `w` [out, in], as
-    `quant.quantize.quantize` returns them, with GPTQ's error compensation under the Hessian `H` [in, in].
-    `clip`: each group's range is searched (CLIP_GRID) instead of taken from its max/min. `act_order`: see
-    `_act_order` (static groups: MLX's contiguous groups stay exact)."""
-    if act_order:
+                  damp: float = DAMP, block: int = BLOCK, clip: bool = False, act_order: bool = False,
+                  mode: str = "affine"):
+    """(packed uint32 [out, in*bits/32], scales, biases [out, in/group]) of `w` [out, in], as
+    `quant.quantize.quantize(..., mode=mode)` returns them (affine: scales and biases in `dtype`; float modes: uint8
+    scales, biases None), with GPTQ's error compensation under the Hessian `H` [in, in]. Affine only: `clip`, each
+    group's range searched (CLIP_GRID) instead of taken from its max/min, and `act_order` (`_act_order`: static
+    groups, MLX's contiguous groups stay exact); a float mode ignores both (columns in order, each group's scale from
+    its max |w| as it starts)."""
+    if act_order and mode == "affine":
         return _act_order(w, H, bits, group_size, dtype=dtype, damp=damp, block=block, clip=clip)
     if block % group_size:
         raise ValueError(f"block {block} must be a multiple of the group size {group_size}")
@@ -95,15 +115,18 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     Wt = w.to(dtype).to(torch.float32).T.clone(memory_format=torch.contiguous_format)
     cols, rows = Wt.shape
     codes = torch.empty(rows, cols, dtype=torch.uint8)
-    scales = torch.empty(rows, cols // group_size, dtype=dtype)
-    biases = torch.empty_like(scales)
+    if mode == "affine":
+        scales = torch.empty(rows, cols // group_size, dtype=dtype)
+        grid = _AffineGrid(scales, torch.empty_like(scales), bits, group_size, torch.diag(H).to(torch.float32),
+                           CLIP_GRID if clip else (1.0,))
+    else:
+        grid = _FloatGrid(torch.empty(rows, cols // group_size, dtype=torch.uint8), bits, group_size, mode, dtype)
     # small ops and small factorizations: one thread is fastest, and stays fast on a busy machine (measured under
     # load 8 on 2 cores: cholesky_inverse of 1536 x 1536 takes 3.1 s on two threads, 0.23 s on one)
     with torch_threads(1, at_most=True):
         Hinv = _inverse_factor(H.to(torch.float32), damp)
-        grid = CLIP_GRID if clip else (1.0,)
-        _columns(Wt, Hinv, torch.diag(H).to(torch.float32), codes, scales, biases, bits, group_size, block, grid)
-    return pack_codes(codes, bits), scales, biases
+        _columns(Wt, Hinv, codes, grid, group_size, block)
+    return pack_codes(codes, bits), grid.scales, grid.biases
 
 
 def _act_order(w, H, bits: int, group_size: int, *, dtype, damp: float, block: int, clip: bool):
@@ -180,9 +203,10 @@ def _blocks(cols: int, rows: int, block: int, inner: int):
 
 
 def gptq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, *, damp: float = DAMP) -> torch.Tensor:
-    """`w` [out, in] quantized by GPTQ under the input Hessian `H` to the affine `spec`, read back as MLX dequantizes
-    it, in w's dtype (the stored dtype): quant.quantize.round_trip's counterpart (`mixq measure --method gptq`)."""
-    wq, s, b = gptq_quantize(w, H, spec.bits, spec.group_size, dtype=w.dtype, damp=damp)
+    """`w` [out, in] quantized by GPTQ under the input Hessian `H` to `spec` (affine or a float mode), read back as
+    MLX dequantizes it, in w's dtype (the stored dtype): quant.quantize.round_trip's counterpart (`mixq measure
+    --method gptq`)."""
+    wq, s, b = gptq_quantize(w, H, spec.bits, spec.group_size, dtype=w.dtype, damp=damp, mode=spec.mode)
     return _dequant(wq, s, b, spec).to(w.dtype)
 
 
@@ -212,39 +236,97 @@ def _group_params(g: torch.Tensor, d: torch.Tensor, bits: int, dtype, grid) -> t
     return best[1], best[2]
 
 
-def _columns(Wt, Hinv, hdiag, codes, scales, biases, bits: int, group_size: int, block: int, grid) -> None:
-    """The GPTQ column loop: fills codes, scales and biases. In numpy on transposed (column-contiguous) copies:
-    one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and several times that in
-    torch; float32 arithmetic and half-to-even rounding as torch's, so the codes are those `quantize` computes.
-    Two-level lazy updates (`_blocks`): a column's error goes at once only to the columns of its inner block; the
-    rest of its block gets the inner block's errors in one product, the trailing columns the block's in one more."""
+@dataclass
+class _AffineGrid:
+    """GPTQ's per-group affine grid: a group's (scale, bias) from its columns as updated so far, mx.quantize's formula
+    (`_group_params`; `grid`: range shrink factors searched), rounded to the stored dtype; codes as mx.quantize rounds
+    them; the values MLX dequantizes (`_levels`)."""
+    scales: torch.Tensor     # [rows, groups] in the stored dtype (filled)
+    biases: torch.Tensor
+    bits: int
+    gs: int
+    hdiag: torch.Tensor      # diag(H): the range search's weights
+    grid: tuple
+
+    def __post_init__(self):
+        import numpy as np
+
+        rows = self.scales.shape[0]
+        self.maxq = float((1 << self.bits) - 1)
+        self.flat = np.arange(rows) * (1 << self.bits)
+        self.t = np.empty(rows, dtype=np.float32)
+
+    def start(self, i: int, cols) -> None:
+        """Group i // gs begins: `cols` (numpy [gs, rows]) are its columns, up to date."""
+        dtype = self.scales.dtype
+        s, z = _group_params(torch.from_numpy(cols.T.copy()), self.hdiag[i:i + self.gs], self.bits, dtype, self.grid)
+        s_dt, z_dt = s.to(dtype), z.to(dtype)
+        self.scales[:, i // self.gs], self.biases[:, i // self.gs] = s_dt, z_dt
+        self.levels = _levels(s_dt, z_dt, self.bits).ravel()
+        self.sn, self.zn = s.numpy(), z.numpy()
+
+    def round(self, w):
+        """(codes, dequantized float32 values) of column `w` (numpy [rows]) on the current group's grid."""
+        import numpy as np
+
+        t = self.t
+        np.subtract(w, self.zn, out=t)
+        np.divide(t, self.sn, out=t)
+        np.clip(t, 0.0, self.maxq, out=t)
+        np.rint(t, out=t)
+        q = t.astype(np.intp)
+        return q, self.levels[self.flat + q]
+
+
+@dataclass
+class _FloatGrid:
+    """GPTQ's per-group float-mode grid (mxfp4, nvfp4, mxfp8): a group's scale from the max |w| of its columns as
+    updated so far (in the stored dtype), codes as mx.quantize computes and rounds them (`quant.quantize.float_scales`,
+    `float_codes`); the value MLX dequantizes is code value * scale, exact in float32."""
+    scales: torch.Tensor     # uint8 [rows, groups] (filled)
+    bits: int
+    gs: int
+    mode: str
+    dtype: torch.dtype       # the stored dtype: a group's max |w| is taken in it, as mx.quantize does
+    biases: None = None
+
+    def __post_init__(self):
+        self.values = float_values(self.bits).numpy()
+
+    def start(self, i: int, cols) -> None:
+        import numpy as np
+
+        amax = torch.from_numpy(np.abs(cols).max(0)).to(self.dtype)
+        sbyte, self.scale = float_scales(amax, self.bits, self.mode)
+        self.scales[:, i // self.gs] = sbyte
+        self.sn = self.scale.numpy()
+
+    def round(self, w):
+        q = float_codes(torch.from_numpy(w), self.scale, self.bits).numpy()
+        return q, self.values[q] * self.sn
+
+
+def _columns(Wt, Hinv, codes, grid, group_size: int, block: int) -> None:
+    """The GPTQ column loop: fills codes, and the grid's scales (and biases). In numpy on transposed
+    (column-contiguous) copies: one column is a dozen tiny vector ops, which cost a few microseconds each in numpy and
+    several times that in torch; float32 arithmetic and rounding as `quantize`'s, so the codes are those it computes
+    for the weights as updated. Two-level lazy updates (`_blocks`): a column's error goes at once only to the columns
+    of its inner block; the rest of its block gets the inner block's errors in one product, the trailing columns the
+    block's in one more."""
     import numpy as np
 
     cols, rows = Wt.shape                    # the weight transposed (updated in place): column c is row c
-    dtype = scales.dtype
-    maxq = float((1 << bits) - 1)
     Wn, Hn = Wt.numpy(), Hinv.numpy()
     ct = np.empty((cols, rows), dtype=np.uint8)
-    flat = np.arange(rows) * (1 << bits)
-    t = np.empty(rows, dtype=np.float32)
     for a, b, ia, ib, E in _blocks(cols, rows, block, min(INNER, group_size)):
         En = E.numpy()
         for i in range(ia, ib):
             if i % group_size == 0:          # the group's columns are up to date: earlier inner blocks updated them
-                s, z = _group_params(torch.from_numpy(Wn[i:i + group_size].T.copy()), hdiag[i:i + group_size],
-                                     bits, dtype, grid)
-                s_dt, z_dt = s.to(dtype), z.to(dtype)
-                scales[:, i // group_size], biases[:, i // group_size] = s_dt, z_dt
-                levels = _levels(s_dt, z_dt, bits).ravel()
-                sn, zn = s.numpy(), z.numpy()
+                grid.start(i, Wn[i:i + group_size])
             w = Wn[i]
-            np.subtract(w, zn, out=t)
-            np.divide(t, sn, out=t)
-            np.clip(t, 0.0, maxq, out=t)
-            np.rint(t, out=t)
-            q = t.astype(np.intp)
+            q, deq = grid.round(w)
             ct[i] = q
-            err = (w - levels[flat + q]) / Hn[i, i]
+            err = (w - deq) / Hn[i, i]
             Wn[i + 1:ib] -= np.outer(Hn[i, i + 1:ib], err)
             En[i - a] = err
         _lazy_update(Wt, Hinv, E[ia - a:ib - a], ia, ib, b)   # the rest of the block, once per inner block
@@ -454,12 +536,13 @@ def _quantize_experts(st: ExpertStack, wanted, damp, clip, tensors, methods, rtn
         for e in range(W.shape[0]):
             w = W[e].contiguous()
             if st.tokens[e] < need:
-                parts.append(quantize(w.to(dt), bits, gs))
+                parts.append(quantize(w.to(dt), bits, gs, mode=tp.spec.mode))
                 rtn.append(e)
             else:
                 H = sums[e] * (2.0 / st.tokens[e])
-                parts.append(gptq_quantize(w, H, bits, gs, dtype=dt, damp=damp, clip=clip, act_order=act_order))
-        tensors[name] = tuple(torch.stack(t) for t in zip(*parts))
+                parts.append(gptq_quantize(w, H, bits, gs, dtype=dt, damp=damp, clip=clip, act_order=act_order,
+                                           mode=tp.spec.mode))
+        tensors[name] = tuple(None if t[0] is None else torch.stack(t) for t in zip(*parts))
         why = f"fewer than {need} routed calibration tokens"
         methods[name] = ("gptq" if not rtn else f"rtn (every expert saw {why})" if len(rtn) == W.shape[0]
                          else f"gptq (experts {', '.join(map(str, rtn))}: rtn, {why})")
@@ -535,7 +618,7 @@ def last_layer(layers, wanted: dict, target) -> int:
 def _quantize_linear(name, m, H, tp, damp, clip, tensors, methods, act_order=False) -> None:
     dt = dtype_from_name(tp.dtype)
     wq, s, b = gptq_quantize(m.weight, H, tp.spec.bits, tp.spec.group_size, dtype=dt, damp=damp, clip=clip,
-                             act_order=act_order)
+                             act_order=act_order, mode=tp.spec.mode)
     tensors[name] = (wq, s, b)
     methods[name] = "gptq"
     m.weight.copy_(_dequant(wq, s, b, tp.spec).to(m.weight.dtype))
@@ -590,8 +673,10 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
             name, out, norm = target
             _quantize_linear(name, out, head_hessian(norm, hidden), wanted[name], damp, clip, tensors, methods,
                              act_order)
+    floats = (clip or act_order) and any(tp.spec.mode != "affine" for tp in wanted.values())
     info = {"method": "gptq", "damp": damp, "block": BLOCK, "act_order": "static groups" if act_order else False,
             "clip_search": clip,
+            **({"float_modes": "clip search and act-order apply to affine tensors only"} if floats else {}),
             "head": target[0] if target is not None else None, **calib.info,
             "seconds": round(time.time() - t0, 1),
             "fallback_rtn": sorted(n for n, m in methods.items() if m.startswith("rtn")),
@@ -602,4 +687,4 @@ def gptq_tensors(prep, calib, *, damp: float = DAMP, batch: int = BATCH, progres
 
 
 def _dequant(wq, s, b, spec):
-    return dequantize(wq, s, b, spec.bits, spec.group_size)
+    return dequantize(wq, s, b, spec.bits, spec.group_size, mode=spec.mode)

@@ -23,12 +23,12 @@ Two methods:
 Quantization method (`--method rtn | gptq | awq`, default rtn): the perturbed tensor is what `mixq convert --method`
 of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ with the Hessian
 of that tensor's inputs in the unquantized model (decoder layers' linears; the output head, or with tied embeddings
-the embedding, from the final norm's outputs), as convert applies it, on convert's calibration text
-(`--method-calib FILE --method-calib-samples N --method-calib-len L`, convert's defaults) less every window that
-shares a token with the measured windows: fitted on the scored tokens themselves, GPTQ looked ~3x better than the
-quant convert makes (a plan on it lost to the rtn plan); tensors convert
-leaves round-to-nearest under gptq (an untied embedding, float-mode candidates) are measured so here too. The
-plan then allocates bits for the quant that will be made (`mixq plan --method gptq` writes `method = "gptq"`).
+the embedding, from the final norm's outputs), as convert applies it, affine and float-mode candidates alike, on
+convert's calibration text (`--method-calib FILE --method-calib-samples N --method-calib-len L`, convert's defaults)
+less every window that shares a token with the measured windows: fitted on the scored tokens themselves, GPTQ looked
+~3x better than the quant convert makes (a plan on it lost to the rtn plan); tensors convert leaves round-to-nearest
+under gptq (an untied embedding) are measured so here too. The plan then allocates bits for the quant that will be
+made (`mixq plan --method gptq` writes `method = "gptq"`).
 awq: tune/awq.py's `awq_round_trip`, the tensor as if alone in its group: its own scale searched on its inputs' Hessian
 and mean |x| (not the one q/k/v or gate/up share in convert), the clipping search, read back divided by the scale
 (the fold's 1/s taken exactly: the norm's rounding to its stored dtype and the change of v_proj's rows by o_proj's
@@ -116,10 +116,10 @@ def as_spec(c) -> Spec:
 
 def method_round_trip(w: torch.Tensor, spec: Spec, name: str, H=None, mean_abs=None,
                       quant: str = "gptq") -> torch.Tensor:
-    """What convert stores of `w` (in its stored dtype) under `spec`, read back: when an input Hessian `H` is given
-    and the spec is affine, GPTQ's (`quant` "gptq") or AWQ's (`quant` "awq": tune/awq.py `awq_round_trip`, scaled
-    when the inputs' `mean_abs` is given, else clipped only), else round to nearest's."""
-    if H is not None and spec.mode == "affine":
+    """What convert stores of `w` (in its stored dtype) under `spec` (affine or a float mode), read back: when an
+    input Hessian `H` is given, GPTQ's (`quant` "gptq") or AWQ's (`quant` "awq": tune/awq.py `awq_round_trip`,
+    scaled when the inputs' `mean_abs` is given, else clipped only), else round to nearest's."""
+    if H is not None:
         if quant == "awq":
             m = None if mean_abs is None else mean_abs.to(torch.float32)
             return awq_round_trip(w, H.to(torch.float32), spec, m)

@@ -6,7 +6,8 @@ The plan (quant.prepare) says each tensor's method; tensors with a calibrated me
 tune/dwq.py when any asks for a dwq method: the start pass above on the plan with each dwq method replaced by its
 start, then the scales and biases tuned) on calibration windows (tune/calib.py) and handed to convert's one writer
 (`quant.convert.write_mlx_folder(..., precomputed=)`), which rounds every other tensor to nearest. The
-folder is plain MLX affine; its provenance records the calibration and each tensor's method.
+folder is plain MLX (affine, or the float modes mxfp4 / nvfp4 / mxfp8 where the plan says so: gptq and awq work on
+both); its provenance records the calibration and each tensor's method.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def add_arguments(p):
                         "scale and bias tuned to the unquantized model's next-token distributions (KL)")
     add_calib_arguments(p)
     p.add_argument("--gptq-clip", action="store_true",
-                   help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error")
+                   help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error "
+                        "(affine tensors only; float-mode tensors take each group's max |w|)")
     p.add_argument("--gptq-head", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq, awq: the output head too, when the recipe gives it a calibrated method (awq: its "
                         "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
@@ -95,7 +97,8 @@ def add_arguments(p):
                         "-49%% at q3-hi (benchmarks/methods.py)")
     p.add_argument("--gptq-act-order", action="store_true",
                    help="gptq: columns in order of decreasing input activity, with static groups (each group's scale "
-                        "and bias fixed before, codes stored in MLX's order)")
+                        "and bias fixed before, codes stored in MLX's order; affine tensors only, float-mode tensors "
+                        "keep the natural order)")
     p.add_argument("--dwq-steps", type=int, default=DEFAULT_STEPS,
                    help=f"dwq methods: Adam steps (default {DEFAULT_STEPS}); the parameters with the least KL on the "
                         "held-out eighth of the calibration windows are kept")
