@@ -213,6 +213,9 @@ def test_measure_under_gptq_damages_at_most_rtn_and_plans(tiny, tmp_path):
     alloc = allocate(str(tiny[0]), gq, target_bpw=4.0)
     assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "gptq"
     assert f"gptq fitted on {tiny[1]} (" in alloc.text   # the plan says which calibration its damages assume
+    with pytest.raises(MixqError, match="older mixq"):   # a gptq measurement fitted on its own windows
+        allocate(str(tiny[0]), {**gq, "revision": 1}, target_bpw=4.0)
+    allocate(str(tiny[0]), {**rtn, "revision": 1}, target_bpw=4.0)   # rtn's damages mean what they meant
     assert {tp.method for tp in alloc.plan.quantized} == {"gptq"}
     assert {tp.method for tp in allocate(str(tiny[0]), rtn, target_bpw=4.0).plan.quantized} == {"rtn"}
 

@@ -37,7 +37,7 @@ from mixq.quant.prepare import DTYPES, prepare
 from mixq.quant.recipe import keep_recipe, parse_recipe, uniform_recipe
 from mixq.quant.spec import Spec
 from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config
-from mixq.tune.measure import QUANT_METHODS, load_measurement, measure, measurement_damages, parse_key
+from mixq.tune.measure import QUANT_METHODS, REVISION, load_measurement, measure, measurement_damages, parse_key
 
 # ---------------------------------------------------------------------------------------------
 # The knapsack
@@ -269,6 +269,10 @@ def allocate(model: str, measurement: dict, *, target_bpw: float | None = None, 
     check_target(target_bpw, target_bytes)
     if not measurement.get("complete", True) and not allow_incomplete:
         raise MixqError(f"measurement {measurement_path or ''} is incomplete; finish it with `mixq measure --resume`")
+    quant = measurement.get("quant_method", "rtn")
+    if quant != "rtn" and measurement.get("revision", 1) < REVISION:
+        raise MixqError(f"measurement {measurement_path or ''} was made under {quant} by an older mixq (fitted on the "
+                        f"measured windows; float modes round to nearest): re-run `mixq measure --method {quant}`")
     prep = prep or prepare(model, keep_recipe(), dtype)
     if dtype is not None and prep.dtype != dtype:
         raise ValueError(f"allocate: dtype {dtype!r} differs from the prepared storage dtype {prep.dtype!r}")
@@ -409,7 +413,8 @@ def default_measurement_path(model: str, quant: str = "rtn", calib: CalibConfig 
         return Path(cache_dir()) / "measurements" / f"{_slug(model)}.json"
     c = calib or CalibConfig()
     text = "" if c.file is None else "-" + sha256_file(Path(c.file).expanduser())[:12]
-    return Path(cache_dir()) / "measurements" / f"{_slug(model)}-{quant}-{c.samples}x{c.length}-s{c.seed}{text}.json"
+    name = f"{_slug(model)}-{quant}-{c.samples}x{c.length}-s{c.seed}{text}-r{REVISION}.json"
+    return Path(cache_dir()) / "measurements" / name
 
 
 def add_arguments(p) -> None:

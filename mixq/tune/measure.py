@@ -76,6 +76,9 @@ from mixq.tune.calib import CalibConfig, add_calib_arguments, calib_config, cali
 from mixq.tune.gptq import gptq_round_trip
 
 FORMAT = "mixq-measurement/1"
+# What a damage means changed (a file of an older revision is not resumed, nor reused by `mixq plan`'s cache):
+# 2: gptq/awq fitted on convert's calibration text, not the measured windows, and applied to float-mode candidates
+REVISION = 2
 VOCAB_FULL_MAX = 65536
 TOPK = 32
 DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))
@@ -418,8 +421,8 @@ def candidate_table(prep, specs) -> dict[str, tuple[str, list[Spec]]]:
 
 # Settings a resumed measurement must share with the file it continues.
 _RESUME_KEYS = ("model", "candidates", "calib", "method", "draws", "direct", "anchors", "vocab", "quant_method",
-                "method_calib")
-_RESUME_DEFAULTS = {"quant_method": "rtn"}   # files written before the key existed
+                "method_calib", "revision")
+_RESUME_DEFAULTS = {"quant_method": "rtn", "revision": 1}   # files written before the key existed
 
 
 class MeasurementFile:
@@ -705,7 +708,7 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
         windows = replace(windows, ids=windows.ids.to(lm.model.device))
         by = "" if quant == "rtn" else f" by {quant}"
         header = {"model": str(ref), "source": str(prep.path), "candidates": [key_of(c) for c in specs],
-                  "calib": calib_info, "quant_method": quant,
+                  "calib": calib_info, "quant_method": quant, "revision": REVISION,
                   "metric": f"mean per-token KL(base || one tensor quantized{by}), nats"}
         inputs = None
         if quant != "rtn":
