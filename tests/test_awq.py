@@ -289,3 +289,21 @@ def test_scalable_by_shape_as_the_model_pass_finds(tiny_model, kv_heads):
     assert torch.equal(clip, dequantize(*awq.quantize_clipped(w.float(), H, 3, 32, torch.bfloat16), 3, 32).float())
     scaled = awq.awq_round_trip(w, H, spec, x.abs().mean(0))
     assert awq.output_error(w.float(), scaled, H) < awq.output_error(w.float(), clip, H)
+
+
+@pytest.mark.parametrize("mode,bits", [("affine", 4), ("nvfp4", 4), ("mxfp8", 8)])
+def test_quantize_clipped_by_row_chunks_is_the_whole_tensors(monkeypatch, mode, bits):
+    """The clipping quantizer runs ROWS rows at a time (bounded memory on a huge tied head): same bytes as one
+    chunk, rows not a multiple of the chunk included."""
+    import mixq.tune.awq as A
+
+    torch.manual_seed(3)
+    w, x = torch.randn(41, 64) * 0.05, torch.randn(256, 64)
+    H = x.T @ x / 256
+    gs = 16 if mode == "nvfp4" else 32
+    whole = A.quantize_clipped(w, H, bits, gs, torch.bfloat16, mode)
+    monkeypatch.setattr(A, "ROWS", 8)
+    chunked = A.quantize_clipped(w, H, bits, gs, torch.bfloat16, mode)
+    assert len(whole) == len(chunked) == 3 and (whole[2] is None) == (chunked[2] is None) == (mode != "affine")
+    for a, b in zip(whole, chunked):
+        assert a is None or torch.equal(a, b)

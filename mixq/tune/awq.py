@@ -144,8 +144,13 @@ def quantize_clipped(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype
                      mode: str = "affine"):
     """(packed uint32, scales, biases) of `w` [rows, in] as `quant.quantize.quantize(..., mode=mode)` returns them,
     each group's range (float modes: its max |w|) chosen by `clip_search` (with no shrink chosen, exactly
-    mx.quantize's)."""
-    w = w.to(dtype).to(torch.float32)
+    mx.quantize's). ROWS rows at a time: a 262144-row tied head would otherwise hold several float32 copies."""
+    parts = [_clipped_rows(w[a:a + ROWS].to(dtype).to(torch.float32), H, bits, gs, dtype, mode)
+             for a in range(0, w.shape[0], ROWS)]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def _clipped_rows(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, mode: str):
     rows, cols = w.shape
     _, q, s, z = fake_quant(w, bits, gs, dtype, clip_search(w, H, bits, gs, dtype, mode=mode), mode)
     packed = pack_codes(q.reshape(rows, cols).to(torch.uint8), bits)
