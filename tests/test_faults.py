@@ -644,10 +644,11 @@ def test_calib_counts(src, tmp_path, capsys, option, value):
     refused(capsys, tmp_path, gptq_args(src, tmp_path / "out", option, value), option)
 
 
-@pytest.mark.parametrize("recipe", ["mxfp4", "source"])
-def test_method_without_affine_tensors(src, tmp_path, capsys, recipe):
-    """gptq quantizes affine tensors only: a recipe that has none must not give a silently round-to-nearest folder."""
-    refused(capsys, tmp_path, ["convert", src, tmp_path / "out", "--recipe", recipe, "--method", "gptq"],
+@pytest.mark.parametrize("recipe,method", [("bf16", "gptq"), ("source", "gptq"), ("mxfp4", "dwq")])
+def test_method_without_tensors_for_it(src, tmp_path, capsys, recipe, method):
+    """A recipe that gives the method no tensor (all kept, or float modes under dwq, which tunes affine ones only)
+    must not give a silently round-to-nearest folder."""
+    refused(capsys, tmp_path, ["convert", src, tmp_path / "out", "--recipe", recipe, "--method", method],
             "--method", recipe)
 
 

@@ -115,9 +115,9 @@ def prepare(source, recipe=None, dtype: str | None = None, *, scale_dtype: str |
     plan = plan_model([info for info, _ in items], recipe, config,
                       dtype=torch_dtype_name(store) if store is not None else None)
     if method not in (None, "rtn") and not plan.calibrated():
-        raise MixqError(f"--method {method}: recipe {recipe.name} has no affine tensor for it to quantize ({method} "
-                        "applies to affine specs only, not mxfp4/nvfp4/mxfp8 or kept tensors); choose an affine recipe "
-                        "or drop --method")
+        raise MixqError(f"--method {method}: recipe {recipe.name} has no tensor for it to quantize (kept tensors "
+                        "stay as they are; dwq tunes affine tensors only, not mxfp4/nvfp4/mxfp8); choose a recipe "
+                        "that quantizes (e.g. q4-hi) or drop --method")
     shipped = {tp.name for tp in plan.tensors if tp.source}
     if shipped:  # kept as the checkpoint ships them: their loaders give the quantized tensors
         loaders = arch.source_loaders(ckpt)
