@@ -90,14 +90,11 @@ def test_awq_gptq_vs_gptq_on_one_linear():
 
 # ---------------------------------------------------------------- folding keeps the float model
 
-@pytest.mark.parametrize("arch_name,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 2}),
-                                                 ("qwen2", {}), ("qwen3", {}), ("gemma3_text", {}),
-                                                 ("qwen3_moe", {})])
-def test_folding_keeps_float_logits(tiny_model, arch_name, overrides):
-    """Scales searched and folded, nothing quantized (float32 storage, so no rounding): the logits are the float
-    model's to float32 tolerance, and scales other than 1 were folded (the check is not vacuous)."""
-    src = tiny_model(arch_name, **overrides)
-    prep = prepare(src, "q4", dtype="float32", method="awq")
+def fold_only(src, recipe: str):
+    """AWQ's scales for `recipe` searched and folded into the float32 model of `src`, nothing quantized: asserts that
+    the logits stay the float model's (to float32 tolerance) and that some scale other than 1 was folded (so the
+    check is not vacuous); (tensor methods, run_awq's info)."""
+    prep = prepare(src, recipe, dtype="float32", method="awq")
     ids = _ids(src)
     with torch.no_grad():
         model = load_model(str(src), progress=False, packed=False).model
@@ -107,6 +104,16 @@ def test_folding_keeps_float_logits(tiny_model, arch_name, overrides):
     assert not tensors and floats
     assert any(a > 0 for a, _ in info["awq_scaled_groups"].values()), info["awq_scaled_groups"]
     assert float((after - before).norm() / before.norm()) < 1e-5
+    return methods, info
+
+
+@pytest.mark.parametrize("arch_name,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 2}),
+                                                 ("qwen2", {}), ("qwen3", {}), ("gemma3_text", {}),
+                                                 ("qwen3_moe", {})])
+def test_folding_keeps_float_logits(tiny_model, arch_name, overrides):
+    """Scales searched and folded, nothing quantized (float32 storage, so no rounding): the logits are the float
+    model's to float32 tolerance, and scales other than 1 were folded (the check is not vacuous)."""
+    methods, info = fold_only(tiny_model(arch_name, **overrides), "q4")
     groups = info["awq_scaled_groups"]
     if overrides.get("num_key_value_heads") == 2:  # no GQA: o_proj's scale goes into v_proj's rows
         assert any(g.endswith("self_attn.v_proj") for g in groups) and not any(
@@ -170,9 +177,10 @@ def test_layer_by_layer_same_as_whole_model(tiny_model, arch_name, method):
     assert pre.methods == methods and {k: pre.calibration[k] for k in info} == info
 
 
-def _layer0_error(src, method):
-    """||layer 0's output - the float layer's|| on the calibration inputs, its linears quantized by `method`."""
-    prep = prepare(src, "q3", method="awq")
+def layer0_error(src, method, recipe="q3", bits=3, gs=64, mode="affine"):
+    """||layer 0's output - the float layer's||^2 on the calibration inputs, its linears quantized (`recipe`: every
+    linear at bits, gs, mode) by `method` (awq or rtn)."""
+    prep = prepare(src, recipe, method="awq")
     ids = _ids(src)
     with torch.no_grad():
         model = load_model(str(src), progress=False, packed=False).model
@@ -183,15 +191,17 @@ def _layer0_error(src, method):
         stats, norm_out, ref = awq.observe(layer, linears, awq._norms(layer), hidden, calls[0])
         s = {}
         if method == "awq":
-            s = awq.scale_layer(layer, linears, dict.fromkeys(linears, "awq"), dict.fromkeys(linears, (3, 64,
-                                torch.bfloat16, "affine")), stats, norm_out, hidden[0], calls[0][0], ref[0]).s
+            s = awq.scale_layer(layer, linears, dict.fromkeys(linears, "awq"),
+                                dict.fromkeys(linears, (bits, gs, torch.bfloat16, mode)), stats, norm_out, hidden[0],
+                                calls[0][0], ref[0]).s
         for n, m in linears.items():
             tp = next(t for t in prep.plan.tensors if t.name == f"{prefix}.0.{n}.weight")
             if method == "awq":
                 sn = s.get(n, torch.ones(m.in_features))
                 awq.quantize_linear(m, stats[n].H / (sn[:, None] * sn[None, :]), tp, "awq", 0.01, False)
             else:
-                m.weight.copy_(dequantize(*quantize(m.weight.to(torch.bfloat16), 3, 64), 3, 64).float())
+                m.weight.copy_(dequantize(*quantize(m.weight.to(torch.bfloat16), bits, gs, mode=mode), bits, gs,
+                                          mode=mode).float())
         out = [gptq._layer_output(o) for o in gptq._run_layer(layer, hidden, calls[0])]
     return float(sum((a - b).square().sum() for a, b in zip(out, ref)))
 
@@ -200,7 +210,7 @@ def _layer0_error(src, method):
 def test_awq_layer_output_error_below_rtn(tiny_model, arch_name):
     """The decoder layer's output error on the calibration inputs (3 bits, group 64): AWQ's is below RTN's."""
     src = tiny_model(arch_name)
-    e_awq, e_rtn = _layer0_error(src, "awq"), _layer0_error(src, "rtn")
+    e_awq, e_rtn = layer0_error(src, "awq"), layer0_error(src, "rtn")
     assert e_awq < e_rtn, (e_awq, e_rtn)
 
 

@@ -5,13 +5,12 @@ folder mlx_lm opens with the engine's logits; a dwq method on a float-mode tenso
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 from oracles import mlx_logits, rel_err
-from test_awq import _calib, _ids
+from test_awq import _calib, fold_only, layer0_error
 from test_convert import TOKENS
 from test_gptq import _default_text, _inputs, _no_shared_data, _tensors  # noqa: F401 - fixtures (the default text)
 
@@ -131,44 +130,8 @@ def test_awq_float_folding_keeps_logits_and_lowers_layer_error(tiny_model, mode)
     """A float-mode recipe under awq: the folded float model's logits are unchanged, scales were folded; layer 0's
     output error on the calibration inputs with AWQ's scales and clipping is below RTN's."""
     src = tiny_model("llama")
-    prep = prepare(src, mode, dtype="float32", method="awq")
-    ids = _ids(src)
-    with torch.no_grad():
-        model = load_model(str(src), progress=False, packed=False).model
-        before = model(ids).logits
-        tensors, _, floats, info = awq.run_awq(model, prep, ids, progress=False, quantize=False)
-        after = model(ids).logits
-    assert not tensors and floats and any(a > 0 for a, _ in info["awq_scaled_groups"].values())
-    assert float((after - before).norm() / before.norm()) < 1e-5
-    assert _layer0_error(src, mode, "awq") < _layer0_error(src, mode, "rtn")
-
-
-def _layer0_error(src, mode, method):
-    """||layer 0's output - the float layer's||^2 on the calibration inputs, its linears in `mode` by `method`."""
-    bits, gs = MODES[mode]
-    prep = prepare(src, mode, method="awq")
-    with torch.no_grad():
-        model = load_model(str(src), progress=False, packed=False).model
-        prefix, layers = gptq._decoder_layers(model)
-        hidden, calls = gptq.capture_inputs(model, layers, _ids(src), 4)
-        layer = copy.deepcopy(layers[0])
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        stats, norm_out, ref = awq.observe(layer, linears, awq._norms(layer), hidden, calls[0])
-        s = {}
-        if method == "awq":
-            s = awq.scale_layer(layer, linears, dict.fromkeys(linears, "awq"),
-                                dict.fromkeys(linears, (bits, gs, torch.bfloat16, mode)), stats, norm_out, hidden[0],
-                                calls[0][0], ref[0]).s
-        for n, m in linears.items():
-            tp = next(t for t in prep.plan.tensors if t.name == f"{prefix}.0.{n}.weight")
-            if method == "awq":
-                sn = s.get(n, torch.ones(m.in_features))
-                awq.quantize_linear(m, stats[n].H / (sn[:, None] * sn[None, :]), tp, "awq", 0.01, False)
-            else:
-                m.weight.copy_(dequantize(*quantize(m.weight.to(torch.bfloat16), bits, gs, mode=mode), bits, gs,
-                                          mode=mode).float())
-        out = [gptq._layer_output(o) for o in gptq._run_layer(layer, hidden, calls[0])]
-    return float(sum((a - b).square().sum() for a, b in zip(out, ref)))
+    fold_only(src, mode)
+    assert layer0_error(src, "awq", mode, *MODES[mode], mode) < layer0_error(src, "rtn", mode, *MODES[mode], mode)
 
 
 def test_model_output_closer_with_gptq_on_mxfp4(tiny_model, tmp_path):
