@@ -89,7 +89,8 @@ def add_arguments(p):
     add_calib_arguments(p)
     p.add_argument("--gptq-clip", action="store_true",
                    help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error "
-                        "(affine tensors only; float-mode tensors take each group's max |w|)")
+                        "(affine tensors only; float-mode tensors take each group's max |w|); on smollm2-135m it took "
+                        "gptq's KLD cut vs RTN from 31%% to 52%% at q4-hi and from 21%% to 69%% at q2-hi (README)")
     p.add_argument("--gptq-head", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq, awq: the output head too, when the recipe gives it a calibrated method (awq: its "
                         "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
