@@ -327,3 +327,16 @@ def test_plan_caches_a_measurement_per_method_and_calibration(tmp_path, monkeypa
     assert len(paths) == 8
     assert default_measurement_path("m") == default_measurement_path("m", "rtn", CalibConfig(samples=32))
     assert default_measurement_path("m", "gptq") == default_measurement_path("m", "gptq", CalibConfig())
+
+
+def test_calibrated_quant_needs_inputs_apart_from_the_measured_windows(tiny):
+    """No path fits gptq/awq on the measured windows themselves: without method_inputs they refuse."""
+    src, _, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(str(src), torch_dtype=torch.float32)
+    ids = torch.randint(0, 100, (1, 16))
+    for quant in ("gptq", "awq"):
+        with pytest.raises(ValueError, match="method_inputs"):
+            Measurer(model, ids, quant=quant)
+        with pytest.raises(ValueError, match="method_inputs"):
+            M.measure_fisher(model, {}, None, out=None, header={}, quant=quant)
+    assert Measurer(model, ids).method_inputs == ({}, {})

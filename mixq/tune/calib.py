@@ -91,14 +91,14 @@ def without_span(cal: Calibration, path, start: int, end: int) -> Calibration:
     import torch
 
     same = Path(cal.info["file"]).resolve() == Path(path).resolve()
-    length = cal.info["length"]
-    keep = [i for i, s in enumerate(cal.info["token_starts"]) if not (same and s < end and start < s + length)]
+    starts, length = cal.info["token_starts"], cal.info["length"]
+    overlaps = [same and s < end and start < s + length for s in starts]
+    keep = [i for i, o in enumerate(overlaps) if not o]
     if not keep:
         raise MixqError(f"{path}: every calibration window overlaps tokens {start}..{end} that are measured; "
                         "pass another calibration file or more samples")
-    dropped = [s for i, s in enumerate(cal.info["token_starts"]) if i not in set(keep)]
-    info = {**cal.info, "token_starts": [cal.info["token_starts"][i] for i in keep], "samples_used": len(keep),
-            "dropped_overlapping": dropped}
+    info = {**cal.info, "token_starts": [starts[i] for i in keep], "samples_used": len(keep),
+            "dropped_overlapping": [s for s, o in zip(starts, overlaps) if o]}
     return Calibration(cal.ids[torch.tensor(keep)].clone(), info)
 
 

@@ -193,6 +193,12 @@ def calibrated_inputs(model, quant: str, ids) -> tuple[dict, dict]:
     return hess, awq_means(model, sums or {}, ids.numel())
 
 
+def _check_method_inputs(quant: str, method_inputs) -> None:
+    if quant != "rtn" and method_inputs is None:
+        raise ValueError(f"quant {quant!r} needs method_inputs (calibrated_inputs of text apart from the measured "
+                         "windows)")
+
+
 def apply_round_trips(model, plan, originals: dict, cache: dict | None = None) -> None:
     """Set every planned tensor of `model` to what the plan stores, read back: quantized ones to their round trip
     from the stored dtype, kept ones cast to the stored dtype and back (`originals`: name -> source tensor;
@@ -267,7 +273,6 @@ class Calibrated:
     base_logp: object                   # (logits [N, V'] at the scored positions over the subset, their lse)
     hessians: dict = field(default_factory=dict)   # module path -> X^T X / ntok (float64)
     token_counts: object = None
-    means: dict = field(default_factory=dict)      # module path -> mean |x| (float64): awq's scalable linears
 
 
 class Measurer:
@@ -275,8 +280,9 @@ class Measurer:
 
     def __init__(self, model, input_ids, *, full_vocab: bool = False, topk: int = TOPK, hessians: bool = True,
                  quant: str = "rtn", method_inputs: tuple[dict, dict] | None = None):
-        """`method_inputs`: (Hessians, mean |x|) a calibrated `quant` quantizes with (`method_inputs`); None: those
-        of the measured windows themselves."""
+        """`method_inputs`: (Hessians, mean |x|) a calibrated `quant` quantizes with (`calibrated_inputs` of text
+        apart from `input_ids`: never the measured windows themselves); needed unless `quant` is rtn."""
+        _check_method_inputs(quant, method_inputs)
         self.model = model
         self.quant = quant
         model.requires_grad_(False)
@@ -288,9 +294,9 @@ class Measurer:
             raise MixqError("`mixq measure` needs a model with a linear output head (lm_head)")
         self.params = dict(model.named_parameters())
         self.modules = dict(model.named_modules())
-        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians or quant != "rtn")
+        self.cal = self._calibrate(input_ids, full_vocab, topk, hessians)
         self.heads = head_names(model)
-        self.method_inputs = method_inputs or (self.cal.hessians, self.cal.means)
+        self.method_inputs = method_inputs or ({}, {})
 
     def round_trip(self, name: str, w, spec: Spec):
         """`w` (stored dtype) as convert stores it under `spec` with this measurement's quantization method."""
@@ -298,16 +304,16 @@ class Measurer:
         return method_round_trip(w, spec, name, H, mean_abs, self.quant)
 
     # -- base pass ----------------------------------------------------------------------------
-    def _base_pass(self, input_ids, want_h: bool, abs_sums: dict | None = None):
+    def _base_pass(self, input_ids, want_h: bool):
         """(input of every decoder layer and of the final norm, X^T X sums of the layers' linear inputs, last
-        hidden state) of one unperturbed forward (`abs_sums`: filled with their sums of |x| per channel)."""
+        hidden state) of one unperturbed forward."""
         inputs: dict[int, torch.Tensor] = {}
         grams: dict[str, torch.Tensor] = {}
         handles = [layer.register_forward_pre_hook(partial(_save_input, inputs, i), with_kwargs=True)
                    for i, layer in enumerate(self.layers)]
         handles.append(self.inner.norm.register_forward_pre_hook(partial(_save_input, inputs, self.n_layers)))
         if want_h:
-            handles += [mod.register_forward_pre_hook(partial(_add_gram, grams, name, abs_sums=abs_sums))
+            handles += [mod.register_forward_pre_hook(partial(_add_gram, grams, name))
                         for name, mod in self.modules.items()
                         if isinstance(mod, torch.nn.Linear) and layer_index(name) is not None]
         try:
@@ -319,8 +325,7 @@ class Measurer:
         return [inputs[i] for i in range(self.n_layers + 1)], grams, hidden
 
     def _calibrate(self, input_ids, full_vocab, topk, want_h) -> Calibrated:
-        sums: dict | None = {} if self.quant == "awq" else None
-        layer_inputs, grams, hidden = self._base_pass(input_ids, want_h, sums)
+        layer_inputs, grams, hidden = self._base_pass(input_ids, want_h)
         ntok = input_ids.numel()
         hess = {k: v / ntok for k, v in grams.items()}
         flat = hidden.reshape(-1, hidden.shape[-1]).double()
@@ -331,8 +336,7 @@ class Measurer:
             vocab = torch.unique(full.topk(topk, dim=-1).indices.reshape(-1))
             full = full[:, vocab]
         counts = torch.bincount(input_ids.reshape(-1), minlength=self.head.vocab_size).double()
-        return Calibrated(input_ids, layer_inputs, vocab, (full, _lse(full)), hess, counts,
-                          awq_means(self.model, sums or {}, ntok))
+        return Calibrated(input_ids, layer_inputs, vocab, (full, _lse(full)), hess, counts)
 
     # -- perturbed passes ---------------------------------------------------------------------
     def start_layer(self, name: str) -> int:
@@ -500,17 +504,15 @@ def measure_fisher(model, tensors: dict[str, tuple[str, list[Spec]]], windows, *
     so mean (g . dW)^2 / (2 * tokens) is an unbiased estimate of the mean per-token KLD to second
     order. One forward and `draws` backward passes per window give g for every tensor; the dot
     products with every candidate's dW = dequant(quant(W)) - W are cheap. Window i draws its labels
-    with seed + i. `method_inputs`: as `Measurer`'s (None: from the measured windows).
+    with seed + i. `method_inputs`: as `Measurer`'s.
     """
+    _check_method_inputs(quant, method_inputs)
     mf = MeasurementFile(out, {"format": FORMAT, **header, "method": "fisher", "draws": draws}, resume)
     doc = mf.doc
     if doc.get("complete"):
         return doc
     params = _parameters(model, tensors)
-    inputs = None
-    if quant != "rtn":
-        hess, means = method_inputs or calibrated_inputs(model, quant, windows.ids)
-        inputs = partial(quant_inputs, quant, hess, means, head_names(model))
+    inputs = None if quant == "rtn" else partial(quant_inputs, quant, *method_inputs, head_names(model))
     dws = _candidate_deltas(params, tensors, progress, inputs, quant)
     state = doc.get("fisher_state") or {"windows_done": 0, "sums": {}}
     acc = {n: torch.tensor(state["sums"].get(n) or [0.0] * len(tensors[n][1]), dtype=torch.float64) for n in params}
