@@ -10,7 +10,7 @@ then evaluated with `mixq eval FOLDER --tasks kld,ppl --base MODEL` on eval's de
 (the first 64 x 512 tokens of wiki.test.raw); the calibration windows are drawn after them (tune/calib.py),
 so no evaluated token was seen in calibration. A recipe `plan@BPW` is planned as `mixq plan --target-bpw BPW`
 plans it, on a measurement (`mixq measure`, its defaults: the end of WikiText-2, after the calibration windows)
-made under the method used (gptq for gptq and awq+gptq, awq for awq, rtn for rtn; gptq and awq fitted on this run's
+made under the method used (the method less dwq: gptq for gptq and gptq+dwq, rtn for rtn and dwq; fitted on this run's
 calibration windows, not on the measured ones):
 OUT/plans/MODEL-QUANT.json (resumable) and OUT/plans/MODEL-plan@BPW-QUANT.toml, then converted with the method.
 Runs are kept in OUT/runs/ and reused: a finished row is not redone, so an interrupted benchmark continues
@@ -79,10 +79,9 @@ def _peak_rss_mb() -> float:
 
 
 def measured_quant(method: str) -> str:
-    """The quantization a plan for `method` is measured under (measure knows rtn, gptq and awq; awq+gptq is
-    measured under gptq)."""
-    parts = method.split("+")
-    return "gptq" if "gptq" in parts else "awq" if "awq" in parts else "rtn"
+    """The quantization a plan for `method` is measured under: the method less dwq (dwq tunes the quant it starts
+    from; measure knows rtn, gptq, awq and awq+gptq)."""
+    return "+".join(p for p in method.split("+") if p != "dwq") or "rtn"
 
 
 def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict, calib: CalibConfig) -> str:

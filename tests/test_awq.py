@@ -299,6 +299,12 @@ def test_scalable_by_shape_as_the_model_pass_finds(tiny_model, kv_heads):
     assert torch.equal(clip, dequantize(*awq.quantize_clipped(w.float(), H, 3, 32, torch.bfloat16), 3, 32).float())
     scaled = awq.awq_round_trip(w, H, spec, x.abs().mean(0))
     assert awq.output_error(w.float(), scaled, H) < awq.output_error(w.float(), clip, H)
+    # awq+gptq (measure's): unscaled, GPTQ's quant read back; scaled only where that lowers GPTQ's error
+    gq = awq.awq_round_trip(w, H, spec, then_gptq=True)
+    assert torch.equal(gq, gptq.gptq_round_trip(w, H, spec).float())
+    both = awq.awq_round_trip(w, H, spec, x.abs().mean(0), then_gptq=True)
+    assert awq.output_error(w.float(), both, H) <= awq.output_error(w.float(), gq, H)
+    assert awq.output_error(w.float(), both, H) < awq.output_error(w.float(), scaled, H)
 
 
 @pytest.mark.parametrize("mode,bits", [("affine", 4), ("nvfp4", 4), ("mxfp8", 8)])

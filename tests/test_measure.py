@@ -253,25 +253,27 @@ def test_method_options_of_measure_and_plan(tiny, tmp_path):
     assert not (tmp_path / "r.toml").exists()
 
 
-def test_measure_under_awq_below_rtn_and_plans(tiny, tmp_path):
+@pytest.mark.parametrize("quant", ["awq", "awq+gptq"])
+def test_measure_under_awq_below_rtn_and_plans(tiny, tmp_path, quant):
     """`--method awq` (direct KLD): each decoder linear is perturbed by tune/awq.py's `awq_round_trip` (its own
     scale and the clipping search; o_proj under grouped-query attention and the tied head/embedding: clipping
-    only), float-mode candidates too; the summed damage is well below rtn's; `mixq plan` on it writes method = "awq"."""
+    only), float-mode candidates too; the summed damage is well below rtn's; `mixq plan` on it writes method = "awq".
+    `--method awq+gptq` likewise (the scale kept where GPTQ's error is lower with it, then GPTQ)."""
     from mixq.quant.recipe import parse_recipe
     from mixq.tune.allocate import allocate
 
     src, calib, _ = tiny
     kw = dict(levels=(2, 3), group_sizes=(32,), modes=("mxfp4",), calib=str(calib), tokens=128, ctx=64,
               direct="all", progress=False, method="direct")
-    aw = measure(str(src), out=tmp_path / "awq.json", quant="awq", method_calib=_method_calib(calib), **kw)
+    aw = measure(str(src), out=tmp_path / "awq.json", quant=quant, method_calib=_method_calib(calib), **kw)
     rtn = measure(str(src), out=tmp_path / "rtn.json", **kw)
-    assert aw["quant_method"] == "awq" and aw["tensors"].keys() == rtn["tensors"].keys()
-    for key in ("2:32", "3:32", "mxfp4"):   # mxfp4 measured only 4% below rtn here (power-of-two scales)
+    assert aw["quant_method"] == quant and aw["tensors"].keys() == rtn["tensors"].keys()
+    for key in ("2:32", "3:32", "mxfp4"):   # awq's mxfp4 measured only 4% below rtn here (power-of-two scales)
         a, r = (sum(t["damage"][key] for t in d["tensors"].values()) for d in (aw, rtn))
         assert a < (0.99 if key == "mxfp4" else 0.8) * r, (key, a, r)
     alloc = allocate(str(src), aw, target_bpw=4.0)
-    assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == "awq"
-    assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {"awq"}
+    assert alloc.total_bytes <= alloc.target_bytes and parse_recipe(alloc.text).method == quant
+    assert {tp.method for tp in alloc.plan.quantized if tp.spec.mode == "affine"} == {quant}
 
 
 def test_gptq_measurement_never_fits_on_the_measured_windows(tiny, tmp_path):

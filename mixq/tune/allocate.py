@@ -431,7 +431,7 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=QUANT_METHODS, default=None,
                    help="quantization method the plan is for: damages measured under it (a --measurement must have "
                         "been measured so; default: the measurement's, rtn when measuring now) and the recipe says it")
-    add_calib_arguments(p, prefix="method-", what="gptq/awq calibration")
+    add_calib_arguments(p, prefix="method-", what="gptq/awq/awq+gptq calibration")
     p.add_argument("-o", "--output", required=True, help="recipe TOML to write")
     add_device_arguments(p, dtype=False)   # for measuring now (--dtype above is the storage dtype)
 

@@ -263,18 +263,27 @@ def scalable(linears: dict) -> set:
 
 
 def awq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, mean_abs: torch.Tensor | None = None,
-                   n_grid: int = N_GRID) -> torch.Tensor:
-    """`w` [out, in] (stored dtype) as convert's awq stores it were it alone in its group, read back as the layer
-    then computes (float32; `mixq measure --method awq`): with its inputs' `mean_abs`, the scale s searched for it
-    alone (`search_scale`), W diag(s) quantized by the clipping search under H / (s s^T), dequantized, times
-    diag(1/s) (the op before, divided by s, gives the quantized weight x / s); without (no op before can take a
-    scale: the head, o_proj under grouped-query attention), the clipping search alone."""
+                   n_grid: int = N_GRID, then_gptq: bool = False, damp: float = gptq.DAMP) -> torch.Tensor:
+    """`w` [out, in] (stored dtype) as convert's awq (`then_gptq`: awq+gptq) stores it were it alone in its group,
+    read back as the layer then computes (float32; `mixq measure --method awq | awq+gptq`): with its inputs'
+    `mean_abs`, the scale s searched for it alone (`search_scale`; awq+gptq keeps it only where GPTQ's error is lower
+    with it, as `scale_layer` does), W diag(s) quantized under H / (s s^T) by the clipping search (awq) or GPTQ
+    (awq+gptq), dequantized, times diag(1/s) (the op before, divided by s, gives the quantized weight x / s);
+    without (no op before can take a scale: the head, o_proj under grouped-query attention), unscaled."""
     dt, bits, gs, mode = w.dtype, spec.bits, spec.group_size, spec.mode
     wf = w.to(torch.float32)
     s = torch.ones(wf.shape[1])
     if mean_abs is not None:
-        s = search_scale([(wf, bits, gs, dt, mode)], H, mean_abs.to(torch.float32), n_grid)[0]
-    parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt, mode)
+        weights = [(wf, bits, gs, dt, mode)]
+        s, _, _, alpha = search_scale(weights, H, mean_abs.to(torch.float32), n_grid)
+        if then_gptq and alpha > 0 and gptq_error(weights, H, s, damp) >= gptq_error(weights, H, torch.ones_like(s),
+                                                                                      damp):
+            s = torch.ones_like(s)
+    Hs = H / (s[:, None] * s[None, :])
+    if then_gptq:
+        parts = gptq.gptq_quantize(wf * s, Hs, bits, gs, dtype=dt, damp=damp, mode=mode)
+    else:
+        parts = quantize_clipped(wf * s, Hs, bits, gs, dt, mode)
     return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
 
 

@@ -20,20 +20,22 @@ Two methods:
   unchanged). Large vocabularies (> VOCAB_FULL_MAX) use the union of the base's top-TOPK tokens as
   the support (`--full-vocab` to turn off). The KLD itself is perplexity.py's (`_kld_rows`).
 
-Quantization method (`--method rtn | gptq | awq`, default rtn): the perturbed tensor is what `mixq convert --method`
-of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ with the Hessian
-of that tensor's inputs in the unquantized model (decoder layers' linears; the output head, or with tied embeddings
-the embedding, from the final norm's outputs), as convert applies it, affine and float-mode candidates alike, on
-convert's calibration text (`--method-calib FILE --method-calib-samples N --method-calib-len L`, convert's defaults)
-less every window that shares a token with the measured windows: fitted on the scored tokens themselves, GPTQ looked
-~3x better than the quant convert makes (a plan on it lost to the rtn plan); tensors convert leaves round-to-nearest
-under gptq (an untied embedding) are measured so here too. The plan then allocates bits for the quant that will be
-made (`mixq plan --method gptq` writes `method = "gptq"`).
+Quantization method (`--method rtn | gptq | awq | awq+gptq`, default rtn): the perturbed tensor is what `mixq
+convert --method` of that spec stores. rtn: round to nearest (quant.quantize.round_trip). gptq: tune/gptq.py's GPTQ
+with the Hessian of that tensor's inputs in the unquantized model (decoder layers' linears; the output head, or with
+tied embeddings the embedding, from the final norm's outputs), as convert applies it, affine and float-mode
+candidates alike, on convert's calibration text (`--method-calib FILE --method-calib-samples N --method-calib-len
+L`, convert's defaults) less every window that shares a token with the measured windows: fitted on the scored tokens
+themselves, GPTQ looked ~3x better than the quant convert makes (a plan on it lost to the rtn plan); tensors convert
+leaves round-to-nearest under gptq (an untied embedding) are measured so here too. The plan then allocates bits for
+the quant that will be made (`mixq plan --method gptq` writes `method = "gptq"`).
 awq: tune/awq.py's `awq_round_trip`, the tensor as if alone in its group: its own scale searched on its inputs' Hessian
 and mean |x| (not the one q/k/v or gate/up share in convert), the clipping search, read back divided by the scale
 (the fold's 1/s taken exactly: the norm's rounding to its stored dtype and the change of v_proj's rows by o_proj's
 scale are left out); the head and linears with no op before them by shape (o_proj under grouped-query attention)
-get the clipping search alone, as convert gives them.
+get the clipping search alone, as convert gives them. awq+gptq: the same scale search, the scale kept only where
+GPTQ's error is lower with it (as convert decides per group), then GPTQ on the scaled weight under the scaled Hessian;
+unscaled tensors get GPTQ alone.
 
 Calibration text (tune/calib.py `tail_windows`): by default the *end* of WikiText-2's test file
 (perplexity.default_text_file): the last `--tokens // --ctx` of the consecutive `--ctx`-token windows
@@ -83,7 +85,7 @@ VOCAB_FULL_MAX = 65536
 TOPK = 32
 DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))
 DEFAULT_MODES = ("mxfp4", "nvfp4", "mxfp8")
-QUANT_METHODS = ("rtn", "gptq", "awq")     # how a candidate is quantized (convert's --method)
+QUANT_METHODS = ("rtn", "gptq", "awq", "awq+gptq")     # how a candidate is quantized (convert's --method)
 ESTIMATORS = ("fisher", "direct")   # how its damage is measured
 
 
@@ -120,23 +122,23 @@ def as_spec(c) -> Spec:
 def method_round_trip(w: torch.Tensor, spec: Spec, name: str, H=None, mean_abs=None,
                       quant: str = "gptq") -> torch.Tensor:
     """What convert stores of `w` (in its stored dtype) under `spec` (affine or a float mode), read back: when an
-    input Hessian `H` is given, GPTQ's (`quant` "gptq") or AWQ's (`quant` "awq": tune/awq.py `awq_round_trip`,
-    scaled when the inputs' `mean_abs` is given, else clipped only), else round to nearest's."""
+    input Hessian `H` is given, GPTQ's (`quant` "gptq") or AWQ's (`quant` "awq" / "awq+gptq": tune/awq.py
+    `awq_round_trip`, scaled when the inputs' `mean_abs` is given), else round to nearest's."""
     if H is not None:
-        if quant == "awq":
+        if quant in ("awq", "awq+gptq"):
             m = None if mean_abs is None else mean_abs.to(torch.float32)
-            return awq_round_trip(w, H.to(torch.float32), spec, m)
+            return awq_round_trip(w, H.to(torch.float32), spec, m, then_gptq=quant == "awq+gptq")
         return gptq_round_trip(w, H.to(torch.float32), spec)
     return round_trip(w, spec, name)
 
 
 def quant_inputs(quant: str, hessians: dict, means: dict, heads: set[str], name: str) -> tuple:
     """(H, mean |x|) that `method_round_trip` takes for tensor `name` under `quant`: (None, None) for rtn; the mean
-    only for awq and a linear AWQ can scale (`means` holds only those: `awq_means`)."""
+    only for awq / awq+gptq and a linear AWQ can scale (`means` holds only those: `awq_means`)."""
     if quant == "rtn":
         return None, None
     H = tensor_hessian(hessians, heads, name)
-    return H, (means.get(module_path(name)) if quant == "awq" and H is not None else None)
+    return H, (means.get(module_path(name)) if quant.startswith("awq") and H is not None else None)
 
 
 def awq_means(model, sums: dict, tokens: int) -> dict:
@@ -188,7 +190,7 @@ def input_hessians(model, ids, abs_sums: dict | None = None) -> dict:
 def calibrated_inputs(model, quant: str, ids) -> tuple[dict, dict]:
     """(input Hessians, awq's mean |x|) of the unquantized `model` on the windows `ids`: what `quant` (gptq, awq)
     quantizes each tensor with."""
-    sums: dict | None = {} if quant == "awq" else None
+    sums: dict | None = {} if quant.startswith("awq") else None
     hess = input_hessians(model, ids, sums)
     return hess, awq_means(model, sums or {}, ids.numel())
 
@@ -673,7 +675,8 @@ def measure(ref: str, *, levels=(3, 4, 5, 6, 8), group_sizes=(32, 64), modes=DEF
             only: list[str] | None = None, device: str = "cpu", max_memory: int | None = None,
             quant: str = "rtn", method_calib: CalibConfig | None = None) -> dict:
     """`mixq measure`: load `ref` (float32, on `device`), measure every quantizable tensor under every candidate
-    (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq | awq), write `out`.
+    (affine levels x group sizes, plus the float `modes`) quantized with `quant` (rtn | gptq | awq | awq+gptq), write
+    `out`.
     `method`: the estimator (fisher | direct). `method_calib`: the calibration text gptq / awq quantize with (convert's
     default), less any window that overlaps the measured ones. Float32 on every device: the damages compared are far
     smaller than bfloat16's rounding."""
@@ -751,7 +754,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
     p.add_argument("--ctx", type=int, default=256, help="calibration window length (default 256)")
     add_method_argument(p)
-    add_calib_arguments(p, prefix="method-", what="gptq/awq calibration")
+    add_calib_arguments(p, prefix="method-", what="gptq/awq/awq+gptq calibration")
     p.add_argument("--estimator", choices=ESTIMATORS, default=None,
                    help="fisher (default): second-order estimate from sampled-label gradients, all tensors and "
                         "candidates at once; direct: one forward per tensor and candidate")
@@ -770,7 +773,7 @@ def add_arguments(p) -> None:
 def add_method_argument(p) -> None:
     p.add_argument("--method", choices=QUANT_METHODS + ESTIMATORS, default=None,
                    help="quantization method the damages are measured under, as `mixq convert --method` makes the "
-                        "quant: rtn (default), gptq or awq (fisher / direct: the --estimator, as before)")
+                        "quant: rtn (default), gptq, awq or awq+gptq (fisher / direct: the --estimator, as before)")
 
 
 def method_options(args) -> tuple[str, str]:
