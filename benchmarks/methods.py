@@ -15,7 +15,9 @@ calibration windows, not on the measured ones):
 OUT/plans/MODEL-QUANT.json (resumable) and OUT/plans/MODEL-plan@BPW-QUANT.toml, then converted with the method.
 Runs are kept in OUT/runs/ and reused: a finished row is not redone, so an interrupted benchmark continues
 where it stopped. Each row's timings (wall and CPU seconds of measure + plan, convert, eval; this process's peak
-RSS so far) go to OUT/timings/NAME.json; the table (OUT/methods.md, OUT/methods.json) is rewritten after every row.
+RSS so far) go to OUT/timings/NAME.json, the row to OUT/rows/NAME.json; the table of every row finished in OUT
+(OUT/methods.md: KLD per method and recipe, then every measure; OUT/methods.json) is rewritten after every row
+(`--table`: only that).
 `--texts tasks` also evaluates on a non-Wikipedia text (OUT/tasks.txt, `task_text`: HellaSwag contexts with their
 gold endings (ActivityNet / WikiHow) and PIQA goals with their gold solutions (instructables)), in OUT/runs-tasks/.
 """
@@ -135,12 +137,22 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     r = read_results(run)
     k = r["kld"]
     prov = json.loads((folder / "mixq_provenance.json").read_text())
-    return {"model": model, "recipe": recipe, "method": method, "text": text, "bits_per_weight": r["bits_per_weight"],
+    row = {"model": model, "recipe": recipe, "method": method, "text": text, "bits_per_weight": r["bits_per_weight"],
             "kld_mean": k["kld_mean"], "kld_mean_stderr": k["kld_mean_stderr"], "kld_p99": k["kld_p99"],
             "top1": k["top1_agreement"], "ppl": r["ppl"]["ppl"], "ppl_base": k["ppl_base"],
             "n_tokens": k["n_tokens"], "timings": timings,
             "calibration": {key: prov.get("calibration", {}).get(key)
                             for key in ("samples", "length", "seed", "first_token", "seconds", "dwq")}}
+    write_atomic(out / "rows" / tfile.name, json.dumps(row, indent=2))
+    return row
+
+
+def all_rows(out: Path) -> list[dict]:
+    """Every row run_one has finished in `out` (OUT/rows/), by model, text, recipe (most bits per weight first),
+    then method."""
+    rows = [json.loads(f.read_text()) for f in sorted((out / "rows").glob("*.json"))]
+    return sorted(rows, key=lambda r: (r["model"], r["text"] != "wikitext", -round(r["bits_per_weight"], 2),
+                                       r["recipe"], r["method"] != "rtn"))
 
 
 def _secs(t: dict | None) -> str:
@@ -162,8 +174,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict]) -> str:
+    """Mean KLD per (model, text, recipe) with one column per method, each with its change vs rtn's."""
+    order = ["rtn", "gptq", "awq", "awq+gptq", "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq"]
+    rank = {m: i for i, m in enumerate(order)}
+    methods = sorted({r["method"] for r in rows},
+                     key=lambda m: (rank.get("+".join(p for p in m.split("+") if p not in OPTIONS), len(order)), m))
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["text"], r["recipe"]), {})[r["method"]] = r["kld_mean"]
+    lines = ["| model | text | recipe | " + " | ".join(methods) + " |", "|" + " --- |" * (3 + len(methods))]
+    for (model, text, recipe), by in cells.items():
+        base = by.get("rtn")
+        vals = ["" if m not in by else f"{by[m]:.4g}" if m == "rtn" or not base
+                else f"{by[m]:.4g} ({100 * (by[m] / base - 1):+.1f}%)" for m in methods]
+        lines.append(f"| {model} | {text} | {recipe} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def write_table(rows: list[dict], out: Path) -> str:
-    md = table(rows)
+    md = pivot(rows) + "\n\n" + table(rows)
     write_atomic(out / "methods.md", md + "\n")
     write_atomic(out / "methods.json", json.dumps(rows, indent=2))
     return md
@@ -190,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--dwq-steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--dwq-lr", type=float, default=DEFAULT_LR)
     p.add_argument("--dwq-batch", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--table", action="store_true", help="run nothing: write and print the table of every row "
+                                                          "finished in OUT")
     a = p.parse_args(argv)
     import torch
 
@@ -197,15 +229,14 @@ def main(argv=None) -> int:
     out = Path(a.out)
     calib = CalibConfig(a.calib, a.calib_samples, a.calib_len, a.calib_seed)
     dwq = DwqConfig(a.dwq_steps, a.dwq_lr, a.dwq_batch)
-    rows = []
-    for model in a.models:
+    for model in ([] if a.table else a.models):
         for recipe in a.recipes:
             for text in a.texts:
                 for method in a.methods:
-                    rows.append(run_one(model, recipe, method, calib, a.windows, out, text, a.threads, dwq))
-                    print(json.dumps(rows[-1]), flush=True)
-                    write_table(rows, out)
-    print(write_table(rows, out))
+                    row = run_one(model, recipe, method, calib, a.windows, out, text, a.threads, dwq)
+                    print(json.dumps(row), flush=True)
+                    write_table(all_rows(out), out)
+    print(write_table(all_rows(out), out))
     return 0
 
 
