@@ -1,7 +1,7 @@
 """Benchmark the quantization methods (issue 13): mean KLD, KLD p99, top-1 agreement and ppl per recipe x method.
 
     .venv/bin/python benchmarks/methods.py -o /tmp/methods [--models smollm2-135m] [--recipes q4-hi q3-hi plan@4.5]
-        [--methods rtn awq gptq awq+gptq gptq+clip dwq gptq+dwq] [--calib-samples 32 --calib-len 512] [--windows 64]
+        [--methods rtn awq gptq awq+gptq gptq+noclip dwq gptq+dwq] [--calib-samples 32 --calib-len 512] [--windows 64]
         [--texts wikitext tasks] [--threads 1]
         [--dwq-steps 64 --dwq-lr 3e-5 --dwq-batch 4]
 
@@ -42,7 +42,7 @@ from mixq.tune.calib import CalibConfig  # noqa: E402
 from mixq.tune.dwq import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DwqConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
 
-OPTIONS = ("clip", "nohead", "act")
+OPTIONS = ("clip", "noclip", "nohead", "act")
 PLAN = "plan@"
 
 
@@ -111,7 +111,8 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
 
     `method`: rtn, gptq (the output head included, convert's default), awq, awq+gptq, dwq, gptq+dwq, awq+dwq,
     awq+gptq+dwq (`dwq`: their steps, learning rate, batch), or one of those with options:
-    +clip (gptq's per-group range search), +nohead (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
+    +noclip (gptq without its per-group range search, `--no-gptq-clip`; +clip: with it, the default), +nohead
+    (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
     act-order with static groups, `--gptq-act-order`). `recipe`: a recipe name or file, or plan@BPW."""
     opts = [o for o in method.split("+") if o in OPTIONS]
     base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
@@ -127,7 +128,8 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
             src = planned_recipe(model, recipe, measured_quant(base_method), out, timings, calib) \
                 if recipe.startswith(PLAN) else recipe
             with timed(timings, "convert"):
-                convert(model, folder, src, method=base_method, calib=calib, force=True, clip="clip" in opts,
+                clip = False if "noclip" in opts else True if "clip" in opts else None   # None: convert's default
+                convert(model, folder, src, method=base_method, calib=calib, force=True, clip=clip,
                         head="nohead" not in opts, act_order="act" in opts, dwq=dwq)
         with timed(timings, "eval"):
             evaluate(str(folder), ["kld", "ppl"], str(run), base=model, windows=windows, force=True,
@@ -206,8 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["q4-hi", "q3-hi"],
                    help="recipe names or files, or plan@BPW (planned at BPW bits per weight under the method)")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq"],
-                   help="rtn, gptq, awq, awq+gptq, dwq, gptq+dwq, awq+dwq, awq+gptq+dwq, each with +clip, +nohead "
-                        "and/or +act (e.g. gptq+clip+nohead)")
+                   help="rtn, gptq, awq, awq+gptq, dwq, gptq+dwq, awq+dwq, awq+gptq+dwq, each with +noclip, "
+                        "+nohead and/or +act (e.g. gptq+noclip+nohead)")
     p.add_argument("--calib", default=None)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)

@@ -163,11 +163,11 @@ def test_float_folder_opens_in_mlx_lm(tiny_model, tmp_path, arch, recipe, method
 
 
 def test_clip_and_act_order_leave_float_tensors_plain(tiny_model, tmp_path):
-    """--gptq-clip and --gptq-act-order are affine only: on an mxfp4 recipe the tensors are plain gptq's, and the
-    calibration record says so."""
+    """--gptq-clip (the default) and --gptq-act-order are affine only: on an mxfp4 recipe the tensors are plain
+    gptq's, and the calibration record says so."""
     src = tiny_model("llama")
     prep = prepare(src, "mxfp4", method="gptq")
-    plain = gptq.gptq_tensors(prep, _calib(src), progress=False)
+    plain = gptq.gptq_tensors(prep, _calib(src), progress=False, clip=False)
     both = gptq.gptq_tensors(prep, _calib(src), progress=False, clip=True, act_order=True)
     assert plain.tensors.keys() == both.tensors.keys() and plain.tensors
     assert all(torch.equal(a, b) for n in plain.tensors for a, b in zip(plain.tensors[n][:2], both.tensors[n][:2]))

@@ -68,11 +68,15 @@ def test_gptq_layer_error_below_rtn(bits, gs):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_identity_hessian_is_rtn(bits):
-    """With nothing to compensate (H diagonal) GPTQ stores exactly what mx.quantize stores: same grid, same codes."""
+    """With nothing to compensate (H diagonal) GPTQ without its range search stores exactly what mx.quantize
+    stores: same grid, same codes; with it (the default), never a larger rounding error."""
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    g = gptq_quantize(w, torch.eye(128), bits, 32, dtype=torch.bfloat16)
+    g = gptq_quantize(w, torch.eye(128), bits, 32, dtype=torch.bfloat16, clip=False)
     for a, b in zip(g, quantize(w, bits, 32)):
         assert torch.equal(a, b)
+    searched = dequantize(*gptq_quantize(w, torch.eye(128), bits, 32, dtype=torch.bfloat16), bits, 32).float()
+    err = ((searched - w.float()) ** 2).sum(), ((dequantize(*g, bits, 32).float() - w.float()) ** 2).sum()
+    assert err[0] <= err[1]
 
 
 def test_clip_search_never_worse_per_group():
@@ -93,6 +97,26 @@ def test_clip_search_never_worse_per_group():
     x = _inputs(n=512, d=128)
     parts = gptq_quantize(w, 2 * x.T @ x / 512, 3, 32, dtype=torch.float32, clip=True)
     assert _out_err(x, w, parts, 3, 32) < _out_err(x, w, quantize(w, 3, 32), 3, 32)
+
+
+def test_range_search_is_convert_default(tiny_model, tmp_path):
+    """`mixq convert --method gptq` searches each group's range unless --no-gptq-clip; the provenance says which,
+    and the searched quant has the lower output error on the calibration windows."""
+    from transformers import AutoTokenizer
+
+    from mixq.cli import main
+
+    src = tiny_model("llama")
+    errs, ids = {}, calibration(AutoTokenizer.from_pretrained(str(src)), CALIB).ids
+    with torch.no_grad():
+        ref = load_model(str(src), progress=False).model(ids).logits
+        for flag in ([], ["--no-gptq-clip"]):
+            out = tmp_path / ("clip" if not flag else "plain")
+            assert main(["convert", str(src), str(out), "--recipe", "q3", "--method", "gptq", "--calib-samples",
+                         str(CALIB.samples), "--calib-len", str(CALIB.length), *flag]) == 0
+            assert json.loads((out / "mixq_provenance.json").read_text())["calibration"]["clip_search"] == (not flag)
+            errs[out.name] = float((load_model(str(out), progress=False).model(ids).logits - ref).square().mean())
+    assert errs["clip"] < errs["plain"], errs
 
 
 def _windows_file(tmp_path, n_words=40000):
@@ -355,12 +379,13 @@ def test_layer_loader_holds_one_layer_and_computes_the_model(tiny_model, arch_na
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_act_order_static_groups(bits):
     """act-order with static groups: each group's scale and bias are mx.quantize's of the weight (MLX's contiguous
-    groups, exact), and the layer output error on the calibration inputs is below the natural order's."""
+    groups, exact, without the range search), and the layer output error on the calibration inputs is below the
+    natural order's."""
     x = _inputs()
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float()
     H = 2 * x.T @ x / x.shape[0]
-    act = gptq_quantize(w, H, bits, 32, dtype=torch.bfloat16, act_order=True)
-    plain = gptq_quantize(w, H, bits, 32, dtype=torch.bfloat16)
+    act = gptq_quantize(w, H, bits, 32, dtype=torch.bfloat16, act_order=True, clip=False)
+    plain = gptq_quantize(w, H, bits, 32, dtype=torch.bfloat16, clip=False)
     rtn = quantize(w.to(torch.bfloat16), bits, 32)
     assert torch.equal(act[1], rtn[1]) and torch.equal(act[2], rtn[2])
     assert _out_err(x, w, act, bits, 32) < _out_err(x, w, plain, bits, 32)

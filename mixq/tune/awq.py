@@ -425,7 +425,7 @@ def quantize_linear(m, H, tp, method: str, damp: float, clip: bool):
 
 
 def run_awq(model, prep, ids: torch.Tensor, *, n_grid: int = N_GRID, damp: float = gptq.DAMP,
-            batch: int = gptq.BATCH, progress: bool = True, clip: bool = False, head: bool = True,
+            batch: int = gptq.BATCH, progress: bool = True, clip: bool = gptq.CLIP, head: bool = True,
             quantize: bool = True, loader: gptq.LayerLoader | None = None):
     """AWQ (and GPTQ) on the float torch `model` of `prep`, in place, for every tensor the plan gives a calibrated
     method: (tensors, methods, floats, info). `quantize=False`: only the scales are searched and folded (the model
@@ -508,7 +508,7 @@ def _awq_layer(layer, path: str, planned: dict, wanted: dict, hidden: list, call
 
 
 def awq_tensors(prep, calib, *, n_grid: int = N_GRID, damp: float = gptq.DAMP, batch: int = gptq.BATCH,
-                progress: bool = True, threads: int | None = None, clip: bool = False,
+                progress: bool = True, threads: int | None = None, clip: bool = gptq.CLIP,
                 head: bool = True) -> Precomputed:
     """AWQ / awq+gptq (and gptq) for every tensor the plan of `prep` gives such a method, on the calibration windows
     `calib`: a `Precomputed` for convert's writer (quantized tensors, folded float tensors, per-tensor methods,

@@ -80,7 +80,8 @@ from mixq.tune.gptq import gptq_round_trip
 FORMAT = "mixq-measurement/1"
 # What a damage means changed (a file of an older revision is not resumed, nor reused by `mixq plan`'s cache):
 # 2: gptq/awq fitted on convert's calibration text, not the measured windows, and applied to float-mode candidates
-REVISION = 2
+# 3: gptq and awq+gptq search each group's range (tune/gptq.py CLIP, convert's default)
+REVISION = 3
 VOCAB_FULL_MAX = 65536
 TOPK = 32
 DEFAULT_ANCHORS = (Spec(4, 64), Spec(6, 64))

@@ -25,11 +25,12 @@ from mixq.tune.dwq import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DWQ_METHODS,
 
 
 def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bool = True,
-               clip: bool = False, head: bool = True, act_order: bool = False,
+               clip: bool | None = None, head: bool = True, act_order: bool = False,
                dwq: DwqConfig | None = None) -> Precomputed:
     """Run the calibrated methods the plan of `prep` asks for on the calibration text (`clip`: gptq's range
-    search per group, tune/gptq.py CLIP_GRID; `head`: gptq for the output head too; `act_order`: gptq's columns in
-    act order with static groups; `dwq`: the dwq methods' steps, learning rate and batch)."""
+    search per group, tune/gptq.py CLIP_GRID; None: its default, tune/gptq.py CLIP; `head`: gptq for the output
+    head too; `act_order`: gptq's columns in act order with static groups; `dwq`: the dwq methods' steps, learning
+    rate and batch)."""
     from transformers import AutoTokenizer
 
     from mixq.tune.awq import CALIBRATED
@@ -52,10 +53,13 @@ def precompute(prep: Prepared, calib: CalibConfig | None = None, *, progress: bo
     return start(prep)
 
 
-def _calibrated(prep: Prepared, cal, *, progress: bool, clip: bool, head: bool, act_order: bool) -> Precomputed:
+def _calibrated(prep: Prepared, cal, *, progress: bool, clip: bool | None, head: bool,
+                act_order: bool) -> Precomputed:
     """gptq, awq and awq+gptq on the calibration windows `cal` (awq's pass when any tensor asks for awq)."""
     from mixq.tune.awq import AWQ_METHODS, awq_tensors
-    from mixq.tune.gptq import gptq_tensors
+    from mixq.tune.gptq import CLIP, gptq_tensors
+
+    clip = CLIP if clip is None else clip
 
     if {tp.method for tp in prep.plan.calibrated()} & set(AWQ_METHODS):
         if act_order:
@@ -67,7 +71,7 @@ def _calibrated(prep: Prepared, cal, *, progress: bool, clip: bool, head: bool, 
 
 def convert(source, out, recipe=None, *, method: str | None = None, calib: CalibConfig | None = None,
             dtype=None, force: bool = False, shard_bytes: int = SHARD_BYTES, progress: bool = True,
-            clip: bool = False, head: bool = True, act_order: bool = False, dwq: DwqConfig | None = None) -> Path:
+            clip: bool | None = None, head: bool = True, act_order: bool = False, dwq: DwqConfig | None = None) -> Path:
     """`quant.convert.convert` with the calibrated methods: the recipe's (or `method` for every tensor whose
     rule names none)."""
     (calib or CalibConfig()).check()
@@ -87,10 +91,11 @@ def add_arguments(p):
                         "dwq (round to nearest), gptq+dwq, awq+dwq, awq+gptq+dwq: that start, then each group's "
                         "scale and bias tuned to the unquantized model's next-token distributions (KL)")
     add_calib_arguments(p)
-    p.add_argument("--gptq-clip", action="store_true",
-                   help="gptq: search each group's range (shrunk max/min) for the least weighted rounding error "
-                        "(affine tensors only; float-mode tensors take each group's max |w|); on smollm2-135m it took "
-                        "gptq's KLD cut vs RTN from 31%% to 52%% at q4-hi and from 21%% to 69%% at q2-hi (README)")
+    p.add_argument("--gptq-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq, awq+gptq: search each group's range (max/min shrunk by up to 30%%) for the least "
+                        "Hessian-weighted rounding error (affine tensors only; float-mode tensors take each group's "
+                        "max |w|); default on: on smollm2-135m it took gptq's KLD cut vs RTN from 31%% to 52%% at "
+                        "q4-hi and from 21%% to 69%% at q2-hi, on gemma3-270m from 63%% to 69%% at q4-hi (README)")
     p.add_argument("--gptq-head", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq, awq: the output head too, when the recipe gives it a calibrated method (awq: its "
                         "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
