@@ -94,13 +94,11 @@ def add_arguments(p):
     p.add_argument("--gptq-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq, awq+gptq: search each group's range (max/min shrunk by up to 30%%) for the least "
                         "Hessian-weighted rounding error (affine tensors only; float-mode tensors take each group's "
-                        "max |w|); default on: on smollm2-135m it took gptq's KLD cut vs RTN from 31%% to 52%% at "
-                        "q4-hi and from 21%% to 69%% at q2-hi, on gemma3-270m from 63%% to 69%% at q4-hi (README)")
+                        "max |w|); default on (its measured gain: README, Calibrated methods)")
     p.add_argument("--gptq-head", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq, awq: the output head too, when the recipe gives it a calibrated method (awq: its "
-                        "clipping search only; with tied embeddings: the embedding tensor, which is the head); default "
-                        "on: on smollm2-135m gptq's took KLD from -25%% to -34%% vs RTN at q4-hi and from -41%% to "
-                        "-49%% at q3-hi (benchmarks/methods.py)")
+                        "clipping search only; with tied embeddings: the embedding tensor, which is the head); "
+                        "default on")
     p.add_argument("--gptq-act-order", action="store_true",
                    help="gptq: columns in order of decreasing input activity, with static groups (each group's scale "
                         "and bias fixed before, codes stored in MLX's order; affine tensors only, float-mode tensors "
