@@ -105,15 +105,18 @@ def search_scale(weights: list, H: torch.Tensor, x_mean: torch.Tensor, n_grid: i
     return best[0], best[1], base, best[2]
 
 
+def gptq_scaled(w: torch.Tensor, H: torch.Tensor, s: torch.Tensor, bits: int, gs: int, dt, mode: str,
+                damp: float = gptq.DAMP) -> torch.Tensor:
+    """W diag(s) quantized by GPTQ under its inputs' Hessian H / (s s^T), read back as the layer computes it (float32,
+    times diag(1/s))."""
+    parts = gptq.gptq_quantize(w * s, H / (s[:, None] * s[None, :]), bits, gs, dtype=dt, damp=damp, mode=mode)
+    return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
+
+
 def gptq_error(weights: list, H: torch.Tensor, s: torch.Tensor, damp: float = gptq.DAMP) -> float:
     """The summed output error of the linears `weights` (as `search_scale` takes them) scaled by `s` and quantized
-    by GPTQ under their scaled inputs' Hessian H / (s s^T)."""
-    Hs = H / (s[:, None] * s[None, :])
-    err = 0.0
-    for w, bits, gs, dt, mode in weights:
-        parts = gptq.gptq_quantize(w * s, Hs, bits, gs, dtype=dt, damp=damp, mode=mode)
-        err += output_error(w, dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s, H)
-    return err
+    by GPTQ under their scaled inputs' Hessian (`gptq_scaled`)."""
+    return sum(output_error(w, gptq_scaled(w, H, s, bits, gs, dt, mode, damp), H) for w, bits, gs, dt, mode in weights)
 
 
 def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, grid=CLIP_GRID,
@@ -274,17 +277,14 @@ def awq_round_trip(w: torch.Tensor, H: torch.Tensor, spec, mean_abs: torch.Tenso
     wf = w.to(torch.float32)
     s = torch.ones(wf.shape[1])
     if mean_abs is not None:
-        weights = [(wf, bits, gs, dt, mode)]
-        s, _, _, alpha = search_scale(weights, H, mean_abs.to(torch.float32), n_grid)
-        if then_gptq and alpha > 0 and gptq_error(weights, H, s, damp) >= gptq_error(weights, H, torch.ones_like(s),
-                                                                                      damp):
-            s = torch.ones_like(s)
-    Hs = H / (s[:, None] * s[None, :])
-    if then_gptq:
-        parts = gptq.gptq_quantize(wf * s, Hs, bits, gs, dtype=dt, damp=damp, mode=mode)
-    else:
-        parts = quantize_clipped(wf * s, Hs, bits, gs, dt, mode)
-    return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
+        s = search_scale([(wf, bits, gs, dt, mode)], H, mean_abs.to(torch.float32), n_grid)[0]
+    if not then_gptq:
+        parts = quantize_clipped(wf * s, H / (s[:, None] * s[None, :]), bits, gs, dt, mode)
+        return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
+    # awq+gptq: GPTQ without and with the scale; the scale kept only if its output error is lower
+    scales = [torch.ones_like(s)] + ([] if bool((s == 1).all()) else [s])
+    read = [gptq_scaled(wf, H, c, bits, gs, dt, mode, damp) for c in scales]
+    return min(read, key=lambda r: output_error(wf, r, H))
 
 
 def norm_offset(norm) -> float | None:
