@@ -226,6 +226,9 @@ def test_model_output_closer_with_awq(tiny_model, tmp_path):
             out = convert(src, tmp_path / method.replace("+", "_"), "q3", method=method, calib=CALIB,
                           progress=False)
             errs[method] = float((load_model(str(out), progress=False).model(ids).logits - ref).square().mean())
+            if method != "rtn":   # gptq's range search (on by default) is recorded where gptq runs
+                cal = json.loads((out / "mixq_provenance.json").read_text())["calibration"]
+                assert cal.get("clip_search") == (True if "gptq" in method else None), (method, cal)
     assert errs["awq"] < errs["rtn"] and errs["awq+gptq"] < errs["rtn"], errs
 
 

@@ -115,6 +115,7 @@ def test_range_search_is_convert_default(tiny_model, tmp_path):
             assert main(["convert", str(src), str(out), "--recipe", "q3", "--method", "gptq", "--calib-samples",
                          str(CALIB.samples), "--calib-len", str(CALIB.length), *flag]) == 0
             assert json.loads((out / "mixq_provenance.json").read_text())["calibration"]["clip_search"] == (not flag)
+            assert f"gptq's range search {'off' if flag else 'on'}" in (out / "README.md").read_text()
             errs[out.name] = float((load_model(str(out), progress=False).model(ids).logits - ref).square().mean())
     assert errs["clip"] < errs["plain"], errs
 
@@ -184,6 +185,7 @@ def test_recipe_rule_method_touches_only_its_tensors(tiny_model, tmp_path):
     from mixq.report.card import read_folder, render_card
     card = render_card(read_folder(gq))
     assert "gptq on 4 tensors" in card and "4 windows of 64 tokens, seed 0, from token 32768" in card
+    assert "gptq's range search on" in card and "act-order" not in card
 
 
 def test_model_output_closer_with_gptq(tiny_model, tmp_path):

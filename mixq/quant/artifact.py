@@ -222,6 +222,8 @@ def method_line(methods: dict, calibration: dict | None) -> str:
         fell += f" ({partial} of them with some experts rounded to nearest: too few routed tokens, see provenance)"
     where = (f", from token {c.get('first_token')} on (after eval's default ppl/KLD windows)"
              if c.get("disjoint_from_eval") else "")
+    settings = "".join([f"; gptq's range search {'on' if c['clip_search'] else 'off'}" if "clip_search" in c else "",
+                        f"; gptq act-order ({c['act_order']})" if c.get("act_order") else ""])
     return (f"Calibrated quantization: {what}{fell}; the rest round to nearest. Calibration text "
             f"{Path(str(c.get('file', '?'))).name} (sha256 {str(c.get('sha256', '?'))[:12]}), {c.get('samples')} "
-            f"windows of {c.get('length')} tokens, seed {c.get('seed')}{where}.\n")
+            f"windows of {c.get('length')} tokens, seed {c.get('seed')}{where}{settings}.\n")

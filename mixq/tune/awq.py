@@ -464,6 +464,7 @@ def run_awq(model, prep, ids: torch.Tensor, *, n_grid: int = N_GRID, damp: float
             not_scaled[name] = "the output head: no op before it can take a scale"
     info = {"method": ", ".join(sorted({tp.method for tp in wanted.values()})), "n_grid": n_grid,
             "clip_grid": list(CLIP_GRID), "damp": damp, "head": target[0] if target is not None else None,
+            **({"clip_search": clip} if any(tp.method == "awq+gptq" for tp in wanted.values()) else {}),
             "awq_scaled_groups": alphas, "awq_not_scaled": dict(sorted(not_scaled.items())),
             "fallback_rtn": sorted(n for n, m in methods.items() if m.startswith("rtn"))}
     return tensors, methods, floats, info
