@@ -106,17 +106,20 @@ def search_scale(weights: list, H: torch.Tensor, x_mean: torch.Tensor, n_grid: i
 
 
 def gptq_scaled(w: torch.Tensor, H: torch.Tensor, s: torch.Tensor, bits: int, gs: int, dt, mode: str,
-                damp: float = gptq.DAMP) -> torch.Tensor:
+                damp: float = gptq.DAMP, clip: bool = gptq.CLIP) -> torch.Tensor:
     """W diag(s) quantized by GPTQ under its inputs' Hessian H / (s s^T), read back as the layer computes it (float32,
     times diag(1/s))."""
-    parts = gptq.gptq_quantize(w * s, H / (s[:, None] * s[None, :]), bits, gs, dtype=dt, damp=damp, mode=mode)
+    parts = gptq.gptq_quantize(w * s, H / (s[:, None] * s[None, :]), bits, gs, dtype=dt, damp=damp, clip=clip,
+                               mode=mode)
     return dequantize(*parts, bits, gs, mode=mode).to(torch.float32) / s
 
 
-def gptq_error(weights: list, H: torch.Tensor, s: torch.Tensor, damp: float = gptq.DAMP) -> float:
+def gptq_error(weights: list, H: torch.Tensor, s: torch.Tensor, damp: float = gptq.DAMP,
+               clip: bool = gptq.CLIP) -> float:
     """The summed output error of the linears `weights` (as `search_scale` takes them) scaled by `s` and quantized
     by GPTQ under their scaled inputs' Hessian (`gptq_scaled`)."""
-    return sum(output_error(w, gptq_scaled(w, H, s, bits, gs, dt, mode, damp), H) for w, bits, gs, dt, mode in weights)
+    return sum(output_error(w, gptq_scaled(w, H, s, bits, gs, dt, mode, damp, clip), H)
+               for w, bits, gs, dt, mode in weights)
 
 
 def clip_search(w: torch.Tensor, H: torch.Tensor, bits: int, gs: int, dtype: torch.dtype, grid=CLIP_GRID,
@@ -337,9 +340,10 @@ class LayerScales:
 
 
 def scale_layer(layer, linears: dict, method: dict, spec: dict, stats: dict, norm_out: dict, hidden0, call0,
-                ref, n_grid: int = N_GRID, damp: float = gptq.DAMP) -> LayerScales:
+                ref, n_grid: int = N_GRID, damp: float = gptq.DAMP, clip: bool = gptq.CLIP) -> LayerScales:
     """Search and fold the scales of one layer's groups (module docstring). `method` / `spec`: the planned method
-    and (bits, group size, dtype, mode) of the layer's calibrated linears, by local name. A group of awq+gptq linears
+    and (bits, group size, dtype, mode) of the layer's calibrated linears, by local name (`clip`: gptq's range
+    search, for the awq+gptq decision below). A group of awq+gptq linears
     keeps its scale only where GPTQ of the scaled weights has less output error than GPTQ of the unscaled ones.
     The folds are checked together (one layer run); if that fails, one by one, and the failing ones undone."""
     norms = _norms(layer)
@@ -360,7 +364,7 @@ def scale_layer(layer, linears: dict, method: dict, spec: dict, stats: dict, nor
         s, err, base, alpha = search_scale(weights, H, stats[g.consumers[0]].mean_abs, n_grid)
         if alpha > 0 and any(method[c] == "awq+gptq" for c in g.consumers):
             # GPTQ follows: keep the scale only if GPTQ on the scaled weights beats GPTQ alone (its objective)
-            err, base = gptq_error(weights, H, s, damp), gptq_error(weights, H, torch.ones_like(s), damp)
+            err, base = gptq_error(weights, H, s, damp, clip), gptq_error(weights, H, torch.ones_like(s), damp, clip)
             if err >= base:
                 s, err, alpha = torch.ones_like(s), base, 0.0
         found.append((g, s, alpha, err / base if base else 1.0, offset))
@@ -488,7 +492,7 @@ def _awq_layer(layer, path: str, planned: dict, wanted: dict, hidden: list, call
     method = {n: wanted[full[n]].method for n in todo}
     spec = {n: (wanted[full[n]].spec.bits, wanted[full[n]].spec.group_size, dtype_from_name(wanted[full[n]].dtype),
                 wanted[full[n]].spec.mode) for n in todo}
-    sc = scale_layer(layer, linears, method, spec, stats, norm_out, hidden[0], calls[0], ref, n_grid, damp)
+    sc = scale_layer(layer, linears, method, spec, stats, norm_out, hidden[0], calls[0], ref, n_grid, damp, clip)
     for local in sorted(sc.changed):  # folded norm weights / biases: stored (and used on) in their dtype
         name, p = f"{path}.{local}", layer.get_parameter(local)
         p.copy_(p.to(dtype_from_name(planned[name].dtype)).to(p.dtype))
