@@ -21,8 +21,9 @@ planned with the start alone (`Recipe.method_for`) and never tuned. Then:
     ceil(steps / 8) steps and after the last, and the parameters with the least are kept: the result is never
     worse than the start on the held-out windows (`calibration.dwq` records start / best KL and the step).
 MoE expert stacks (3-D) keep their start quant, and `methods` says so per tensor. Scales and biases are written in the
-plan's dtype: the folder stays plain MLX affine. Memory: the whole model (teacher, then student) in float32, its
-autograd activations for one batch, one float32 copy of the tuned codes.
+plan's dtype: the folder stays plain MLX affine. Memory: the teacher in float32 while its hidden states are taken,
+then the student: its untuned tensors in float32, the tuned ones as uint8 codes plus float32 scales and biases,
+their float32 weights made for each forward (and kept by autograd for the backward), one batch's activations.
 """
 
 from __future__ import annotations
@@ -100,14 +101,22 @@ class Tuned:
     def weight(self) -> torch.Tensor:
         """The weight [rows, in] MLX dequantizes from the current scale and bias; with grad enabled, the float32
         formula's gradient flows to them (straight-through the roundings)."""
-        dt = self.dtype
-        with torch.no_grad():
-            exact = (self.s.to(dt) * self.q.to(dt) + self.z.to(dt)).to(torch.float32)
-        rows = self.q.shape[0]
-        if not torch.is_grad_enabled():
-            return exact.reshape(rows, -1)
-        flt = self.s * self.q.to(torch.float32) + self.z
-        return (flt + (exact - flt).detach()).reshape(rows, -1)
+        return _Dequantized.apply(self.s, self.z, self.q, self.dtype).reshape(self.q.shape[0], -1)
+
+
+class _Dequantized(torch.autograd.Function):
+    """s * q + z as MLX dequantizes it (each term rounded to the stored dtype `dt`), float32; backward: the float32
+    formula's gradient (straight-through the roundings), from the uint8 codes (no float32 copy of them kept)."""
+
+    @staticmethod
+    def forward(ctx, s, z, q, dt):
+        ctx.save_for_backward(q)
+        return (s.to(dt) * q.to(dt) + z.to(dt)).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q,) = ctx.saved_tensors
+        return (grad * q).sum(-1, keepdim=True), grad.sum(-1, keepdim=True), None, None
 
 
 def _tuned(name: str, parts, bits: int, gs: int, dtype: torch.dtype) -> Tuned:
@@ -342,6 +351,11 @@ def dwq_tensors(prep, calib, cfg: DwqConfig, start, *, progress: bool = True,
         out = model.get_output_embeddings()
         head = output_head(model)
         head_tuned = next((t for t in tuned if out is not None and keys[t.name] is out.weight), None)
+        if head_tuned is not None:   # its weight comes from head_tuned (Student.head_with)
+            head = OutputHead(None, head.bias, head.softcap)
+        for t in tuned:   # every forward takes these from the Tuned (functional_call): drop the float32 copies
+            keys[t.name].data = torch.empty(0)
+        del keys, out
         st = Student(model, body, path, tuned, head, head_tuned)
         record = tune(st, calib.ids, h_t, head_t, cfg, progress)
     tensors, methods = dict(pre.tensors), dict(pre.methods)
