@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from mixq.eval.evaluate import DEFAULT_WINDOWS, evaluate  # noqa: E402
 from mixq.eval.runs import read_results  # noqa: E402
 from mixq.io.files import write_atomic  # noqa: E402
+from mixq.quant.recipe import DWQ_METHODS, METHODS  # noqa: E402
 from mixq.tune.calib import CalibConfig  # noqa: E402
 from mixq.tune.dwq import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DwqConfig  # noqa: E402
 from mixq.tune.methods import convert  # noqa: E402
@@ -81,9 +82,15 @@ def _peak_rss_mb() -> float:
 
 
 def measured_quant(method: str) -> str:
-    """The quantization a plan for `method` is measured under: the method less dwq (dwq tunes the quant it starts
-    from; measure knows rtn, gptq, awq and awq+gptq)."""
-    return "+".join(p for p in method.split("+") if p != "dwq") or "rtn"
+    """The quantization a plan for `method` is measured under: a dwq method's start (dwq tunes the quant it starts
+    from; measure knows rtn, gptq, awq and awq+gptq), else the method itself."""
+    return DWQ_METHODS.get(method, method)
+
+
+def split_method(method: str) -> tuple[str, list[str]]:
+    """(the convert method, the OPTIONS) of a benchmark method such as "gptq+noclip+nohead"."""
+    parts = method.split("+")
+    return "+".join(p for p in parts if p not in OPTIONS), [p for p in parts if p in OPTIONS]
 
 
 def planned_recipe(model: str, recipe: str, quant: str, out: Path, timings: dict, calib: CalibConfig) -> str:
@@ -114,8 +121,7 @@ def run_one(model: str, recipe: str, method: str, calib: CalibConfig, windows: i
     +noclip (gptq without its per-group range search, `--no-gptq-clip`; +clip: with it, the default), +nohead
     (the head left round-to-nearest, `--no-gptq-head`), +act (gptq's
     act-order with static groups, `--gptq-act-order`). `recipe`: a recipe name or file, or plan@BPW."""
-    opts = [o for o in method.split("+") if o in OPTIONS]
-    base_method = "+".join(o for o in method.split("+") if o not in OPTIONS)
+    base_method, opts = split_method(method)
     label = Path(recipe).stem if recipe.endswith(".toml") else recipe   # a recipe file: its name, not its path
     name = f"{model}-{label}-{method.replace('+', '_')}"
     folder, run = out / "folders" / name, out / ("runs" if text == "wikitext" else f"runs-{text}") / name
@@ -178,10 +184,8 @@ def table(rows: list[dict]) -> str:
 
 def pivot(rows: list[dict]) -> str:
     """Mean KLD per (model, text, recipe) with one column per method, each with its change vs rtn's."""
-    order = ["rtn", "gptq", "awq", "awq+gptq", "dwq", "gptq+dwq", "awq+dwq", "awq+gptq+dwq"]
-    rank = {m: i for i, m in enumerate(order)}
-    methods = sorted({r["method"] for r in rows},
-                     key=lambda m: (rank.get("+".join(p for p in m.split("+") if p not in OPTIONS), len(order)), m))
+    rank = {m: i for i, m in enumerate(METHODS)}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (rank.get(split_method(m)[0], len(METHODS)), m))
     cells: dict = {}
     for r in rows:
         cells.setdefault((r["model"], r["text"], r["recipe"]), {})[r["method"]] = r["kld_mean"]
